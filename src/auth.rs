@@ -1,0 +1,346 @@
+//! Who a request belongs to. Owns the session cookie (actix-session: a signed and encrypted
+//! cookie when embedded), the JWT exchange `POST /auth/session`, logout `DELETE /auth/session`
+//! (which also closes that session's sockets), the development login, and the revocation
+//! list that makes a logged-out cookie useless even if it was copied. The WebSocket and SSE
+//! handshakes read the [`Identity`] through [`identify`].
+
+use std::collections::HashMap;
+
+use actix_session::config::{CookieContentSecurity, PersistentSession};
+use actix_session::storage::CookieSessionStore;
+use actix_session::{Session, SessionMiddleware};
+use actix_web::cookie::{Key, SameSite};
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::Engine;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::close::{AuthFailure, Close};
+use crate::config::{AuthConfig, SameSitePolicy};
+use crate::protocol::{OrgId, UserId};
+use crate::server::Hub;
+
+/// The authenticated owner of a request.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: UserId,
+    pub org: OrgId,
+    /// The login session id (one per login, shared by that login's sockets).
+    pub sid: String,
+    /// Unix seconds after which the session is over.
+    pub exp: u64,
+}
+
+impl Identity {
+    /// `org/user`: users of different orgs are different people.
+    pub fn user_key(&self) -> String {
+        format!("{}/{}", self.org, self.user)
+    }
+}
+
+const KEY_USER: &str = "user";
+const KEY_ORG: &str = "org";
+const KEY_SID: &str = "sid";
+const KEY_EXP: &str = "exp";
+
+/// Decode `auth.cookie_key`: base64 of at least 64 bytes.
+pub fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw.trim())
+        .map_err(|_| "is not valid base64".to_string())?;
+    if bytes.len() < 64 {
+        return Err(format!(
+            "decodes to {} bytes; at least 64 are needed",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The session middleware for the embedded (cookie) store.
+pub fn cookie_session_middleware(auth: &AuthConfig) -> SessionMiddleware<CookieSessionStore> {
+    let key = match auth.cookie_key.as_deref().map(decode_cookie_key) {
+        Some(Ok(bytes)) => Key::from(&bytes),
+        // Validation refused bad keys already; unset means a fresh key per process.
+        _ => Key::generate(),
+    };
+    SessionMiddleware::builder(CookieSessionStore::default(), key)
+        .cookie_name(auth.cookie_name.clone())
+        .cookie_http_only(true)
+        .cookie_secure(auth.cookie_secure)
+        .cookie_same_site(same_site(auth.cookie_same_site))
+        .cookie_content_security(CookieContentSecurity::Private)
+        .session_lifecycle(PersistentSession::default().session_ttl(
+            actix_web::cookie::time::Duration::seconds(auth.session_ttl_s as i64),
+        ))
+        .build()
+}
+
+fn same_site(policy: SameSitePolicy) -> SameSite {
+    match policy {
+        SameSitePolicy::Lax => SameSite::Lax,
+        SameSitePolicy::Strict => SameSite::Strict,
+        SameSitePolicy::None => SameSite::None,
+    }
+}
+
+/// Logged-out session ids, remembered until the session would have expired anyway.
+#[derive(Default)]
+pub struct Revocations {
+    revoked: Mutex<HashMap<String, u64>>,
+}
+
+impl Revocations {
+    pub fn revoke(&self, sid: &str, exp: u64) {
+        let now = now_s();
+        let mut revoked = self.revoked.lock();
+        revoked.retain(|_, until| *until > now);
+        revoked.insert(sid.to_string(), exp);
+    }
+
+    pub fn is_revoked(&self, sid: &str) -> bool {
+        self.revoked.lock().contains_key(sid)
+    }
+}
+
+pub fn now_s() -> u64 {
+    crate::protocol::unix_ms() / 1000
+}
+
+/// Read the session of a request, telling apart every way it can be unusable.
+pub fn identify(hub: &Hub, req: &HttpRequest, session: &Session) -> Result<Identity, AuthFailure> {
+    if req.cookie(&hub.settings.auth.cookie_name).is_none() {
+        return Err(AuthFailure::NoCookie);
+    }
+    // A cookie that fails decryption or verification reaches us as an empty session.
+    let read = || -> Option<Identity> {
+        Some(Identity {
+            user: UserId::parse(&session.get::<String>(KEY_USER).ok()??).ok()?,
+            org: OrgId::parse(&session.get::<String>(KEY_ORG).ok()??).ok()?,
+            sid: session.get::<String>(KEY_SID).ok()??,
+            exp: session.get::<u64>(KEY_EXP).ok()??,
+        })
+    };
+    let identity = read().ok_or(AuthFailure::Invalid)?;
+    if hub.revocations.is_revoked(&identity.sid) {
+        return Err(AuthFailure::LoggedOut);
+    }
+    if identity.exp <= now_s() {
+        return Err(AuthFailure::Expired);
+    }
+    Ok(identity)
+}
+
+fn start_session(hub: &Hub, session: &Session, user: &UserId, org: &OrgId) -> HttpResponse {
+    let sid = format!("{:032x}", rand::random::<u128>());
+    let exp = now_s() + hub.settings.auth.session_ttl_s;
+    session.renew();
+    let stored = session
+        .insert(KEY_USER, user.as_str())
+        .and_then(|_| session.insert(KEY_ORG, org.as_str()))
+        .and_then(|_| session.insert(KEY_SID, &sid))
+        .and_then(|_| session.insert(KEY_EXP, exp));
+    match stored {
+        Ok(()) => {
+            log::info!("session started for user {user} of org {org}");
+            HttpResponse::NoContent().finish()
+        }
+        Err(e) => {
+            log::error!("cannot store session for user {user}: {e}");
+            HttpResponse::InternalServerError()
+                .json(json!({"error":"internal","message":"cannot store session"}))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    org: Option<serde_json::Value>,
+}
+
+/// Verify an HS256 token; `Err` is the reason given to the caller.
+pub fn verify_jwt(token: &str, secret: &str) -> Result<(UserId, OrgId), String> {
+    use jsonwebtoken::errors::ErrorKind;
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.leeway = 5;
+    validation.set_required_spec_claims(&["exp"]);
+    let data = jsonwebtoken::decode::<Claims>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .map_err(|e| match e.kind() {
+        ErrorKind::ExpiredSignature => "token expired".to_string(),
+        ErrorKind::InvalidSignature => "bad signature".to_string(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("missing claim: {claim}"),
+        ErrorKind::InvalidAlgorithm => "bad algorithm: only HS256 is accepted".to_string(),
+        _ => "malformed token".to_string(),
+    })?;
+    let sub = data.claims.sub.ok_or("missing claim: sub")?;
+    let org = match data.claims.org.ok_or("missing claim: org")? {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return Err("bad claim: org must be a string".into()),
+    };
+    let user = UserId::parse(&sub).map_err(|e| format!("bad claim: sub: {e}"))?;
+    let org = OrgId::parse(&org).map_err(|e| format!("bad claim: org: {e}"))?;
+    Ok((user, org))
+}
+
+/// `POST /auth/session`: exchange a signed token for the session cookie.
+pub async fn exchange_token(
+    hub: web::Data<Hub>,
+    session: Session,
+    body: web::Bytes,
+) -> HttpResponse {
+    let Some(secret) = hub.settings.auth.jwt_secret.as_deref() else {
+        return HttpResponse::NotFound().json(
+            json!({"error":"not_configured","message":"auth.jwt_secret is not set on this server"}),
+        );
+    };
+    let token = match serde_json::from_slice::<TokenBody>(&body) {
+        Ok(b) => b.token,
+        Err(e) => {
+            return HttpResponse::BadRequest().json(
+                json!({"error":"bad_request","field":"token","message":format!("body must be {{\"token\":\"<JWT>\"}}: {e}")}),
+            )
+        }
+    };
+    match verify_jwt(&token, secret) {
+        Ok((user, org)) => start_session(&hub, &session, &user, &org),
+        Err(reason) => {
+            log::warn!("token exchange refused: {reason}");
+            HttpResponse::Unauthorized().json(json!({"error":"invalid_token","reason":reason}))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct DevLoginBody {
+    user: String,
+    org: serde_json::Value,
+}
+
+/// `POST /auth/dev-login`: log in as anyone. Only routed when `auth.dev_login = true`.
+pub async fn dev_login(hub: web::Data<Hub>, session: Session, body: web::Bytes) -> HttpResponse {
+    let parsed = match serde_json::from_slice::<DevLoginBody>(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return HttpResponse::BadRequest().json(
+                json!({"error":"bad_request","field":"body","message":format!("body must be {{\"user\":\"u1\",\"org\":\"42\"}}: {e}")}),
+            )
+        }
+    };
+    let user = match UserId::parse(&parsed.user) {
+        Ok(u) => u,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error":"bad_request","field":"user","message":e}))
+        }
+    };
+    let org_text = match parsed.org {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => String::new(),
+    };
+    let org = match OrgId::parse(&org_text) {
+        Ok(o) => o,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error":"bad_request","field":"org","message":e}))
+        }
+    };
+    start_session(&hub, &session, &user, &org)
+}
+
+/// `DELETE /auth/session`: end the session and close its sockets everywhere.
+pub async fn logout(hub: web::Data<Hub>, req: HttpRequest, session: Session) -> HttpResponse {
+    if let Ok(identity) = identify(&hub, &req, &session) {
+        hub.revocations.revoke(&identity.sid, identity.exp);
+        let closed = hub.registry.close_session(
+            &identity.sid,
+            Close::Unauthenticated(AuthFailure::LoggedOut),
+        );
+        log::info!(
+            "user {} of org {} logged out; closed {closed} socket(s) here",
+            identity.user,
+            identity.org
+        );
+    }
+    session.purge();
+    HttpResponse::NoContent().finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    /// A good token yields its user and org; numeric orgs are accepted as text.
+    #[test]
+    fn good_token() {
+        let t = token(
+            json!({"sub":"u1","org":42,"exp":now_s()+60}),
+            "s3cret-s3cret-s3cret",
+        );
+        let (user, org) = verify_jwt(&t, "s3cret-s3cret-s3cret").unwrap();
+        assert_eq!((user.as_str(), org.as_str()), ("u1", "42"));
+    }
+
+    /// Each kind of bad token gets its own reason.
+    #[test]
+    fn bad_tokens() {
+        let secret = "s3cret-s3cret-s3cret";
+        let expired = token(json!({"sub":"u1","org":"1","exp":now_s()-600}), secret);
+        assert_eq!(verify_jwt(&expired, secret).unwrap_err(), "token expired");
+        let other = token(
+            json!({"sub":"u1","org":"1","exp":now_s()+60}),
+            "another-secret-entirely",
+        );
+        assert_eq!(verify_jwt(&other, secret).unwrap_err(), "bad signature");
+        let no_org = token(json!({"sub":"u1","exp":now_s()+60}), secret);
+        assert_eq!(
+            verify_jwt(&no_org, secret).unwrap_err(),
+            "missing claim: org"
+        );
+        let no_exp = token(json!({"sub":"u1","org":"1"}), secret);
+        assert_eq!(
+            verify_jwt(&no_exp, secret).unwrap_err(),
+            "missing claim: exp"
+        );
+        let bad_org = token(json!({"sub":"u1","org":"a:b","exp":now_s()+60}), secret);
+        assert!(verify_jwt(&bad_org, secret)
+            .unwrap_err()
+            .starts_with("bad claim: org"));
+        assert_eq!(
+            verify_jwt("garbage", secret).unwrap_err(),
+            "malformed token"
+        );
+    }
+
+    /// Cookie keys must be base64 of 64 bytes or more.
+    #[test]
+    fn cookie_keys() {
+        let good = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+        assert!(decode_cookie_key(&good).is_ok());
+        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        assert!(decode_cookie_key(&short).unwrap_err().contains("32 bytes"));
+        assert!(decode_cookie_key("%%%").is_err());
+    }
+}

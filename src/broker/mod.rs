@@ -1,0 +1,200 @@
+//! The broker: where events enter the hub and how they reach the [`Registry`]. Two actors
+//! implement the same messages: [`memory::MemoryBroker`] (embedded, one node) and the Redis
+//! broker (clustered). The rest of the hub holds a [`BrokerHandle`] of recipients and never
+//! knows which one runs. This module also owns turning a publish request into the one shared,
+//! encoded [`Event`], so both brokers encode identically.
+
+pub mod memory;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use bytestring::ByteString;
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use crate::protocol::{encode_event, ChannelKey, EventId, OrgId, Sender, Topic};
+use crate::registry::{Event, Payload};
+
+/// A validated event on its way into the hub.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    pub org: OrgId,
+    pub topic: Topic,
+    pub body: PublishBody,
+    /// Set for events a browser published: relayed to subscribers as `user` and `conn_id`.
+    pub sender: Option<EventSender>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PublishBody {
+    Json { event: String, data: Value },
+    Binary(Bytes),
+}
+
+#[derive(Debug, Clone)]
+pub struct EventSender {
+    pub user: String,
+    pub conn_id: String,
+}
+
+impl PublishRequest {
+    pub fn channel(&self) -> ChannelKey {
+        ChannelKey::new(&self.org, &self.topic)
+    }
+}
+
+/// Why an event was not accepted. Never answered with 2xx.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerError {
+    /// The broker cannot take events now (Redis away); retry later.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unavailable(why) => write!(f, "broker unavailable: {why}"),
+        }
+    }
+}
+
+/// Publish one event; answers its id once the broker has taken responsibility for it.
+#[derive(Message)]
+#[rtype(result = "Result<EventId, BrokerError>")]
+pub struct Publish {
+    /// The event to publish.
+    pub request: PublishRequest,
+}
+
+/// This node's interest in a channel changed (first local subscriber came, or last one left).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum Interest {
+    /// A local session joined a channel nobody here had.
+    Opened(ChannelKey),
+    /// The last local subscriber left.
+    Closed(ChannelKey),
+}
+
+/// Retained events of `channel` after `since`, for resume.
+#[derive(Message)]
+#[rtype(result = "Result<Replay, BrokerError>")]
+pub struct FetchHistory {
+    /// The channel to replay.
+    pub channel: ChannelKey,
+    /// The last event id the client saw.
+    pub since: EventId,
+}
+
+/// The answer to [`FetchHistory`].
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Events after `since`, oldest first.
+    pub events: Vec<Arc<Event>>,
+    /// False when history no longer reaches back to `since`: the client must reload state.
+    pub recovered: bool,
+}
+
+/// Whether the broker can take events, and why not.
+#[derive(Default)]
+pub struct BrokerHealth {
+    unavailable: AtomicBool,
+    reason: Mutex<String>,
+}
+
+impl BrokerHealth {
+    pub fn is_ready(&self) -> bool {
+        !self.unavailable.load(Ordering::Acquire)
+    }
+
+    pub fn reason(&self) -> String {
+        self.reason.lock().clone()
+    }
+
+    pub fn set_ready(&self) {
+        self.unavailable.store(false, Ordering::Release);
+    }
+
+    pub fn set_unavailable(&self, reason: &str) {
+        *self.reason.lock() = reason.to_string();
+        self.unavailable.store(true, Ordering::Release);
+    }
+}
+
+/// What the rest of the hub holds: one recipient per broker message, whichever broker runs.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    pub publish: Recipient<Publish>,
+    pub interest: Recipient<Interest>,
+    pub history: Recipient<FetchHistory>,
+    pub health: Arc<BrokerHealth>,
+}
+
+impl BrokerHandle {
+    pub fn of<A>(addr: &Addr<A>, health: Arc<BrokerHealth>) -> Self
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<Publish>
+            + Handler<Interest>
+            + Handler<FetchHistory>,
+    {
+        Self {
+            publish: addr.clone().recipient(),
+            interest: addr.clone().recipient(),
+            history: addr.clone().recipient(),
+            health,
+        }
+    }
+
+    /// Publish and wait for acceptance (the HTTP API answers 202 only on `Ok`).
+    pub async fn publish(&self, request: PublishRequest) -> Result<EventId, BrokerError> {
+        if !self.health.is_ready() {
+            return Err(BrokerError::Unavailable(self.health.reason()));
+        }
+        self.publish
+            .send(Publish { request })
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("broker mailbox: {e}")))?
+    }
+}
+
+/// Encode an event once, for every socket that will receive it.
+pub fn build_event(
+    channel: ChannelKey,
+    id: EventId,
+    body: &PublishBody,
+    sender: Option<&EventSender>,
+    received_at: Instant,
+) -> Arc<Event> {
+    let (payload, conflation_key) = match body {
+        PublishBody::Json { event, data } => {
+            let frame = encode_event(
+                channel.topic(),
+                id,
+                event,
+                data,
+                sender.map(|s| Sender {
+                    user: &s.user,
+                    conn_id: &s.conn_id,
+                }),
+            );
+            let call_id = data
+                .get("call_id")
+                .and_then(Value::as_str)
+                .map(|s| s.into());
+            (Payload::Text(ByteString::from(frame)), call_id)
+        }
+        PublishBody::Binary(bytes) => (Payload::Binary(bytes.clone()), None),
+    };
+    Arc::new(Event {
+        channel,
+        id,
+        payload,
+        conflation_key,
+        received_at,
+    })
+}

@@ -1,0 +1,715 @@
+//! Settings: the layered loader (`config/default.toml` → `config/$SWITCHBOARD_ENV.toml` →
+//! `SWITCHBOARD__SECTION__KEY` → the conventional `PORT`, `BIND`, `REDIS_URL`, `FRONTEND_URL`,
+//! `ALLOWED_ORIGINS`), every key's default and unit, and validation that reports every problem
+//! at once. The origin rules themselves live in `origin`; this module only asks it to validate
+//! the entries. Nothing here performs network I/O.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything switchboard can be configured with. Each section mirrors a TOML table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerConfig,
+    pub origins: OriginsConfig,
+    pub auth: AuthConfig,
+    pub api: ApiConfig,
+    pub handshake: HandshakeConfig,
+    pub heartbeat: HeartbeatConfig,
+    pub limits: LimitsConfig,
+    pub redis: RedisConfig,
+    pub history: HistoryConfig,
+    pub shutdown: ShutdownConfig,
+    pub demo: DemoConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind; `0.0.0.0` inside containers.
+    pub bind: String,
+    /// TCP port; 0 picks a free one (the bound address is logged).
+    pub port: u16,
+    /// Peers whose `X-Forwarded-For` is believed (nginx in front). IPs or CIDR blocks.
+    pub trusted_proxies: Vec<String>,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1".into(),
+            port: 8080,
+            trusted_proxies: Vec::new(),
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginsConfig {
+    /// Exact origins (`scheme://host[:port]`) or one leading-wildcard form `https://*.example.com`.
+    pub allowed: Vec<String>,
+    /// Development convenience: any port of localhost, 127.0.0.1 and [::1] over http.
+    pub allow_localhost: bool,
+    /// Admit requests with no Origin header (non-browser clients).
+    pub allow_missing: bool,
+    /// Retired origins still admitted until a date, with a warning per connection.
+    pub legacy: Vec<LegacyOrigin>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyOrigin {
+    pub origin: String,
+    /// Last day (UTC, `YYYY-MM-DD`, inclusive) the origin is admitted.
+    pub until: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SameSitePolicy {
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub cookie_name: String,
+    /// Base64 of at least 64 bytes; signs and encrypts the session cookie. Required in production.
+    pub cookie_key: Option<String>,
+    /// `Secure` cookie attribute; defaults to on whenever `same_site = "none"` needs it.
+    pub cookie_secure: bool,
+    pub cookie_same_site: SameSitePolicy,
+    /// Session lifetime in seconds.
+    pub session_ttl_s: u64,
+    /// HS256 secret for `POST /auth/session` tokens; unset disables that endpoint.
+    pub jwt_secret: Option<String>,
+    /// `POST /auth/dev-login`: development only, refused by the production profile.
+    pub dev_login: bool,
+    /// Topic patterns (`*` = one segment without `:`) a browser may publish or stream to.
+    pub client_publish: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            cookie_name: "sb_session".into(),
+            cookie_key: None,
+            cookie_secure: false,
+            cookie_same_site: SameSitePolicy::Lax,
+            session_ttl_s: 86_400,
+            jwt_secret: None,
+            dev_login: false,
+            client_publish: vec!["voice:*:in".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer keys accepted by `POST /api/publish`.
+    pub publish_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HandshakeConfig {
+    /// Answer refused handshakes with HTTP 403/401/429 instead of a close frame after the upgrade.
+    /// Off by default: browsers only show a refused upgrade as close code 1006.
+    pub reject_before_upgrade: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// Protocol Ping period in milliseconds.
+    pub interval_ms: u64,
+    /// Close a socket silent for this long; must exceed `interval_ms`.
+    pub timeout_ms: u64,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 10_000,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapPolicy {
+    RejectNew,
+    EvictOldest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    Conflate,
+    Close,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Sockets one user may hold across all pods.
+    pub max_connections_per_user: u32,
+    pub cap_policy: CapPolicy,
+    /// Seconds a cap slot survives without a heartbeat refresh (frees slots of a dead pod).
+    pub cap_lease_s: u64,
+    /// Largest client frame in bytes; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Topics one socket may join.
+    pub max_subscriptions: usize,
+    /// Sustained client messages per second, and the burst allowed above it.
+    pub client_msgs_per_s: u32,
+    pub client_msgs_burst: u32,
+    /// Messages queued for one socket before the slow-consumer policy applies.
+    pub outbound_queue: usize,
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Handshakes per client IP per second, and the burst allowed above it.
+    pub handshakes_per_ip_per_s: u32,
+    pub handshake_burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_user: 5,
+            cap_policy: CapPolicy::RejectNew,
+            cap_lease_s: 60,
+            max_frame_bytes: 65_536,
+            max_subscriptions: 100,
+            client_msgs_per_s: 50,
+            client_msgs_burst: 100,
+            outbound_queue: 1024,
+            slow_consumer: SlowConsumerPolicy::Conflate,
+            handshakes_per_ip_per_s: 20,
+            handshake_burst: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; unset runs embedded (one node, nothing else needed).
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Keep recent events for `since` resume; unset means "on when clustered".
+    pub enabled: Option<bool>,
+    /// Events retained per topic.
+    pub max_len: usize,
+    /// Seconds a topic's history outlives its last event.
+    pub ttl_s: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            max_len: 1000,
+            ttl_s: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Seconds from SIGTERM to exit, whatever is still open.
+    pub drain_timeout_s: u64,
+    /// Clients are told to reconnect after a random delay in `0..=reconnect_spread_ms`.
+    pub reconnect_spread_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_s: 10,
+            reconnect_spread_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Publish simulated call-status events for org `demo` inside the hub.
+    pub simulate_calls: bool,
+}
+
+/// What the loader found: the settings plus warnings worth printing (never fatal).
+#[derive(Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub warnings: Vec<String>,
+    /// The profile named by `SWITCHBOARD_ENV`, if any.
+    pub profile: Option<String>,
+}
+
+/// Every problem found, one line each; start-up stops on any.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, line) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "config error: {line}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &[
+    "server.trusted_proxies",
+    "origins.allowed",
+    "auth.client_publish",
+    "api.publish_keys",
+];
+
+impl Settings {
+    /// Whether events go through Redis (many pods) rather than in process.
+    pub fn clustered(&self) -> bool {
+        self.redis.url.is_some()
+    }
+
+    pub fn history_enabled(&self) -> bool {
+        self.history.enabled.unwrap_or(self.clustered())
+    }
+
+    /// Load from `dir` and the process environment.
+    pub fn load(dir: &Path) -> Result<Loaded, ConfigErrors> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(dir, &env)
+    }
+
+    /// Load from `dir` and the given environment (tests pass their own).
+    pub fn load_from(dir: &Path, env: &[(String, String)]) -> Result<Loaded, ConfigErrors> {
+        let mut errors = Vec::new();
+        let lookup = |name: &str| {
+            env.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        let profile = lookup("SWITCHBOARD_ENV");
+
+        let mut builder = config::Config::builder();
+        let default_file = dir.join("default.toml");
+        if !default_file.exists() {
+            errors.push(format!("{} not found", default_file.display()));
+        } else {
+            builder = builder.add_source(config::File::from(default_file));
+        }
+        if let Some(profile) = &profile {
+            let file: PathBuf = dir.join(format!("{profile}.toml"));
+            if !file.exists() {
+                errors.push(format!(
+                    "SWITCHBOARD_ENV={profile} but {} does not exist",
+                    file.display()
+                ));
+            } else {
+                builder = builder.add_source(config::File::from(file));
+            }
+        }
+
+        let mut env_source = config::Environment::with_prefix("SWITCHBOARD")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(
+                env.iter()
+                    .filter(|(k, _)| k.starts_with("SWITCHBOARD__"))
+                    .cloned()
+                    .collect(),
+            ));
+        for key in LIST_KEYS {
+            env_source = env_source.with_list_parse_key(key);
+        }
+        builder = builder.add_source(env_source);
+
+        let conventional = [
+            ("PORT", "server.port"),
+            ("BIND", "server.bind"),
+            ("REDIS_URL", "redis.url"),
+        ];
+        for (var, key) in conventional {
+            if let Some(value) = lookup(var) {
+                builder = match builder.set_override(key, value) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        errors.push(format!("{var}: {e}"));
+                        return Err(ConfigErrors(errors));
+                    }
+                };
+            }
+        }
+
+        let raw = match builder.build() {
+            Ok(raw) => raw,
+            Err(e) => {
+                errors.push(e.to_string());
+                return Err(ConfigErrors(errors));
+            }
+        };
+
+        errors.extend(unknown_keys(&raw));
+        let mut settings = match deserialize_sections(&raw) {
+            Ok(s) => s,
+            Err(mut section_errors) => {
+                errors.append(&mut section_errors);
+                return Err(ConfigErrors(errors));
+            }
+        };
+
+        let mut warnings = Vec::new();
+        if let Some(frontend) = lookup("FRONTEND_URL") {
+            // FRONTEND_URL is conventionally a URL, often with a trailing slash; the origin is
+            // what browsers send, so reduce it rather than lock everyone out over a slash.
+            let trimmed = frontend.trim().trim_end_matches('/').to_string();
+            if trimmed != frontend.trim() {
+                warnings.push(format!(
+                    "FRONTEND_URL={frontend} has a trailing slash; using origin {trimmed}"
+                ));
+            }
+            settings.origins.allowed.push(trimmed);
+        }
+        if let Some(list) = lookup("ALLOWED_ORIGINS") {
+            settings.origins.allowed.extend(
+                list.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty()),
+            );
+        }
+
+        errors.extend(settings.validate(profile.as_deref(), &mut warnings));
+        if errors.is_empty() {
+            Ok(Loaded {
+                settings,
+                warnings,
+                profile,
+            })
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Semantic checks that serde cannot express. Returns one message per problem.
+    pub fn validate(&self, profile: Option<&str>, warnings: &mut Vec<String>) -> Vec<String> {
+        let mut errors = Vec::new();
+        let production = profile == Some("production");
+
+        if let Err(origin_errors) = crate::origin::OriginPolicy::from_config(&self.origins) {
+            errors.extend(origin_errors);
+        }
+        if self.server.bind.parse::<std::net::IpAddr>().is_err() && self.server.bind != "localhost"
+        {
+            errors.push(format!(
+                "server.bind = {:?} is not an IP address",
+                self.server.bind
+            ));
+        }
+        for proxy in &self.server.trusted_proxies {
+            if crate::limits::IpMatcher::parse(proxy).is_err() {
+                errors.push(format!(
+                    "server.trusted_proxies entry {proxy:?} is not an IP address or CIDR block"
+                ));
+            }
+        }
+
+        match &self.auth.cookie_key {
+            Some(key) => match crate::auth::decode_cookie_key(key) {
+                Ok(_) => {}
+                Err(why) => errors.push(format!("auth.cookie_key {why}")),
+            },
+            None if production => errors.push(
+                "auth.cookie_key is required in production (64+ random bytes, base64): \
+                 generate one with `openssl rand -base64 64`"
+                    .into(),
+            ),
+            None => warnings.push(
+                "auth.cookie_key is unset: using a random key, so sessions end when the process restarts"
+                    .into(),
+            ),
+        }
+        if self.auth.cookie_name.is_empty()
+            || !self
+                .auth
+                .cookie_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            errors.push(format!(
+                "auth.cookie_name = {:?} must be letters, digits, '_' or '-'",
+                self.auth.cookie_name
+            ));
+        }
+        if self.auth.session_ttl_s == 0 {
+            errors.push("auth.session_ttl_s must be at least 1 second".into());
+        }
+        if self.auth.cookie_same_site == SameSitePolicy::None && !self.auth.cookie_secure {
+            errors.push(
+                "auth.cookie_same_site = \"none\" needs auth.cookie_secure = true (browsers drop the cookie otherwise)"
+                    .into(),
+            );
+        }
+        if let Some(secret) = &self.auth.jwt_secret {
+            if secret.len() < 16 {
+                errors.push("auth.jwt_secret must be at least 16 bytes".into());
+            }
+        }
+        for pattern in &self.auth.client_publish {
+            if let Err(why) = crate::protocol::TopicPattern::parse(pattern) {
+                errors.push(format!("auth.client_publish entry {pattern:?}: {why}"));
+            }
+        }
+        if production && self.auth.dev_login {
+            errors.push(
+                "auth.dev_login = true is refused in production: it lets anyone log in as anyone"
+                    .into(),
+            );
+        }
+        if production && self.demo.simulate_calls {
+            errors.push("demo.simulate_calls = true is refused in production".into());
+        }
+        if production && !self.auth.cookie_secure {
+            warnings.push("auth.cookie_secure is off in production: the session cookie will also travel over plain http".into());
+        }
+        for key in &self.api.publish_keys {
+            if key.len() < 8 {
+                errors.push("api.publish_keys: every key must be at least 8 characters".into());
+                break;
+            }
+        }
+
+        if self.heartbeat.interval_ms == 0 {
+            errors.push("heartbeat.interval_ms must be above 0".into());
+        }
+        if self.heartbeat.timeout_ms <= self.heartbeat.interval_ms {
+            errors.push(format!(
+                "heartbeat.timeout_ms ({}) must be greater than heartbeat.interval_ms ({})",
+                self.heartbeat.timeout_ms, self.heartbeat.interval_ms
+            ));
+        }
+
+        let l = &self.limits;
+        let positive: [(&str, u64); 8] = [
+            (
+                "limits.max_connections_per_user",
+                l.max_connections_per_user as u64,
+            ),
+            ("limits.cap_lease_s", l.cap_lease_s),
+            ("limits.max_subscriptions", l.max_subscriptions as u64),
+            ("limits.client_msgs_per_s", l.client_msgs_per_s as u64),
+            ("limits.client_msgs_burst", l.client_msgs_burst as u64),
+            ("limits.outbound_queue", l.outbound_queue as u64),
+            (
+                "limits.handshakes_per_ip_per_s",
+                l.handshakes_per_ip_per_s as u64,
+            ),
+            ("limits.handshake_burst", l.handshake_burst as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                errors.push(format!("{key} must be at least 1"));
+            }
+        }
+        if l.max_frame_bytes < 256 {
+            errors.push("limits.max_frame_bytes must be at least 256".into());
+        }
+        if l.cap_lease_s * 1000 <= self.heartbeat.interval_ms {
+            errors.push(format!(
+                "limits.cap_lease_s ({}s) must exceed heartbeat.interval_ms ({}ms): slots are refreshed by the heartbeat",
+                l.cap_lease_s, self.heartbeat.interval_ms
+            ));
+        }
+
+        if let Some(url) = &self.redis.url {
+            if redis::parse_redis_url(url).is_none() {
+                errors.push(format!(
+                    "redis.url {:?} is not a redis:// URL",
+                    redact_url(url)
+                ));
+            }
+        }
+        if self.history.max_len == 0 {
+            errors.push("history.max_len must be at least 1".into());
+        }
+        if self.history.ttl_s == 0 {
+            errors.push("history.ttl_s must be at least 1".into());
+        }
+        if self.shutdown.drain_timeout_s == 0 {
+            errors.push("shutdown.drain_timeout_s must be at least 1".into());
+        }
+        errors
+    }
+
+    /// The effective configuration as TOML, with secrets replaced by `<redacted>`.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        let redacted = || Some("<redacted>".to_string());
+        if copy.auth.cookie_key.is_some() {
+            copy.auth.cookie_key = redacted();
+        }
+        if copy.auth.jwt_secret.is_some() {
+            copy.auth.jwt_secret = redacted();
+        }
+        for key in &mut copy.api.publish_keys {
+            *key = "<redacted>".into();
+        }
+        if let Some(url) = &copy.redis.url {
+            copy.redis.url = Some(redact_url(url));
+        }
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Hide the password part of `redis://user:password@host`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!(
+                "{}{}:<redacted>{}",
+                &url[..scheme_end + 3],
+                user,
+                &url[at..]
+            )
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Deserialize each section on its own so one bad value does not hide problems in others.
+fn deserialize_sections(raw: &config::Config) -> Result<Settings, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut settings = Settings::default();
+    macro_rules! section {
+        ($name:ident) => {
+            match raw.get::<Option<_>>(stringify!($name)) {
+                Ok(Some(value)) => settings.$name = value,
+                Ok(None) | Err(config::ConfigError::NotFound(_)) => {}
+                Err(e) => errors.push(describe(stringify!($name), e)),
+            }
+        };
+    }
+    section!(server);
+    section!(origins);
+    section!(auth);
+    section!(api);
+    section!(handshake);
+    section!(heartbeat);
+    section!(limits);
+    section!(redis);
+    section!(history);
+    section!(shutdown);
+    section!(demo);
+    if errors.is_empty() {
+        Ok(settings)
+    } else {
+        Err(errors)
+    }
+}
+
+fn describe(section: &str, e: config::ConfigError) -> String {
+    let text = e.to_string();
+    if text.contains(section) {
+        text
+    } else {
+        format!("[{section}]: {text}")
+    }
+}
+
+/// Keys present in the merged sources that switchboard does not know, as `section.key`.
+fn unknown_keys(raw: &config::Config) -> Vec<String> {
+    let known = known_keys();
+    let mut problems = Vec::new();
+    let Ok(table) = raw
+        .clone()
+        .try_deserialize::<config::Map<String, config::Value>>()
+    else {
+        return problems;
+    };
+    for (section, value) in table {
+        let section_known = known.iter().any(|k| k.starts_with(&format!("{section}.")));
+        if !section_known {
+            problems.push(format!("unknown section [{section}]"));
+            continue;
+        }
+        if let Ok(keys) = value.into_table() {
+            for key in keys.keys() {
+                let full = format!("{section}.{key}");
+                if !known.contains(&full) {
+                    let hint = nearest_key(&full, &known)
+                        .map(|k| format!(" (did you mean {k}?)"))
+                        .unwrap_or_default();
+                    problems.push(format!("unknown key {full}{hint}"));
+                }
+            }
+        }
+    }
+    problems
+}
+
+fn known_keys() -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let value = serde_json::to_value(Settings::default()).unwrap_or_default();
+    if let Some(sections) = value.as_object() {
+        for (section, table) in sections {
+            if let Some(table) = table.as_object() {
+                for key in table.keys() {
+                    keys.insert(format!("{section}.{key}"));
+                }
+            }
+        }
+    }
+    keys
+}
+
+fn nearest_key<'a>(key: &str, known: &'a BTreeSet<String>) -> Option<&'a String> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), k))
+        .filter(|(d, _)| *d <= 3)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut row = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            row.push((prev[j] + cost).min(prev[j + 1] + 1).min(row[j] + 1));
+        }
+        prev = row;
+    }
+    prev[b.len()]
+}

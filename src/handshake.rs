@@ -1,0 +1,155 @@
+//! `GET /ws`: everything a socket must pass before its session actor starts, in the order of
+//! SPEC section 3: upgrade headers, per-IP handshake budget, Origin, session cookie, draining,
+//! per-user connection cap. Each refusal is logged at WARN with the facts an operator needs
+//! and counted by reason; it becomes a close frame with a readable reason (default), or an
+//! HTTP error before the upgrade (`handshake.reject_before_upgrade`).
+
+use std::sync::atomic::Ordering;
+
+use actix_session::Session;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+
+use crate::auth::identify;
+use crate::close::Close;
+use crate::limits::{client_ip, CapOutcome};
+use crate::metrics::metrics;
+use crate::origin::{Day, Decision};
+use crate::protocol::ConnId;
+use crate::server::Hub;
+use crate::session::{self, Admission};
+
+pub async fn websocket(
+    req: HttpRequest,
+    stream: web::Payload,
+    hub: web::Data<Hub>,
+    session: Session,
+) -> Result<HttpResponse, actix_web::Error> {
+    if !is_upgrade(&req) {
+        return Ok(HttpResponse::UpgradeRequired()
+            .insert_header((header::UPGRADE, "websocket"))
+            .content_type("text/plain; charset=utf-8")
+            .body(
+                "426 Upgrade Required: /ws is a WebSocket endpoint, but this request arrived \
+                 without the `Upgrade: websocket` and `Connection: upgrade` headers. If a proxy \
+                 sits in front of switchboard, it must forward them: see config/nginx.conf \
+                 (proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; \
+                 proxy_set_header Connection \"upgrade\").\n",
+            ));
+    }
+
+    let ip = req
+        .peer_addr()
+        .map(|peer| {
+            let xff = req
+                .headers()
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok());
+            client_ip(peer.ip(), xff, &hub.trusted_proxies)
+        })
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    if !hub.handshakes.allow(ip) {
+        metrics().reject("rate_limited");
+        log::warn!("handshake refused: client {ip} is over limits.handshakes_per_ip_per_s");
+        return Ok(HttpResponse::TooManyRequests()
+            .insert_header((header::RETRY_AFTER, "1"))
+            .json(json!({"error":"rate_limited","detail":format!("too many handshakes from {ip}; retry shortly")})));
+    }
+
+    let hub = hub.into_inner();
+    let admission = admit(&hub, &req, &session).await;
+    if let Admission::Refused(close) = &admission {
+        metrics().reject(close.rejection_label());
+        if hub.settings.handshake.reject_before_upgrade {
+            let (status, error) = close.http_refusal();
+            let status = actix_web::http::StatusCode::from_u16(status)
+                .unwrap_or(actix_web::http::StatusCode::FORBIDDEN);
+            return Ok(
+                HttpResponse::build(status).json(json!({"error":error,"detail":close.reason()}))
+            );
+        }
+    }
+    session::start(hub, admission, &req, stream)
+}
+
+fn is_upgrade(req: &HttpRequest) -> bool {
+    let has = |name: header::HeaderName, needle: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains(needle))
+    };
+    has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
+}
+
+/// Run the checks; the first failure decides the close.
+async fn admit(hub: &Hub, req: &HttpRequest, session: &Session) -> Admission {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    match hub.origins.check(origin.as_deref(), Day::today()) {
+        Decision::Allowed { .. } => {}
+        Decision::AllowedLegacy { origin, until } => log::warn!(
+            "origin {origin} admitted through origins.legacy until {until}: move this client to a current origin"
+        ),
+        Decision::Denied {
+            origin,
+            nearest,
+            hint,
+        } => {
+            log::warn!(
+                "websocket refused: origin not allowed: {origin}; nearest allowed: {}; {}; allowlist: [{}]{}",
+                nearest.as_deref().unwrap_or("none"),
+                hint.as_deref().unwrap_or("no close match"),
+                hub.origins.allowlist().join(", "),
+                if hub.settings.origins.allow_localhost { " + localhost" } else { "" },
+            );
+            return Admission::Refused(Close::OriginNotAllowed { origin });
+        }
+    }
+
+    let identity = match identify(hub, req, session) {
+        Ok(identity) => identity,
+        Err(cause) => {
+            log::warn!(
+                "websocket refused: unauthenticated: {} (origin {})",
+                cause.as_str(),
+                origin.as_deref().unwrap_or("<missing>")
+            );
+            return Admission::Refused(Close::Unauthenticated(cause));
+        }
+    };
+
+    if hub.draining.load(Ordering::Acquire) {
+        log::warn!("websocket refused for user {}: draining", identity.user);
+        return Admission::Refused(Close::Restarting);
+    }
+
+    let conn = ConnId::next();
+    let user_key = identity.user_key();
+    match hub.caps.acquire(&user_key, &conn.to_string()).await {
+        Ok(CapOutcome::Admitted { evicted }) => {
+            for old in evicted {
+                log::info!("user {user_key}: closing {old} to admit {conn} (evict_oldest)");
+                hub.registry.close_conn(&old, Close::Replaced);
+            }
+            Admission::Admitted { identity, conn }
+        }
+        Ok(CapOutcome::Refused { limit }) => {
+            log::warn!(
+                "websocket refused for user {user_key}: too many connections (limit {limit})"
+            );
+            Admission::Refused(Close::TooManyConnections { limit })
+        }
+        Err(e) => {
+            // Fail closed but retryable: the client reconnects when the store is back.
+            log::warn!(
+                "websocket refused for user {user_key}: connection caps unavailable: {}",
+                e.0
+            );
+            Admission::Refused(Close::Restarting)
+        }
+    }
+}

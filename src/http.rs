@@ -1,0 +1,204 @@
+//! Plain HTTP routes: `POST /api/publish`, `/healthz`, `/readyz`, `/metrics`, and the
+//! static dashboard (`/`, `/client.js`) compiled into the binary so `cargo run` needs no files
+//! beside it. Publishing validates every field and answers 202 only once the broker has taken
+//! the event; anything else is a 4xx naming the problem or a 503.
+
+use std::sync::atomic::Ordering;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::{json, Value};
+
+use crate::broker::{PublishBody, PublishRequest};
+use crate::metrics::metrics;
+use crate::protocol::{validate_event_name, OrgId, Topic};
+use crate::server::Hub;
+
+const INDEX_HTML: &str = include_str!("../static/index.html");
+const CLIENT_JS: &str = include_str!("../static/client.js");
+
+pub async fn index() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(INDEX_HTML)
+}
+
+pub async fn client_js() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/javascript; charset=utf-8")
+        .body(CLIENT_JS)
+}
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status":"ok"}))
+}
+
+pub async fn readyz(hub: web::Data<Hub>) -> HttpResponse {
+    if hub.draining.load(Ordering::Acquire) {
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({"status":"not_ready","reason":"draining"}));
+    }
+    if !hub.broker.health.is_ready() {
+        return HttpResponse::ServiceUnavailable().json(
+            json!({"status":"not_ready","reason":"redis_unavailable","detail":hub.broker.health.reason()}),
+        );
+    }
+    HttpResponse::Ok().json(json!({"status":"ready"}))
+}
+
+pub async fn metrics_text() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(metrics().render())
+}
+
+/// A publish body that cannot be accepted, naming the field at fault.
+#[derive(Debug)]
+pub struct BadField {
+    pub field: String,
+    pub message: String,
+}
+
+impl BadField {
+    fn response(&self) -> HttpResponse {
+        HttpResponse::BadRequest()
+            .json(json!({"error":"bad_request","field":self.field,"message":self.message}))
+    }
+}
+
+fn bad_field(field: &str, message: impl Into<String>) -> BadField {
+    BadField {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Compare without leaking, through timing, how much of a key matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorised(hub: &Hub, req: &HttpRequest) -> bool {
+    let Some(presented) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    hub.settings
+        .api
+        .publish_keys
+        .iter()
+        .any(|key| constant_time_eq(key.as_bytes(), presented.trim().as_bytes()))
+}
+
+/// Validate a publish body into a request, or the 400 naming the field at fault.
+pub fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| bad_field("body", format!("body is not valid JSON: {e}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(bad_field("body", "body must be a JSON object"));
+    };
+    let org = match object.get("org") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => return Err(bad_field("org", "org must be a string")),
+        None => return Err(bad_field("org", "org is required")),
+    };
+    let org = OrgId::parse(&org).map_err(|e| bad_field("org", e))?;
+    let topic = match object.get("topic") {
+        Some(Value::String(s)) => Topic::parse(s).map_err(|e| bad_field("topic", e))?,
+        Some(_) => return Err(bad_field("topic", "topic must be a string")),
+        None => return Err(bad_field("topic", "topic is required")),
+    };
+    let event = match object.get("event") {
+        None | Some(Value::Null) => "message".to_string(),
+        Some(Value::String(s)) => {
+            validate_event_name(s).map_err(|e| bad_field("event", e))?;
+            s.clone()
+        }
+        Some(_) => return Err(bad_field("event", "event must be a string")),
+    };
+    let data = object
+        .remove("data")
+        .ok_or_else(|| bad_field("data", "data is required (any JSON value)"))?;
+    for key in object.keys() {
+        if !matches!(key.as_str(), "org" | "topic" | "event") {
+            return Err(bad_field(
+                key,
+                format!("unknown field {key:?}: expected org, topic, event, data"),
+            ));
+        }
+    }
+    Ok(PublishRequest {
+        org,
+        topic,
+        body: PublishBody::Json { event, data },
+        sender: None,
+    })
+}
+
+pub async fn publish(hub: web::Data<Hub>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    if !authorised(&hub, &req) {
+        return HttpResponse::Unauthorized()
+            .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
+            .json(json!({"error":"unauthorized","message":"missing or unknown publish key (Authorization: Bearer <key from api.publish_keys>)"}));
+    }
+    let request = match parse_publish(&body) {
+        Ok(r) => r,
+        Err(bad) => return bad.response(),
+    };
+    match hub.broker.publish(request).await {
+        Ok(id) => HttpResponse::Accepted().json(json!({"id": id.to_string()})),
+        Err(e) => {
+            log::warn!("publish refused: {e}");
+            HttpResponse::ServiceUnavailable()
+                .insert_header((header::RETRY_AFTER, "1"))
+                .json(json!({"error":"unavailable","message":e.to_string()}))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: &str) -> String {
+        parse_publish(body.as_bytes()).unwrap_err().field
+    }
+
+    /// Every bad publish names the field at fault.
+    #[test]
+    fn names_bad_fields() {
+        assert_eq!(field_of("nope"), "body");
+        assert_eq!(field_of("[]"), "body");
+        assert_eq!(field_of(r#"{"topic":"calls","data":{}}"#), "org");
+        assert_eq!(
+            field_of(r#"{"org":"a:b","topic":"calls","data":{}}"#),
+            "org"
+        );
+        assert_eq!(
+            field_of(r#"{"org":"1","topic":"Bad Topic!","data":{}}"#),
+            "topic"
+        );
+        assert_eq!(field_of(r#"{"org":"1","topic":"calls"}"#), "data");
+        assert_eq!(
+            field_of(r#"{"org":"1","topic":"calls","event":"a b","data":1}"#),
+            "event"
+        );
+        assert_eq!(
+            field_of(r#"{"org":"1","topic":"calls","data":1,"x":2}"#),
+            "x"
+        );
+    }
+
+    /// A good body parses, with a numeric org accepted and the default event name.
+    #[test]
+    fn good_body() {
+        let r = parse_publish(br#"{"org":42,"topic":"calls","data":{"a":1}}"#).unwrap();
+        assert_eq!(r.org.as_str(), "42");
+        assert!(matches!(r.body, PublishBody::Json { ref event, .. } if event == "message"));
+    }
+}

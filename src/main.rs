@@ -1,0 +1,179 @@
+//! The `switchboard` command: parses arguments, loads and validates configuration, sets up
+//! logging, and hands over to the library (`server`, `origin`, `simulate`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use switchboard::config::{Loaded, Settings};
+use switchboard::origin::{Day, OriginPolicy};
+use switchboard::simulate::{self, RemoteOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A real-time WebSocket hub for live call dashboards"
+)]
+struct Cli {
+    /// Directory holding default.toml and the $SWITCHBOARD_ENV.toml profiles.
+    #[arg(long, global = true, default_value = "config")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub (the default).
+    Serve,
+    /// Say whether the loaded configuration admits ORIGIN, and why.
+    CheckOrigin { origin: String },
+    /// Print the effective configuration (secrets redacted) and every warning.
+    Config,
+    /// Publish simulated call-status events to a running hub through its HTTP API.
+    Simulate {
+        /// Base URL of the hub.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// A publish key (api.publish_keys).
+        #[arg(
+            long,
+            env = "SWITCHBOARD_PUBLISH_KEY",
+            default_value = "dev-publish-key"
+        )]
+        key: String,
+        #[arg(long, default_value = "demo")]
+        org: String,
+        #[arg(long, default_value_t = 12.0)]
+        calls_per_minute: f64,
+        #[arg(long, default_value_t = 30)]
+        agents: usize,
+        /// Stop after this many seconds (default: run until interrupted).
+        #[arg(long)]
+        duration_s: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.config),
+        Command::CheckOrigin { origin } => check_origin(&cli.config, &origin),
+        Command::Config => print_config(&cli.config),
+        Command::Simulate {
+            url,
+            key,
+            org,
+            calls_per_minute,
+            agents,
+            duration_s,
+        } => simulate(RemoteOptions {
+            url,
+            key,
+            org,
+            calls_per_minute,
+            agents,
+            duration: duration_s.map(Duration::from_secs),
+        }),
+    }
+}
+
+/// Load the configuration or print every problem, one per line.
+fn load(dir: &std::path::Path) -> Result<Loaded, ExitCode> {
+    Settings::load(dir).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!(
+            "switchboard: {} configuration problem(s); not starting",
+            errors.0.len()
+        );
+        ExitCode::from(2)
+    })
+}
+
+fn serve(dir: &std::path::Path) -> ExitCode {
+    let loaded = match load(dir) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    for warning in &loaded.warnings {
+        log::warn!("config warning: {warning}");
+    }
+    let system = actix_web::rt::System::new();
+    let result = system.block_on(async move {
+        let bound = switchboard::server::bind(loaded.settings)?;
+        bound
+            .run()
+            .await
+            .map_err(|e| switchboard::server::StartError(e.to_string()))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_origin(dir: &std::path::Path, origin: &str) -> ExitCode {
+    let loaded = match load(dir) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let policy = match OriginPolicy::from_config(&loaded.settings.origins) {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("config error: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let today = Day::today();
+    println!("{}", policy.explain(origin, today));
+    if policy.check(Some(origin), today).is_allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn print_config(dir: &std::path::Path) -> ExitCode {
+    let loaded = match load(dir) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    if let Some(profile) = &loaded.profile {
+        println!("# profile: {profile} (SWITCHBOARD_ENV)");
+    }
+    println!(
+        "# mode: {}",
+        if loaded.settings.clustered() {
+            "clustered"
+        } else {
+            "embedded"
+        }
+    );
+    print!("{}", loaded.settings.redacted_toml());
+    for warning in &loaded.warnings {
+        eprintln!("config warning: {warning}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn simulate(options: RemoteOptions) -> ExitCode {
+    let system = actix_web::rt::System::new();
+    match system.block_on(simulate::run_remote(options)) {
+        Ok(accepted) => {
+            eprintln!("simulate: {accepted} event(s) accepted");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("simulate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Prometheus metrics, named as SPEC section 8 fixes them (prefix `switchboard_`). One
+//! process-wide set, reached through [`metrics()`]; rendering for `GET /metrics` is here too.
+//! Hot paths update counters in batches (one `inc_by` per flush, not one per frame).
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket and SSE connections on this pod.
+    pub connections: IntGauge,
+    /// Refused handshakes by reason (`origin_not_allowed`, `unauthenticated`, ...).
+    pub handshake_rejections: IntCounterVec,
+    /// Events this pod's broker received (from the API, clients or Redis).
+    pub events_received: IntCounter,
+    /// Frames handed to sockets.
+    pub messages_delivered: IntCounter,
+    /// Broker receipt to socket write, in seconds.
+    pub delivery_seconds: Histogram,
+    pub redis_reconnects: IntCounter,
+    /// Events dropped from a slow consumer's queue because a newer state replaced them.
+    pub conflated: IntCounter,
+    pub slow_consumer_disconnects: IntCounter,
+    pub heartbeat_timeouts: IntCounter,
+}
+
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new_custom(Some("switchboard".into()), None)
+            // unwrap: a fixed, valid prefix.
+            .unwrap();
+        let counter = |name: &str, help: &str| {
+            // unwrap: fixed names and help texts, registered once.
+            let c = IntCounter::new(name, help).unwrap();
+            registry.register(Box::new(c.clone())).unwrap();
+            c
+        };
+        let connections = IntGauge::new("connections", "Open client connections").unwrap();
+        registry.register(Box::new(connections.clone())).unwrap();
+        let handshake_rejections = IntCounterVec::new(
+            Opts::new("handshake_rejections_total", "Refused handshakes by reason"),
+            &["reason"],
+        )
+        .unwrap();
+        registry
+            .register(Box::new(handshake_rejections.clone()))
+            .unwrap();
+        let delivery_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "delivery_seconds",
+                "Time from broker receipt to the frame being written to the socket",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .unwrap();
+        registry
+            .register(Box::new(delivery_seconds.clone()))
+            .unwrap();
+        Self {
+            connections,
+            handshake_rejections,
+            events_received: counter("events_received_total", "Events received by the broker"),
+            messages_delivered: counter("messages_delivered_total", "Frames delivered to sockets"),
+            delivery_seconds,
+            redis_reconnects: counter("redis_reconnects_total", "Redis reconnections"),
+            conflated: counter(
+                "conflated_total",
+                "Queued events replaced by a newer state for a slow consumer",
+            ),
+            slow_consumer_disconnects: counter(
+                "slow_consumer_disconnects_total",
+                "Sockets closed because they could not keep up",
+            ),
+            heartbeat_timeouts: counter(
+                "heartbeat_timeouts_total",
+                "Sockets closed because nothing arrived within the heartbeat timeout",
+            ),
+            registry,
+        }
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.handshake_rejections.with_label_values(&[reason]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Touch every label the dashboards expect so they exist at zero from the start.
+pub fn init() {
+    let m = metrics();
+    for reason in [
+        "origin_not_allowed",
+        "unauthenticated",
+        "connection_limit",
+        "rate_limited",
+        "draining",
+    ] {
+        m.handshake_rejections.with_label_values(&[reason]);
+    }
+}

@@ -1,0 +1,584 @@
+//! The WebSocket session actor: one per socket, and the only code that touches
+//! `WebsocketContext`. It receives the outcome of the handshake checks (admitted, or the close
+//! to send), then speaks the protocol of SPEC section 4: subscriptions (with `since` replay),
+//! client publish and binary streams, app-level ping, the client message budget, and the
+//! heartbeat. Events reach it through its outbox in the [`Registry`]; one [`Flush`] wakes it
+//! for a whole batch, which it writes to the socket in one go.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
+use bytes::Bytes;
+
+use crate::auth::Identity;
+use crate::broker::{EventSender, FetchHistory, Interest, PublishBody, PublishRequest, Replay};
+use crate::close::Close;
+use crate::limits::TokenBucket;
+use crate::metrics::metrics;
+use crate::protocol::{
+    validate_event_name, ChannelKey, ClientMessage, ConnId, ErrorCode, EventId, ServerMessage,
+    Topic,
+};
+use crate::registry::{Control, Event, Flush, Outbox, Payload, SessionLink};
+use crate::server::Hub;
+
+/// The handshake's verdict, handed to the session before it starts.
+pub enum Admission {
+    /// Checks passed; the cap slot for `conn` is held.
+    Admitted { identity: Identity, conn: ConnId },
+    /// Send this close frame and nothing else.
+    Refused(Close),
+}
+
+/// Upgrade the request and start its session actor.
+pub fn start(
+    hub: Arc<Hub>,
+    admission: Admission,
+    req: &HttpRequest,
+    stream: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let max_frame = hub.settings.limits.max_frame_bytes;
+    let session = WsSession {
+        hub,
+        admission: Some(admission),
+        live: None,
+    };
+    ws::WsResponseBuilder::new(session, req, stream)
+        .frame_size(max_frame)
+        .start()
+}
+
+pub struct WsSession {
+    hub: Arc<Hub>,
+    admission: Option<Admission>,
+    live: Option<Live>,
+}
+
+/// State of an admitted session.
+struct Live {
+    identity: Identity,
+    link: Arc<SessionLink>,
+    conn_text: String,
+    subscriptions: HashMap<ChannelKey, Subscription>,
+    /// Where binary frames from the client go, set by `stream`.
+    stream_to: Option<Topic>,
+    last_heard: Instant,
+    text_budget: TokenBucket,
+    binary_budget: TokenBucket,
+    /// Messages refused in a row for the rate limit; past the burst the socket is closed.
+    refused_in_row: u32,
+    /// Scratch space for draining the outbox without reallocating.
+    batch: Vec<Arc<Event>>,
+    closing: bool,
+}
+
+struct Subscription {
+    /// Live events held back while history is being replayed.
+    held: Option<Vec<Arc<Event>>>,
+    /// Live events up to this id were already sent by the replay.
+    skip_through: Option<EventId>,
+}
+
+impl Actor for WsSession {
+    type Context = WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        match self.admission.take() {
+            Some(Admission::Admitted { identity, conn }) => self.begin(identity, conn, ctx),
+            Some(Admission::Refused(close)) => close_with(ctx, &close),
+            None => ctx.stop(),
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        let Some(live) = self.live.take() else {
+            return;
+        };
+        metrics().connections.dec();
+        let emptied = self
+            .hub
+            .registry
+            .unregister(live.link.conn, live.subscriptions.keys());
+        for channel in emptied {
+            self.hub.broker.interest.do_send(Interest::Closed(channel));
+        }
+        let caps = self.hub.caps.clone();
+        let user_key = live.identity.user_key();
+        let conn = live.conn_text;
+        actix::spawn(async move { caps.release(&user_key, &conn).await });
+    }
+}
+
+impl WsSession {
+    fn begin(&mut self, identity: Identity, conn: ConnId, ctx: &mut WebsocketContext<Self>) {
+        let settings = &self.hub.settings;
+        let address = ctx.address();
+        let link = Arc::new(SessionLink {
+            conn,
+            outbox: Outbox::new(
+                settings.limits.outbound_queue,
+                settings.limits.slow_consumer,
+            ),
+            flush: address.clone().recipient(),
+            control: address.recipient(),
+        });
+        self.hub
+            .registry
+            .register(link.clone(), identity.user_key(), identity.sid.clone());
+        metrics().connections.inc();
+        let now = Instant::now();
+        let limits = &settings.limits;
+        let conn_text = conn.to_string();
+        ctx.text(
+            ServerMessage::Welcome {
+                conn_id: conn_text.clone(),
+                user: identity.user.as_str(),
+                org: identity.org.as_str(),
+                heartbeat_ms: settings.heartbeat.interval_ms,
+            }
+            .encode(),
+        );
+        self.live = Some(Live {
+            identity,
+            link,
+            conn_text,
+            subscriptions: HashMap::new(),
+            stream_to: None,
+            last_heard: now,
+            text_budget: TokenBucket::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
+            // Audio arrives as many small frames (50/s for 20 ms packets): a larger budget.
+            binary_budget: TokenBucket::new(
+                limits.client_msgs_per_s.saturating_mul(4),
+                limits.client_msgs_burst.saturating_mul(4),
+                now,
+            ),
+            refused_in_row: 0,
+            batch: Vec::new(),
+            closing: false,
+        });
+        self.heartbeat(ctx);
+    }
+
+    /// Ping every interval; close a socket that has been silent past the timeout.
+    fn heartbeat(&self, ctx: &mut WebsocketContext<Self>) {
+        let interval = Duration::from_millis(self.hub.settings.heartbeat.interval_ms);
+        let timeout = Duration::from_millis(self.hub.settings.heartbeat.timeout_ms);
+        ctx.run_interval(interval, move |this, ctx| {
+            let Some(live) = this.live.as_mut() else {
+                return;
+            };
+            if live.last_heard.elapsed() > timeout {
+                metrics().heartbeat_timeouts.inc();
+                log::info!(
+                    "closing silent socket {} of user {}: nothing heard for {:?}",
+                    live.conn_text,
+                    live.identity.user,
+                    live.last_heard.elapsed()
+                );
+                this.close(ctx, &Close::HeartbeatTimeout);
+            } else {
+                ctx.ping(b"");
+            }
+        });
+    }
+
+    fn close(&mut self, ctx: &mut WebsocketContext<Self>, close: &Close) {
+        if let Some(live) = self.live.as_mut() {
+            if live.closing {
+                return;
+            }
+            live.closing = true;
+        }
+        close_with(ctx, close);
+    }
+
+    fn reply_error(ctx: &mut WebsocketContext<Self>, code: ErrorCode, message: &str) {
+        ctx.text(ServerMessage::Error { code, message }.encode());
+    }
+
+    /// Spend one message of the client's budget; false when it must be refused.
+    fn within_budget(&mut self, ctx: &mut WebsocketContext<Self>, binary: bool) -> bool {
+        let burst = self.hub.settings.limits.client_msgs_burst;
+        let Some(live) = self.live.as_mut() else {
+            return false;
+        };
+        let now = Instant::now();
+        let bucket = if binary {
+            &mut live.binary_budget
+        } else {
+            &mut live.text_budget
+        };
+        if bucket.try_take(now) {
+            live.refused_in_row = 0;
+            return true;
+        }
+        live.refused_in_row += 1;
+        if live.refused_in_row == 1 {
+            Self::reply_error(
+                ctx,
+                ErrorCode::RateLimited,
+                "too many messages: slow down (further messages are dropped until you do)",
+            );
+        } else if live.refused_in_row > burst {
+            log::warn!(
+                "closing socket {} of user {}: kept flooding after rate_limited",
+                live.conn_text,
+                live.identity.user
+            );
+            self.close(ctx, &Close::MessageFlood);
+        }
+        false
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut WebsocketContext<Self>) {
+        if !self.within_budget(ctx, false) {
+            return;
+        }
+        let message = match ClientMessage::decode(text) {
+            Ok(m) => m,
+            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
+        };
+        match message {
+            ClientMessage::Ping => ctx.text(ServerMessage::Pong.encode()),
+            ClientMessage::Subscribe {
+                topic,
+                since,
+                binary,
+            } => self.subscribe(&topic, since.as_deref(), binary, ctx),
+            ClientMessage::Unsubscribe { topic } => self.unsubscribe(&topic, ctx),
+            ClientMessage::Publish { topic, data, event } => {
+                self.client_publish(&topic, data, event, ctx)
+            }
+            ClientMessage::Stream { topic } => match self.publishable(&topic) {
+                Ok(topic) => {
+                    if let Some(live) = self.live.as_mut() {
+                        live.stream_to = Some(topic);
+                    }
+                }
+                Err((code, why)) => Self::reply_error(ctx, code, &why),
+            },
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        topic: &str,
+        since: Option<&str>,
+        binary: bool,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        let max = self.hub.settings.limits.max_subscriptions;
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let topic = match Topic::parse(topic) {
+            Ok(t) => t,
+            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
+        };
+        let since = match since.map(|s| EventId::parse(s).ok_or(s)) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(raw)) => {
+                return Self::reply_error(
+                    ctx,
+                    ErrorCode::BadRequest,
+                    &format!("since {raw:?} is not an event id (<ms>-<seq>)"),
+                )
+            }
+        };
+        let channel = ChannelKey::new(&live.identity.org, &topic);
+        if !live.subscriptions.contains_key(&channel) && live.subscriptions.len() >= max {
+            return Self::reply_error(
+                ctx,
+                ErrorCode::TooManySubscriptions,
+                &format!("at most {max} subscriptions per connection"),
+            );
+        }
+        if self.hub.registry.subscribe(&channel, &live.link, binary) {
+            self.hub
+                .broker
+                .interest
+                .do_send(Interest::Opened(channel.clone()));
+        }
+        let Some(since) = since else {
+            live.subscriptions.insert(
+                channel,
+                Subscription {
+                    held: None,
+                    skip_through: None,
+                },
+            );
+            ctx.text(
+                ServerMessage::Subscribed {
+                    topic: topic.as_str(),
+                    recovered: None,
+                }
+                .encode(),
+            );
+            return;
+        };
+        // Live events are already flowing into the outbox; hold them until the replay is out.
+        live.subscriptions.insert(
+            channel.clone(),
+            Subscription {
+                held: Some(Vec::new()),
+                skip_through: None,
+            },
+        );
+        let fetch = self.hub.broker.history.send(FetchHistory {
+            channel: channel.clone(),
+            since,
+        });
+        ctx.spawn(fetch.into_actor(self).map(move |answer, this, ctx| {
+            let replay = match answer {
+                Ok(Ok(replay)) => replay,
+                Ok(Err(e)) => {
+                    log::warn!("history of {channel} unavailable: {e}");
+                    Replay::default()
+                }
+                Err(e) => {
+                    log::warn!("history of {channel} unavailable: {e}");
+                    Replay::default()
+                }
+            };
+            this.finish_replay(&channel, &topic, replay, ctx);
+        }));
+    }
+
+    fn finish_replay(
+        &mut self,
+        channel: &ChannelKey,
+        topic: &Topic,
+        replay: Replay,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        // Unsubscribed (or resubscribed without since) while the history was on its way.
+        let Some(held) = live
+            .subscriptions
+            .get_mut(channel)
+            .and_then(|s| s.held.take())
+        else {
+            return;
+        };
+        ctx.text(
+            ServerMessage::Subscribed {
+                topic: topic.as_str(),
+                recovered: Some(replay.recovered),
+            }
+            .encode(),
+        );
+        let mut last = None;
+        let mut sent = 0u64;
+        for event in replay.events.iter().chain(held.iter()) {
+            if last.is_some_and(|l| event.id <= l) {
+                continue;
+            }
+            write_event(ctx, event);
+            sent += 1;
+            last = Some(event.id);
+        }
+        metrics().messages_delivered.inc_by(sent);
+        if let Some(sub) = live.subscriptions.get_mut(channel) {
+            sub.skip_through = last;
+        }
+    }
+
+    fn unsubscribe(&mut self, topic: &str, ctx: &mut WebsocketContext<Self>) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let topic = match Topic::parse(topic) {
+            Ok(t) => t,
+            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
+        };
+        let channel = ChannelKey::new(&live.identity.org, &topic);
+        if live.subscriptions.remove(&channel).is_some()
+            && self.hub.registry.unsubscribe(&channel, live.link.conn)
+        {
+            self.hub.broker.interest.do_send(Interest::Closed(channel));
+        }
+        ctx.text(
+            ServerMessage::Unsubscribed {
+                topic: topic.as_str(),
+            }
+            .encode(),
+        );
+    }
+
+    /// A topic this client may publish or stream to, per `auth.client_publish`.
+    fn publishable(&self, topic: &str) -> Result<Topic, (ErrorCode, String)> {
+        let topic = Topic::parse(topic).map_err(|why| (ErrorCode::BadRequest, why))?;
+        if self.hub.client_publish.iter().any(|p| p.matches(&topic)) {
+            Ok(topic)
+        } else {
+            Err((
+                ErrorCode::Forbidden,
+                format!("clients may not publish to {topic}"),
+            ))
+        }
+    }
+
+    fn client_publish(
+        &mut self,
+        topic: &str,
+        data: serde_json::Value,
+        event: Option<String>,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
+        let topic = match self.publishable(topic) {
+            Ok(t) => t,
+            Err((code, why)) => return Self::reply_error(ctx, code, &why),
+        };
+        let event = event.unwrap_or_else(|| "message".into());
+        if let Err(why) = validate_event_name(&event) {
+            return Self::reply_error(ctx, ErrorCode::BadRequest, &why);
+        }
+        let Some(request) = self.request(topic, PublishBody::Json { event, data }) else {
+            return;
+        };
+        let broker = self.hub.broker.clone();
+        ctx.spawn(
+            async move { broker.publish(request).await }
+                .into_actor(self)
+                .map(|result, _, ctx| {
+                    if let Err(e) = result {
+                        Self::reply_error(ctx, ErrorCode::Unavailable, &e.to_string());
+                    }
+                }),
+        );
+    }
+
+    fn request(&self, topic: Topic, body: PublishBody) -> Option<PublishRequest> {
+        let live = self.live.as_ref()?;
+        Some(PublishRequest {
+            org: live.identity.org.clone(),
+            topic,
+            body,
+            sender: Some(EventSender {
+                user: live.identity.user.to_string(),
+                conn_id: live.conn_text.clone(),
+            }),
+        })
+    }
+
+    fn on_binary(&mut self, bytes: Bytes, ctx: &mut WebsocketContext<Self>) {
+        let Some(topic) = self.live.as_ref().and_then(|l| l.stream_to.clone()) else {
+            return self.close(
+                ctx,
+                &Close::UnsupportedData("binary frame without a stream"),
+            );
+        };
+        if !self.within_budget(ctx, true) {
+            return;
+        }
+        if let Some(request) = self.request(topic, PublishBody::Binary(bytes)) {
+            if self.hub.broker.health.is_ready() {
+                self.hub
+                    .broker
+                    .publish
+                    .do_send(crate::broker::Publish { request });
+            }
+        }
+    }
+}
+
+fn close_with(ctx: &mut WebsocketContext<WsSession>, close: &Close) {
+    ctx.close(Some(CloseReason {
+        code: CloseCode::from(close.code()),
+        description: Some(close.reason()),
+    }));
+    ctx.stop();
+}
+
+fn write_event(ctx: &mut WebsocketContext<WsSession>, event: &Event) {
+    match &event.payload {
+        Payload::Text(frame) => ctx.text(frame.clone()),
+        Payload::Binary(bytes) => ctx.binary(bytes.clone()),
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        if let Some(live) = self.live.as_mut() {
+            live.last_heard = Instant::now();
+        } else {
+            return;
+        }
+        match item {
+            Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
+            Ok(ws::Message::Binary(bytes)) => self.on_binary(bytes, ctx),
+            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
+            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
+            Ok(ws::Message::Close(reason)) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+            Ok(ws::Message::Continuation(_)) => self.close(
+                ctx,
+                &Close::UnsupportedData("fragmented messages are not supported"),
+            ),
+            Err(ws::ProtocolError::Overflow) => {
+                let limit = self.hub.settings.limits.max_frame_bytes;
+                self.close(ctx, &Close::FrameTooLarge { limit });
+            }
+            Err(e) => {
+                log::debug!("protocol error on websocket: {e}");
+                self.close(ctx, &Close::ProtocolError);
+            }
+        }
+    }
+}
+
+impl Handler<Flush> for WsSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, ctx: &mut Self::Context) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let mut batch = std::mem::take(&mut live.batch);
+        live.link.outbox.drain_into(&mut batch);
+        let now = Instant::now();
+        let mut sent = 0u64;
+        for event in batch.drain(..) {
+            let Some(sub) = live.subscriptions.get_mut(&event.channel) else {
+                continue; // unsubscribed since it was queued
+            };
+            if let Some(held) = sub.held.as_mut() {
+                held.push(event);
+                continue;
+            }
+            if sub.skip_through.is_some_and(|last| event.id <= last) {
+                continue;
+            }
+            metrics()
+                .delivery_seconds
+                .observe(now.duration_since(event.received_at).as_secs_f64());
+            write_event(ctx, &event);
+            sent += 1;
+        }
+        live.batch = batch;
+        metrics().messages_delivered.inc_by(sent);
+    }
+}
+
+impl Handler<Control> for WsSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Control, ctx: &mut Self::Context) {
+        match msg {
+            Control::Close(close) => self.close(ctx, &close),
+            Control::Drain { after_ms } => {
+                ctx.text(ServerMessage::Reconnect { after_ms }.encode());
+                self.close(ctx, &Close::Restarting);
+            }
+        }
+    }
+}
