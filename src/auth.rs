@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use actix_session::config::{CookieContentSecurity, PersistentSession};
-use actix_session::storage::CookieSessionStore;
+use actix_session::storage::{CookieSessionStore, SessionStore};
 use actix_session::{Session, SessionMiddleware};
 use actix_web::cookie::{Key, SameSite};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::broker::redis::RedisCommands;
 use crate::close::{AuthFailure, Close};
 use crate::config::{AuthConfig, SameSitePolicy};
 use crate::protocol::{OrgId, UserId};
@@ -58,14 +59,30 @@ pub fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// The session middleware for the embedded (cookie) store.
-pub fn cookie_session_middleware(auth: &AuthConfig) -> SessionMiddleware<CookieSessionStore> {
-    let key = match auth.cookie_key.as_deref().map(decode_cookie_key) {
+/// The key that signs and encrypts the session cookie. Validation refused bad keys already;
+/// unset means a fresh key per process (sessions end on restart; fine for development).
+pub fn cookie_key(auth: &AuthConfig) -> Key {
+    match auth.cookie_key.as_deref().map(decode_cookie_key) {
         Some(Ok(bytes)) => Key::from(&bytes),
-        // Validation refused bad keys already; unset means a fresh key per process.
         _ => Key::generate(),
-    };
-    SessionMiddleware::builder(CookieSessionStore::default(), key)
+    }
+}
+
+/// The session middleware for the embedded (cookie) store.
+pub fn cookie_session_middleware(
+    auth: &AuthConfig,
+    key: &Key,
+) -> SessionMiddleware<CookieSessionStore> {
+    session_middleware(CookieSessionStore::default(), auth, key)
+}
+
+/// The session middleware over any store (the cookie itself, or Redis when clustered).
+pub fn session_middleware<S: SessionStore>(
+    store: S,
+    auth: &AuthConfig,
+    key: &Key,
+) -> SessionMiddleware<S> {
+    SessionMiddleware::builder(store, key.clone())
         .cookie_name(auth.cookie_name.clone())
         .cookie_http_only(true)
         .cookie_secure(auth.cookie_secure)
@@ -85,22 +102,39 @@ fn same_site(policy: SameSitePolicy) -> SameSite {
     }
 }
 
-/// Logged-out session ids, remembered until the session would have expired anyway.
-#[derive(Default)]
-pub struct Revocations {
-    revoked: Mutex<HashMap<String, u64>>,
+/// Logged-out session ids, remembered until the session would have expired anyway: in
+/// process when embedded, in Redis (`sb:revoked:{sid}`) when clustered so every pod knows.
+pub enum Revocations {
+    Memory(Mutex<HashMap<String, u64>>),
+    Redis(RedisCommands),
 }
 
 impl Revocations {
-    pub fn revoke(&self, sid: &str, exp: u64) {
+    pub async fn revoke(&self, sid: &str, exp: u64) {
         let now = now_s();
-        let mut revoked = self.revoked.lock();
-        revoked.retain(|_, until| *until > now);
-        revoked.insert(sid.to_string(), exp);
+        match self {
+            Self::Memory(revoked) => {
+                let mut revoked = revoked.lock();
+                revoked.retain(|_, until| *until > now);
+                revoked.insert(sid.to_string(), exp);
+            }
+            Self::Redis(redis) => {
+                if let Err(e) = redis.revoke(sid, exp.saturating_sub(now)).await {
+                    log::warn!("cannot record logout of session in Redis: {e}");
+                }
+            }
+        }
     }
 
-    pub fn is_revoked(&self, sid: &str) -> bool {
-        self.revoked.lock().contains_key(sid)
+    /// Whether `sid` logged out. Fails closed: an unreachable store counts as revoked.
+    pub async fn is_revoked(&self, sid: &str) -> bool {
+        match self {
+            Self::Memory(revoked) => revoked.lock().contains_key(sid),
+            Self::Redis(redis) => redis.is_revoked(sid).await.unwrap_or_else(|e| {
+                log::warn!("cannot check session revocation in Redis: {e}");
+                true
+            }),
+        }
     }
 }
 
@@ -109,7 +143,11 @@ pub fn now_s() -> u64 {
 }
 
 /// Read the session of a request, telling apart every way it can be unusable.
-pub fn identify(hub: &Hub, req: &HttpRequest, session: &Session) -> Result<Identity, AuthFailure> {
+pub async fn identify(
+    hub: &Hub,
+    req: &HttpRequest,
+    session: &Session,
+) -> Result<Identity, AuthFailure> {
     if req.cookie(&hub.settings.auth.cookie_name).is_none() {
         return Err(AuthFailure::NoCookie);
     }
@@ -123,11 +161,11 @@ pub fn identify(hub: &Hub, req: &HttpRequest, session: &Session) -> Result<Ident
         })
     };
     let identity = read().ok_or(AuthFailure::Invalid)?;
-    if hub.revocations.is_revoked(&identity.sid) {
-        return Err(AuthFailure::LoggedOut);
-    }
     if identity.exp <= now_s() {
         return Err(AuthFailure::Expired);
+    }
+    if hub.revocations.is_revoked(&identity.sid).await {
+        return Err(AuthFailure::LoggedOut);
     }
     Ok(identity)
 }
@@ -262,12 +300,17 @@ pub async fn dev_login(hub: web::Data<Hub>, session: Session, body: web::Bytes) 
 
 /// `DELETE /auth/session`: end the session and close its sockets everywhere.
 pub async fn logout(hub: web::Data<Hub>, req: HttpRequest, session: Session) -> HttpResponse {
-    if let Ok(identity) = identify(&hub, &req, &session) {
-        hub.revocations.revoke(&identity.sid, identity.exp);
+    if let Ok(identity) = identify(&hub, &req, &session).await {
+        hub.revocations.revoke(&identity.sid, identity.exp).await;
         let closed = hub.registry.close_session(
             &identity.sid,
             Close::Unauthenticated(AuthFailure::LoggedOut),
         );
+        if let Some(redis) = &hub.redis {
+            if let Err(e) = redis.broadcast_logout(&identity.sid).await {
+                log::warn!("cannot tell other pods about the logout: {e}");
+            }
+        }
         log::info!(
             "user {} of org {} logged out; closed {closed} socket(s) here",
             identity.user,

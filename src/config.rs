@@ -55,7 +55,7 @@ impl Default for ServerConfig {
 pub struct OriginsConfig {
     /// Exact origins (`scheme://host[:port]`) or one leading-wildcard form `https://*.example.com`.
     pub allowed: Vec<String>,
-    /// Development convenience: any port of localhost, 127.0.0.1 and [::1] over http.
+    /// Development convenience: any port of localhost, 127.0.0.1 and [::1], over http or https.
     pub allow_localhost: bool,
     /// Admit requests with no Origin header (non-browser clients).
     pub allow_missing: bool,

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::auth::identify;
 use crate::close::Close;
-use crate::limits::{client_ip, CapOutcome};
+use crate::limits::{client_ip, slot_conn, slot_token, CapOutcome};
 use crate::metrics::metrics;
 use crate::origin::{Day, Decision};
 use crate::protocol::ConnId;
@@ -110,7 +110,7 @@ async fn admit(hub: &Hub, req: &HttpRequest, session: &Session) -> Admission {
         }
     }
 
-    let identity = match identify(hub, req, session) {
+    let identity = match identify(hub, req, session).await {
         Ok(identity) => identity,
         Err(cause) => {
             log::warn!(
@@ -129,13 +129,25 @@ async fn admit(hub: &Hub, req: &HttpRequest, session: &Session) -> Admission {
 
     let conn = ConnId::next();
     let user_key = identity.user_key();
-    match hub.caps.acquire(&user_key, &conn.to_string()).await {
+    let slot = slot_token(&conn.to_string());
+    match hub.caps.acquire(&user_key, &slot).await {
         Ok(CapOutcome::Admitted { evicted }) => {
             for old in evicted {
+                let old = slot_conn(&old);
                 log::info!("user {user_key}: closing {old} to admit {conn} (evict_oldest)");
-                hub.registry.close_conn(&old, Close::Replaced);
+                if !hub.registry.close_conn(old, Close::Replaced) {
+                    if let Some(redis) = &hub.redis {
+                        if let Err(e) = redis.broadcast_evict(old).await {
+                            log::warn!("cannot ask other pods to close {old}: {e}");
+                        }
+                    }
+                }
             }
-            Admission::Admitted { identity, conn }
+            Admission::Admitted {
+                identity,
+                conn,
+                slot,
+            }
         }
         Ok(CapOutcome::Refused { limit }) => {
             log::warn!(

@@ -1,6 +1,8 @@
 //! Bounds on what one client can take: token buckets (client messages, handshakes per IP),
 //! the client-IP rule (`X-Forwarded-For` only from `server.trusted_proxies`), and per-user
-//! connection caps (kept in process when embedded).
+//! connection caps: in process when embedded, in Redis (`broker::redis::RedisCaps`) when
+//! clustered, behind one [`ConnectionCaps`] handle. A cap slot is a token
+//! `<created-ms>|<conn id>`, so every store can tell the oldest socket of a user.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -186,6 +188,17 @@ pub struct ConnectionCaps {
 #[derive(Clone)]
 enum CapStore {
     Memory(Arc<Mutex<HashMap<String, VecDeque<String>>>>),
+    Redis(crate::broker::redis::RedisCaps),
+}
+
+/// The cap slot token of a connection: sorts by age, and names the connection.
+pub fn slot_token(conn: &str) -> String {
+    format!("{:015}|{conn}", crate::protocol::unix_ms())
+}
+
+/// The connection a slot token names.
+pub fn slot_conn(slot: &str) -> &str {
+    slot.split_once('|').map_or(slot, |(_, conn)| conn)
 }
 
 /// The caps store could not be reached; the handshake fails closed.
@@ -201,33 +214,52 @@ impl ConnectionCaps {
         }
     }
 
+    pub fn redis(limit: u32, policy: CapPolicy, store: crate::broker::redis::RedisCaps) -> Self {
+        Self {
+            limit,
+            policy,
+            store: CapStore::Redis(store),
+        }
+    }
+
+    /// The Redis store, when clustered (its leases need refreshing).
+    pub fn redis_store(&self) -> Option<crate::broker::redis::RedisCaps> {
+        match &self.store {
+            CapStore::Redis(store) => Some(store.clone()),
+            CapStore::Memory(_) => None,
+        }
+    }
+
     pub fn limit(&self) -> u32 {
         self.limit
     }
 
-    /// Take a slot for `conn` of `user_key` (org and user), applying the cap policy.
-    pub async fn acquire(&self, user_key: &str, conn: &str) -> Result<CapOutcome, CapsUnavailable> {
+    /// Take `slot` (see [`slot_token`]) for `user_key` (org and user), applying the cap policy.
+    /// Evicted entries are slot tokens too.
+    pub async fn acquire(&self, user_key: &str, slot: &str) -> Result<CapOutcome, CapsUnavailable> {
         match &self.store {
             CapStore::Memory(users) => {
                 let mut users = users.lock();
                 let held = users.entry(user_key.to_string()).or_default();
-                Ok(admit(held, conn, self.limit, self.policy))
+                Ok(admit(held, slot, self.limit, self.policy))
             }
+            CapStore::Redis(store) => store.acquire(user_key, slot, self.limit, self.policy).await,
         }
     }
 
     /// Give the slot back (socket closed).
-    pub async fn release(&self, user_key: &str, conn: &str) {
+    pub async fn release(&self, user_key: &str, slot: &str) {
         match &self.store {
             CapStore::Memory(users) => {
                 let mut users = users.lock();
                 if let Some(held) = users.get_mut(user_key) {
-                    held.retain(|c| c != conn);
+                    held.retain(|c| c != slot);
                     if held.is_empty() {
                         users.remove(user_key);
                     }
                 }
             }
+            CapStore::Redis(store) => store.release(user_key, slot).await,
         }
     }
 }

@@ -103,7 +103,7 @@ fn serve(dir: &std::path::Path) -> ExitCode {
     }
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
-        let bound = switchboard::server::bind(loaded.settings)?;
+        let bound = switchboard::server::bind(loaded.settings).await?;
         bound
             .run()
             .await

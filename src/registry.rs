@@ -179,6 +179,8 @@ struct SessionEntry {
     link: Arc<SessionLink>,
     /// `org/user`, for caps and logs.
     user_key: String,
+    /// The connection-cap slot this socket holds.
+    slot: String,
     /// The login session this socket belongs to (for logout).
     sid: String,
 }
@@ -191,12 +193,13 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn register(&self, link: Arc<SessionLink>, user_key: String, sid: String) {
+    pub fn register(&self, link: Arc<SessionLink>, user_key: String, slot: String, sid: String) {
         self.sessions.lock().insert(
             link.conn,
             SessionEntry {
                 link,
                 user_key,
+                slot,
                 sid,
             },
         );
@@ -311,12 +314,12 @@ impl Registry {
         self.channels.read().keys().cloned().collect()
     }
 
-    /// `org/user` keys of local sessions and their conn ids (cap lease refresh).
-    pub fn user_conns(&self) -> Vec<(String, ConnId)> {
+    /// `org/user` keys of local sessions and their cap slots (lease refresh).
+    pub fn cap_slots(&self) -> Vec<(String, String)> {
         self.sessions
             .lock()
             .values()
-            .map(|e| (e.user_key.clone(), e.link.conn))
+            .map(|e| (e.user_key.clone(), e.slot.clone()))
             .collect()
     }
 }

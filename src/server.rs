@@ -1,6 +1,7 @@
-//! Builds the node: the shared [`Hub`] state, the broker actor on its own thread, the actix
-//! `App` with its routes and middleware (one origin policy for WebSocket, CORS and the
-//! `/api` and `/auth` guard), and runs it until the shutdown sequence ends it.
+//! Builds the node: the shared [`Hub`] state, the broker actor on its own thread (in memory
+//! when embedded, Redis when clustered, with the matching session, cap and revocation stores),
+//! the actix `App` with its routes and middleware (one origin policy for WebSocket, CORS and
+//! the `/api` and `/auth` guard), and runs it until the shutdown sequence ends it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -9,6 +10,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_cors::Cors;
+use actix_session::storage::{RedisSessionStore, SessionStore};
+use actix_session::SessionMiddleware;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
@@ -18,6 +21,7 @@ use serde_json::json;
 
 use crate::auth::{self, Revocations};
 use crate::broker::memory::{HistoryLimits, MemoryBroker};
+use crate::broker::redis::{refresh_leases, RedisBroker, RedisCaps, RedisCommands, StreamHistory};
 use crate::broker::{BrokerHandle, BrokerHealth};
 use crate::config::Settings;
 use crate::limits::{ConnectionCaps, HandshakeLimiter, IpMatcher};
@@ -36,6 +40,8 @@ pub struct Hub {
     pub handshakes: HandshakeLimiter,
     pub trusted_proxies: Vec<IpMatcher>,
     pub revocations: Revocations,
+    /// Clustered only: commands to Redis for orders that concern every pod.
+    pub redis: Option<RedisCommands>,
     pub client_publish: Vec<TopicPattern>,
     /// Set by the shutdown sequence: readiness fails and new sockets are refused.
     pub draining: AtomicBool,
@@ -58,6 +64,9 @@ impl Hub {
         settings: Settings,
         registry: Arc<Registry>,
         broker: BrokerHandle,
+        caps: ConnectionCaps,
+        revocations: Revocations,
+        redis: Option<RedisCommands>,
     ) -> Result<Self, StartError> {
         let origins = OriginPolicy::from_config(&settings.origins)
             .map_err(|errors| StartError(errors.join("; ")))?;
@@ -77,7 +86,8 @@ impl Hub {
             .map_err(StartError)?;
         let limits = &settings.limits;
         Ok(Self {
-            caps: ConnectionCaps::in_memory(limits.max_connections_per_user, limits.cap_policy),
+            caps,
+            redis,
             handshakes: HandshakeLimiter::new(
                 limits.handshakes_per_ip_per_s,
                 limits.handshake_burst,
@@ -86,7 +96,7 @@ impl Hub {
             registry,
             broker,
             trusted_proxies,
-            revocations: Revocations::default(),
+            revocations,
             client_publish,
             draining: AtomicBool::new(false),
             settings,
@@ -144,26 +154,119 @@ pub struct Bound {
     server: actix_web::dev::Server,
     pub addrs: Vec<SocketAddr>,
     hub: web::Data<Hub>,
+    /// Clustered only: the cap store whose leases this pod keeps alive.
+    caps_leases: Option<RedisCaps>,
 }
 
-/// Build the node and bind its listener. Must run inside an actix `System`.
-pub fn bind(settings: Settings) -> Result<Bound, StartError> {
+/// Where login sessions live.
+enum SessionBackend {
+    /// Embedded: the signed and encrypted cookie is the session.
+    Cookie,
+    /// Clustered: the cookie names a session in Redis, so every pod can read it.
+    Redis(RedisSessionStore),
+}
+
+/// Build the node and bind its listener. Must run inside an actix `System`. In clustered
+/// mode this waits until Redis answers.
+pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
     metrics::init();
     let registry = Arc::new(Registry::default());
     let health = Arc::new(BrokerHealth::default());
-    let history = settings.history_enabled().then(|| HistoryLimits {
-        max_len: settings.history.max_len,
-        ttl: Duration::from_secs(settings.history.ttl_s),
-    });
     // The broker gets a thread of its own so fan-out never stalls an HTTP worker.
     let broker_thread = Arbiter::new();
-    let broker_registry = registry.clone();
-    let broker_addr = MemoryBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
-        MemoryBroker::new(broker_registry, history)
-    });
-    let broker = BrokerHandle::of(&broker_addr, health);
-    let hub = web::Data::new(Hub::new(settings, registry, broker)?);
+    let limits = settings.limits.clone();
+    let (broker, caps, revocations, redis, sessions) = match settings.redis.url.clone() {
+        None => {
+            let history = settings.history_enabled().then(|| HistoryLimits {
+                max_len: settings.history.max_len,
+                ttl: Duration::from_secs(settings.history.ttl_s),
+            });
+            let broker_registry = registry.clone();
+            let addr = MemoryBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
+                MemoryBroker::new(broker_registry, history)
+            });
+            (
+                BrokerHandle::of(&addr, health),
+                ConnectionCaps::in_memory(limits.max_connections_per_user, limits.cap_policy),
+                Revocations::Memory(Default::default()),
+                None,
+                SessionBackend::Cookie,
+            )
+        }
+        Some(url) => {
+            let commands = RedisCommands::connect(&url).await.map_err(StartError)?;
+            let store = RedisSessionStore::builder(url.clone())
+                .cache_keygen(|key| format!("sb:session:{key}"))
+                .build()
+                .await
+                .map_err(|e| StartError(format!("cannot open the Redis session store: {e}")))?;
+            let history = settings.history_enabled().then_some(StreamHistory {
+                max_len: settings.history.max_len,
+                ttl_s: settings.history.ttl_s,
+            });
+            let broker_registry = registry.clone();
+            let broker_commands = commands.clone();
+            let broker_health = health.clone();
+            let addr = RedisBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
+                RedisBroker::new(
+                    url,
+                    broker_registry,
+                    broker_commands,
+                    broker_health,
+                    history,
+                )
+            });
+            let caps = RedisCaps::new(commands.clone(), Duration::from_secs(limits.cap_lease_s));
+            (
+                BrokerHandle::of(&addr, health),
+                ConnectionCaps::redis(limits.max_connections_per_user, limits.cap_policy, caps),
+                Revocations::Redis(commands.clone()),
+                Some(commands),
+                SessionBackend::Redis(store),
+            )
+        }
+    };
+    let caps_leases = caps.redis_store();
+    let hub = web::Data::new(Hub::new(
+        settings,
+        registry,
+        broker,
+        caps,
+        revocations,
+        redis,
+    )?);
+    let key = auth::cookie_key(&hub.settings.auth);
+    let (server, addrs) = match sessions {
+        SessionBackend::Cookie => {
+            let auth = hub.settings.auth.clone();
+            http_server(hub.clone(), move || {
+                auth::cookie_session_middleware(&auth, &key)
+            })?
+        }
+        SessionBackend::Redis(store) => {
+            let auth = hub.settings.auth.clone();
+            http_server(hub.clone(), move || {
+                auth::session_middleware(store.clone(), &auth, &key)
+            })?
+        }
+    };
+    Ok(Bound {
+        server,
+        addrs,
+        hub,
+        caps_leases,
+    })
+}
 
+/// The actix server with every route, over a session store of either kind.
+fn http_server<S, F>(
+    hub: web::Data<Hub>,
+    session_middleware: F,
+) -> Result<(actix_web::dev::Server, Vec<SocketAddr>), StartError>
+where
+    S: SessionStore + 'static,
+    F: Fn() -> SessionMiddleware<S> + Send + Clone + 'static,
+{
     let workers = match hub.settings.server.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
@@ -173,31 +276,8 @@ pub fn bind(settings: Settings) -> Result<Bound, StartError> {
         let hub = app_hub.clone();
         App::new()
             .app_data(hub.clone())
-            .wrap(auth::cookie_session_middleware(&hub.settings.auth))
-            .route("/", web::get().to(http::index))
-            .route("/client.js", web::get().to(http::client_js))
-            .route("/ws", web::get().to(handshake::websocket))
-            .route("/healthz", web::get().to(http::healthz))
-            .route("/readyz", web::get().to(http::readyz))
-            .route("/metrics", web::get().to(http::metrics_text))
-            .service(
-                web::scope("/api")
-                    .wrap(cors(hub.clone()))
-                    .wrap(from_fn(origin_guard))
-                    .route("/publish", web::post().to(http::publish)),
-            )
-            .service({
-                let scope = web::scope("/auth")
-                    .wrap(cors(hub.clone()))
-                    .wrap(from_fn(origin_guard))
-                    .route("/session", web::post().to(auth::exchange_token))
-                    .route("/session", web::delete().to(auth::logout));
-                if hub.settings.auth.dev_login {
-                    scope.route("/dev-login", web::post().to(auth::dev_login))
-                } else {
-                    scope
-                }
-            })
+            .wrap(session_middleware())
+            .configure(|cfg| routes(cfg, &hub))
     })
     .workers(workers)
     .disable_signals()
@@ -211,11 +291,32 @@ pub fn bind(settings: Settings) -> Result<Bound, StartError> {
         ))
     })?;
     let addrs = server.addrs();
-    Ok(Bound {
-        server: server.run(),
-        addrs,
-        hub,
-    })
+    Ok((server.run(), addrs))
+}
+
+fn routes(cfg: &mut web::ServiceConfig, hub: &web::Data<Hub>) {
+    cfg.route("/", web::get().to(http::index))
+        .route("/client.js", web::get().to(http::client_js))
+        .route("/ws", web::get().to(handshake::websocket))
+        .route("/healthz", web::get().to(http::healthz))
+        .route("/readyz", web::get().to(http::readyz))
+        .route("/metrics", web::get().to(http::metrics_text))
+        .service(
+            web::scope("/api")
+                .wrap(cors(hub.clone()))
+                .wrap(from_fn(origin_guard))
+                .route("/publish", web::post().to(http::publish)),
+        );
+    let auth_scope = web::scope("/auth")
+        .wrap(cors(hub.clone()))
+        .wrap(from_fn(origin_guard))
+        .route("/session", web::post().to(auth::exchange_token))
+        .route("/session", web::delete().to(auth::logout));
+    cfg.service(if hub.settings.auth.dev_login {
+        auth_scope.route("/dev-login", web::post().to(auth::dev_login))
+    } else {
+        auth_scope
+    });
 }
 
 impl Bound {
@@ -246,6 +347,9 @@ impl Bound {
         );
         if hub.settings.demo.simulate_calls {
             actix::spawn(simulate::run_in_hub(hub.broker.clone()));
+        }
+        if let Some(caps) = self.caps_leases {
+            actix::spawn(refresh_leases(caps, hub.registry.clone()));
         }
         let handle = self.server.handle();
         actix::spawn(async move {

@@ -28,8 +28,12 @@ use crate::server::Hub;
 
 /// The handshake's verdict, handed to the session before it starts.
 pub enum Admission {
-    /// Checks passed; the cap slot for `conn` is held.
-    Admitted { identity: Identity, conn: ConnId },
+    /// Checks passed; the cap `slot` for `conn` is held.
+    Admitted {
+        identity: Identity,
+        conn: ConnId,
+        slot: String,
+    },
     /// Send this close frame and nothing else.
     Refused(Close),
 }
@@ -63,6 +67,7 @@ struct Live {
     identity: Identity,
     link: Arc<SessionLink>,
     conn_text: String,
+    slot: String,
     subscriptions: HashMap<ChannelKey, Subscription>,
     /// Where binary frames from the client go, set by `stream`.
     stream_to: Option<Topic>,
@@ -88,7 +93,11 @@ impl Actor for WsSession {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         match self.admission.take() {
-            Some(Admission::Admitted { identity, conn }) => self.begin(identity, conn, ctx),
+            Some(Admission::Admitted {
+                identity,
+                conn,
+                slot,
+            }) => self.begin(identity, conn, slot, ctx),
             Some(Admission::Refused(close)) => close_with(ctx, &close),
             None => ctx.stop(),
         }
@@ -108,13 +117,19 @@ impl Actor for WsSession {
         }
         let caps = self.hub.caps.clone();
         let user_key = live.identity.user_key();
-        let conn = live.conn_text;
-        actix::spawn(async move { caps.release(&user_key, &conn).await });
+        let slot = live.slot;
+        actix::spawn(async move { caps.release(&user_key, &slot).await });
     }
 }
 
 impl WsSession {
-    fn begin(&mut self, identity: Identity, conn: ConnId, ctx: &mut WebsocketContext<Self>) {
+    fn begin(
+        &mut self,
+        identity: Identity,
+        conn: ConnId,
+        slot: String,
+        ctx: &mut WebsocketContext<Self>,
+    ) {
         let settings = &self.hub.settings;
         let address = ctx.address();
         let link = Arc::new(SessionLink {
@@ -126,9 +141,12 @@ impl WsSession {
             flush: address.clone().recipient(),
             control: address.recipient(),
         });
-        self.hub
-            .registry
-            .register(link.clone(), identity.user_key(), identity.sid.clone());
+        self.hub.registry.register(
+            link.clone(),
+            identity.user_key(),
+            slot.clone(),
+            identity.sid.clone(),
+        );
         metrics().connections.inc();
         let now = Instant::now();
         let limits = &settings.limits;
@@ -146,6 +164,7 @@ impl WsSession {
             identity,
             link,
             conn_text,
+            slot,
             subscriptions: HashMap::new(),
             stream_to: None,
             last_heard: now,

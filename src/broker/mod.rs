@@ -5,6 +5,7 @@
 //! encoded [`Event`], so both brokers encode identically.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
