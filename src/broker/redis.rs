@@ -563,7 +563,10 @@ impl StreamHandler<redis::Msg> for RedisBroker {
 impl Handler<Interest> for RedisBroker {
     type Result = ();
 
-    fn handle(&mut self, _: Interest, _: &mut Self::Context) {
+    fn handle(&mut self, interest: Interest, _: &mut Self::Context) {
+        if let Interest::Closed(channel) = &interest {
+            self.last_ids.remove(channel);
+        }
         // The reconciler reads the registry itself; one wake-up covers any number of changes.
         self.interest_changed.notify_one();
     }
