@@ -39,26 +39,12 @@ pub async fn websocket(
             ));
     }
 
-    let ip = req
-        .peer_addr()
-        .map(|peer| {
-            let xff = req
-                .headers()
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok());
-            client_ip(peer.ip(), xff, &hub.trusted_proxies)
-        })
-        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-    if !hub.handshakes.allow(ip) {
-        metrics().reject("rate_limited");
-        log::warn!("handshake refused: client {ip} is over limits.handshakes_per_ip_per_s");
-        return Ok(HttpResponse::TooManyRequests()
-            .insert_header((header::RETRY_AFTER, "1"))
-            .json(json!({"error":"rate_limited","detail":format!("too many handshakes from {ip}; retry shortly")})));
+    if let Some(refusal) = over_handshake_budget(&hub, &req) {
+        return Ok(refusal);
     }
 
     let hub = hub.into_inner();
-    let admission = admit(&hub, &req, &session).await;
+    let admission = admit(&hub, &req, &session, false).await;
     if let Admission::Refused(close) = &admission {
         metrics().reject(close.rejection_label());
         if hub.settings.handshake.reject_before_upgrade {
@@ -83,13 +69,58 @@ fn is_upgrade(req: &HttpRequest) -> bool {
     has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
 }
 
-/// Run the checks; the first failure decides the close.
-async fn admit(hub: &Hub, req: &HttpRequest, session: &Session) -> Admission {
+/// The per-IP handshake budget: `Some(429 response)` when the client is over it.
+pub fn over_handshake_budget(hub: &Hub, req: &HttpRequest) -> Option<HttpResponse> {
+    let ip = req
+        .peer_addr()
+        .map(|peer| {
+            let xff = req
+                .headers()
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok());
+            client_ip(peer.ip(), xff, &hub.trusted_proxies)
+        })
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    if hub.handshakes.allow(ip) {
+        return None;
+    }
+    metrics().reject("rate_limited");
+    log::warn!("handshake refused: client {ip} is over limits.handshakes_per_ip_per_s");
+    Some(
+        HttpResponse::TooManyRequests()
+            .insert_header((header::RETRY_AFTER, "1"))
+            .json(json!({"error":"rate_limited","detail":format!("too many handshakes from {ip}; retry shortly")})),
+    )
+}
+
+/// Run the checks; the first failure decides the close. `same_origin_ok`: a request with no
+/// Origin header that the browser marked `Sec-Fetch-Site: same-origin` counts as admitted
+/// (browsers omit Origin on same-origin GETs such as EventSource; they always send it for
+/// WebSockets, so the WebSocket path passes false).
+pub async fn admit(
+    hub: &Hub,
+    req: &HttpRequest,
+    session: &Session,
+    same_origin_ok: bool,
+) -> Admission {
     let origin = req
         .headers()
         .get(header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    match hub.origins.check(origin.as_deref(), Day::today()) {
+    let same_origin = same_origin_ok
+        && origin.is_none()
+        && req
+            .headers()
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() == b"same-origin");
+    let decision = if same_origin {
+        Decision::Allowed {
+            rule: "same-origin request".into(),
+        }
+    } else {
+        hub.origins.check(origin.as_deref(), Day::today())
+    };
+    match decision {
         Decision::Allowed { .. } => {}
         Decision::AllowedLegacy { origin, until } => log::warn!(
             "origin {origin} admitted through origins.legacy until {until}: move this client to a current origin"

@@ -15,6 +15,8 @@
 //! - [`registry`]: this node's sessions, by topic and by user; fan-out into per-session outboxes.
 //! - [`broker`]: where events come from and go to; [`broker::memory`] (embedded).
 //! - [`session`]: the WebSocket session actor, the only user of `WebsocketContext`.
+//! - [`sse`]: the Server-Sent Events fallback transport, same rules as the WebSocket.
+//! - [`subscriptions`]: one connection's subscriptions and exact `since` resume (pure).
 //! - [`handshake`]: the checks a socket passes before its session starts.
 //! - [`http`]: publish, auth, health, metrics and static routes.
 //! - [`metrics`]: Prometheus metrics.
@@ -38,3 +40,5 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod simulate;
+pub mod sse;
+pub mod subscriptions;

@@ -24,6 +24,8 @@ use crate::protocol::{ChannelKey, ConnId, EventId};
 pub struct Event {
     pub channel: ChannelKey,
     pub id: EventId,
+    /// The event name (`call.status`), for transports that label records (SSE).
+    pub name: Box<str>,
     pub payload: Payload,
     /// `data.call_id` when present: a slow consumer keeps only the newest event per key.
     pub conflation_key: Option<Box<str>>,
@@ -353,6 +355,7 @@ mod tests {
         Arc::new(Event {
             channel,
             id: EventId { ms: 1, seq },
+            name: "test".into(),
             payload: Payload::Text(ByteString::from(format!("{seq}"))),
             conflation_key: call.map(Into::into),
             received_at: Instant::now(),

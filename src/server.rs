@@ -28,7 +28,7 @@ use crate::limits::{ConnectionCaps, HandshakeLimiter, IpMatcher};
 use crate::origin::{Day, OriginPolicy};
 use crate::protocol::TopicPattern;
 use crate::registry::Registry;
-use crate::{handshake, http, metrics, shutdown, simulate};
+use crate::{handshake, http, metrics, shutdown, simulate, sse};
 
 /// Everything a request handler or session needs, shared by all workers.
 pub struct Hub {
@@ -298,6 +298,7 @@ fn routes(cfg: &mut web::ServiceConfig, hub: &web::Data<Hub>) {
     cfg.route("/", web::get().to(http::index))
         .route("/client.js", web::get().to(http::client_js))
         .route("/ws", web::get().to(handshake::websocket))
+        .route("/sse", web::get().to(sse::stream))
         .route("/healthz", web::get().to(http::healthz))
         .route("/readyz", web::get().to(http::readyz))
         .route("/metrics", web::get().to(http::metrics_text))

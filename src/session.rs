@@ -5,7 +5,6 @@
 //! heartbeat. Events reach it through its outbox in the [`Registry`]; one [`Flush`] wakes it
 //! for a whole batch, which it writes to the socket in one go.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +24,7 @@ use crate::protocol::{
 };
 use crate::registry::{Control, Event, Flush, Outbox, Payload, SessionLink};
 use crate::server::Hub;
+use crate::subscriptions::Subscriptions;
 
 /// The handshake's verdict, handed to the session before it starts.
 pub enum Admission {
@@ -68,7 +68,7 @@ struct Live {
     link: Arc<SessionLink>,
     conn_text: String,
     slot: String,
-    subscriptions: HashMap<ChannelKey, Subscription>,
+    subscriptions: Subscriptions,
     /// Where binary frames from the client go, set by `stream`.
     stream_to: Option<Topic>,
     last_heard: Instant,
@@ -79,13 +79,6 @@ struct Live {
     /// Scratch space for draining the outbox without reallocating.
     batch: Vec<Arc<Event>>,
     closing: bool,
-}
-
-struct Subscription {
-    /// Live events held back while history is being replayed.
-    held: Option<Vec<Arc<Event>>>,
-    /// Live events up to this id were already sent by the replay.
-    skip_through: Option<EventId>,
 }
 
 impl Actor for WsSession {
@@ -111,7 +104,7 @@ impl Actor for WsSession {
         let emptied = self
             .hub
             .registry
-            .unregister(live.link.conn, live.subscriptions.keys());
+            .unregister(live.link.conn, live.subscriptions.channels());
         for channel in emptied {
             self.hub.broker.interest.do_send(Interest::Closed(channel));
         }
@@ -165,7 +158,7 @@ impl WsSession {
             link,
             conn_text,
             slot,
-            subscriptions: HashMap::new(),
+            subscriptions: Subscriptions::default(),
             stream_to: None,
             last_heard: now,
             text_budget: TokenBucket::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
@@ -310,7 +303,7 @@ impl WsSession {
             }
         };
         let channel = ChannelKey::new(&live.identity.org, &topic);
-        if !live.subscriptions.contains_key(&channel) && live.subscriptions.len() >= max {
+        if !live.subscriptions.contains(&channel) && live.subscriptions.len() >= max {
             return Self::reply_error(
                 ctx,
                 ErrorCode::TooManySubscriptions,
@@ -324,13 +317,7 @@ impl WsSession {
                 .do_send(Interest::Opened(channel.clone()));
         }
         let Some(since) = since else {
-            live.subscriptions.insert(
-                channel,
-                Subscription {
-                    held: None,
-                    skip_through: None,
-                },
-            );
+            live.subscriptions.insert_live(channel);
             ctx.text(
                 ServerMessage::Subscribed {
                     topic: topic.as_str(),
@@ -341,13 +328,7 @@ impl WsSession {
             return;
         };
         // Live events are already flowing into the outbox; hold them until the replay is out.
-        live.subscriptions.insert(
-            channel.clone(),
-            Subscription {
-                held: Some(Vec::new()),
-                skip_through: None,
-            },
-        );
+        live.subscriptions.insert_replaying(channel.clone());
         let fetch = self.hub.broker.history.send(FetchHistory {
             channel: channel.clone(),
             since,
@@ -378,12 +359,8 @@ impl WsSession {
         let Some(live) = self.live.as_mut() else {
             return;
         };
-        // Unsubscribed (or resubscribed without since) while the history was on its way.
-        let Some(held) = live
-            .subscriptions
-            .get_mut(channel)
-            .and_then(|s| s.held.take())
-        else {
+        // None: unsubscribed (or resubscribed without since) while the history was on its way.
+        let Some(events) = live.subscriptions.finish_replay(channel, replay.events) else {
             return;
         };
         ctx.text(
@@ -393,20 +370,10 @@ impl WsSession {
             }
             .encode(),
         );
-        let mut last = None;
-        let mut sent = 0u64;
-        for event in replay.events.iter().chain(held.iter()) {
-            if last.is_some_and(|l| event.id <= l) {
-                continue;
-            }
+        for event in &events {
             write_event(ctx, event);
-            sent += 1;
-            last = Some(event.id);
         }
-        metrics().messages_delivered.inc_by(sent);
-        if let Some(sub) = live.subscriptions.get_mut(channel) {
-            sub.skip_through = last;
-        }
+        metrics().messages_delivered.inc_by(events.len() as u64);
     }
 
     fn unsubscribe(&mut self, topic: &str, ctx: &mut WebsocketContext<Self>) {
@@ -418,7 +385,7 @@ impl WsSession {
             Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
         };
         let channel = ChannelKey::new(&live.identity.org, &topic);
-        if live.subscriptions.remove(&channel).is_some()
+        if live.subscriptions.remove(&channel)
             && self.hub.registry.unsubscribe(&channel, live.link.conn)
         {
             self.hub.broker.interest.do_send(Interest::Closed(channel));
@@ -567,16 +534,9 @@ impl Handler<Flush> for WsSession {
         let now = Instant::now();
         let mut sent = 0u64;
         for event in batch.drain(..) {
-            let Some(sub) = live.subscriptions.get_mut(&event.channel) else {
-                continue; // unsubscribed since it was queued
+            let Some(event) = live.subscriptions.admit_live(event) else {
+                continue;
             };
-            if let Some(held) = sub.held.as_mut() {
-                held.push(event);
-                continue;
-            }
-            if sub.skip_through.is_some_and(|last| event.id <= last) {
-                continue;
-            }
             metrics()
                 .delivery_seconds
                 .observe(now.duration_since(event.received_at).as_secs_f64());

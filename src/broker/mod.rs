@@ -191,9 +191,14 @@ pub fn build_event(
         }
         PublishBody::Binary(bytes) => (Payload::Binary(bytes.clone()), None),
     };
+    let name = match body {
+        PublishBody::Json { event, .. } => event.as_str().into(),
+        PublishBody::Binary(_) => "binary".into(),
+    };
     Arc::new(Event {
         channel,
         id,
+        name,
         payload,
         conflation_key,
         received_at,
