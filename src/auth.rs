@@ -199,8 +199,17 @@ struct TokenBody {
 
 #[derive(Deserialize)]
 struct Claims {
-    sub: Option<String>,
+    sub: Option<serde_json::Value>,
     org: Option<serde_json::Value>,
+}
+
+/// Identity providers send ids as strings or numbers; both mean the same id.
+fn claim_text(value: serde_json::Value, name: &str) -> Result<String, String> {
+    match value {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        _ => Err(format!("bad claim: {name} must be a string")),
+    }
 }
 
 /// Verify an HS256 token; `Err` is the reason given to the caller.
@@ -221,12 +230,8 @@ pub fn verify_jwt(token: &str, secret: &str) -> Result<(UserId, OrgId), String> 
         ErrorKind::InvalidAlgorithm => "bad algorithm: only HS256 is accepted".to_string(),
         _ => "malformed token".to_string(),
     })?;
-    let sub = data.claims.sub.ok_or("missing claim: sub")?;
-    let org = match data.claims.org.ok_or("missing claim: org")? {
-        serde_json::Value::String(s) => s,
-        serde_json::Value::Number(n) => n.to_string(),
-        _ => return Err("bad claim: org must be a string".into()),
-    };
+    let sub = claim_text(data.claims.sub.ok_or("missing claim: sub")?, "sub")?;
+    let org = claim_text(data.claims.org.ok_or("missing claim: org")?, "org")?;
     let user = UserId::parse(&sub).map_err(|e| format!("bad claim: sub: {e}"))?;
     let org = OrgId::parse(&org).map_err(|e| format!("bad claim: org: {e}"))?;
     Ok((user, org))

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Everything switchboard can be configured with. Each section mirrors a TOML table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Settings {
     pub server: ServerConfig,
     pub origins: OriginsConfig,
@@ -27,7 +27,7 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ServerConfig {
     /// Address to bind; `0.0.0.0` inside containers.
     pub bind: String,
@@ -51,7 +51,7 @@ impl Default for ServerConfig {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct OriginsConfig {
     /// Exact origins (`scheme://host[:port]`) or one leading-wildcard form `https://*.example.com`.
     pub allowed: Vec<String>,
@@ -80,7 +80,7 @@ pub enum SameSitePolicy {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct AuthConfig {
     pub cookie_name: String,
     /// Base64 of at least 64 bytes; signs and encrypts the session cookie. Required in production.
@@ -114,14 +114,14 @@ impl Default for AuthConfig {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ApiConfig {
     /// Bearer keys accepted by `POST /api/publish`.
     pub publish_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct HandshakeConfig {
     /// Answer refused handshakes with HTTP 403/401/429 instead of a close frame after the upgrade.
     /// Off by default: browsers only show a refused upgrade as close code 1006.
@@ -129,7 +129,7 @@ pub struct HandshakeConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct HeartbeatConfig {
     /// Protocol Ping period in milliseconds.
     pub interval_ms: u64,
@@ -161,7 +161,7 @@ pub enum SlowConsumerPolicy {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct LimitsConfig {
     /// Sockets one user may hold across all pods.
     pub max_connections_per_user: u32,
@@ -202,14 +202,14 @@ impl Default for LimitsConfig {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct RedisConfig {
     /// `redis://host:port/db`; unset runs embedded (one node, nothing else needed).
     pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct HistoryConfig {
     /// Keep recent events for `since` resume; unset means "on when clustered".
     pub enabled: Option<bool>,
@@ -230,7 +230,7 @@ impl Default for HistoryConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ShutdownConfig {
     /// Seconds from SIGTERM to exit, whatever is still open.
     pub drain_timeout_s: u64,
@@ -248,7 +248,7 @@ impl Default for ShutdownConfig {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct DemoConfig {
     /// Publish simulated call-status events for org `demo` inside the hub.
     pub simulate_calls: bool,
@@ -377,13 +377,8 @@ impl Settings {
         };
 
         errors.extend(unknown_keys(&raw));
-        let mut settings = match deserialize_sections(&raw) {
-            Ok(s) => s,
-            Err(mut section_errors) => {
-                errors.append(&mut section_errors);
-                return Err(ConfigErrors(errors));
-            }
-        };
+        // A section that does not deserialize keeps its defaults so the rest is still checked.
+        let mut settings = deserialize_sections(&raw, &mut errors);
 
         let mut warnings = Vec::new();
         if let Some(frontend) = lookup("FRONTEND_URL") {
@@ -605,8 +600,8 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Deserialize each section on its own so one bad value does not hide problems in others.
-fn deserialize_sections(raw: &config::Config) -> Result<Settings, Vec<String>> {
-    let mut errors = Vec::new();
+/// Unknown keys are not errors here: [`unknown_keys`] reports them with a hint.
+fn deserialize_sections(raw: &config::Config, errors: &mut Vec<String>) -> Settings {
     let mut settings = Settings::default();
     macro_rules! section {
         ($name:ident) => {
@@ -628,11 +623,7 @@ fn deserialize_sections(raw: &config::Config) -> Result<Settings, Vec<String>> {
     section!(history);
     section!(shutdown);
     section!(demo);
-    if errors.is_empty() {
-        Ok(settings)
-    } else {
-        Err(errors)
-    }
+    settings
 }
 
 fn describe(section: &str, e: config::ConfigError) -> String {

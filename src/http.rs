@@ -83,7 +83,9 @@ fn authorised(hub: &Hub, req: &HttpRequest) -> bool {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key)
     else {
         return false;
     };
@@ -140,12 +142,24 @@ pub fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
     })
 }
 
-pub async fn publish(hub: web::Data<Hub>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+pub async fn publish(
+    hub: web::Data<Hub>,
+    req: HttpRequest,
+    body: Result<web::Bytes, actix_web::Error>,
+) -> HttpResponse {
     if !authorised(&hub, &req) {
         return HttpResponse::Unauthorized()
             .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
             .json(json!({"error":"unauthorized","message":"missing or unknown publish key (Authorization: Bearer <key from api.publish_keys>)"}));
     }
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => {
+            let status = e.as_response_error().status_code();
+            return HttpResponse::build(status)
+                .json(json!({"error":"bad_request","field":"body","message":e.to_string()}));
+        }
+    };
     let request = match parse_publish(&body) {
         Ok(r) => r,
         Err(bad) => return bad.response(),

@@ -16,13 +16,6 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
     pub fn body_text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -161,7 +154,10 @@ impl HttpConn {
                     break body;
                 }
                 if stream.read_buf(&mut self.buf).await? == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short chunked body"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "short chunked body",
+                    ));
                 }
             }
         } else if status == 204 || status == 304 || (100..200).contains(&status) {
@@ -209,7 +205,10 @@ mod tests {
     /// A chunked body is reassembled only once its last chunk has arrived.
     #[test]
     fn dechunks() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
         assert!(dechunk(b"3\r\nabc\r\n2\r\nd").is_none());
     }
 }

@@ -218,15 +218,16 @@ impl Out {
                 if resp.status == 202 {
                     Ok(())
                 } else {
-                    Err(format!("publish: HTTP {} {}", resp.status, resp.body_text()))
+                    Err(format!(
+                        "publish: HTTP {} {}",
+                        resp.status,
+                        resp.body_text()
+                    ))
                 }
             }
             Out::Redis { conn } => {
                 let channel = format!("sb:{}:{}", topic.org, topic.topic);
-                let message = format!(
-                    r#"{{"event":"bench","data":{}}}"#,
-                    data_json(job, now_ns())
-                );
+                let message = format!(r#"{{"event":"bench","data":{}}}"#, data_json(job, now_ns()));
                 redis::cmd("PUBLISH")
                     .arg(channel)
                     .arg(message)
@@ -341,7 +342,6 @@ pub async fn run_phase(
     let end = start + plan.duration;
     let warm = start + plan.warmup.min(plan.duration / 2);
     let errors_before = publisher.errors.load(Relaxed);
-    let first_g = pacer.next_g;
     let mut a: Option<Sample> = None;
     let mut sent = 0u64;
     let mut stalls = 0u64;
@@ -423,7 +423,6 @@ pub async fn run_phase(
     let a = a.unwrap_or(b);
     let elapsed = start.elapsed().as_secs_f64();
     let phase = &shared.phases[plan.ph];
-    let _ = first_g;
     PhaseResult {
         label: plan.label.clone(),
         target_events_per_s: plan.rate,

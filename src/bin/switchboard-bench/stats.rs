@@ -213,7 +213,18 @@ mod tests {
     /// Buckets are contiguous and each value lies within its bucket's bounds.
     #[test]
     fn buckets_cover_values() {
-        for v in [0u64, 1, 127, 128, 129, 200, 1000, 12345, 1 << 20, u64::MAX / 3] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            129,
+            200,
+            1000,
+            12345,
+            1 << 20,
+            u64::MAX / 3,
+        ] {
             let b = bucket_of(v);
             assert!(bucket_high(b) >= v, "{v}");
             if b > 0 {
