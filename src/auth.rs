@@ -44,6 +44,10 @@ const KEY_USER: &str = "user";
 const KEY_ORG: &str = "org";
 const KEY_SID: &str = "sid";
 const KEY_EXP: &str = "exp";
+/// Set by logout in place of the identity: a replayed cookie is then refused as `logged out`
+/// rather than `invalid session`, whichever store holds it (Redis drops purged state, so
+/// purging would leave nothing to tell the two apart).
+const KEY_LOGGED_OUT: &str = "logged_out";
 
 /// Decode `auth.cookie_key`: base64 of at least 64 bytes.
 pub fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, String> {
@@ -151,6 +155,9 @@ pub async fn identify(
     if req.cookie(&hub.settings.auth.cookie_name).is_none() {
         return Err(AuthFailure::NoCookie);
     }
+    if matches!(session.get::<bool>(KEY_LOGGED_OUT), Ok(Some(true))) {
+        return Err(AuthFailure::LoggedOut);
+    }
     // A cookie that fails decryption or verification reaches us as an empty session.
     let read = || -> Option<Identity> {
         Some(Identity {
@@ -173,6 +180,8 @@ pub async fn identify(
 fn start_session(hub: &Hub, session: &Session, user: &UserId, org: &OrgId) -> HttpResponse {
     let sid = format!("{:032x}", rand::random::<u128>());
     let exp = now_s() + hub.settings.auth.session_ttl_s;
+    // A fresh key and fresh state: nothing of an earlier login (or its logout) carries over.
+    session.clear();
     session.renew();
     let stored = session
         .insert(KEY_USER, user.as_str())
@@ -321,6 +330,10 @@ pub async fn logout(hub: web::Data<Hub>, req: HttpRequest, session: Session) -> 
             identity.user,
             identity.org
         );
+        session.clear();
+        if session.insert(KEY_LOGGED_OUT, true).is_ok() {
+            return HttpResponse::NoContent().finish();
+        }
     }
     session.purge();
     HttpResponse::NoContent().finish()

@@ -226,6 +226,41 @@ async fn logout_spares_the_same_users_other_session() {
     laptop.assert_alive().await;
 }
 
+/// The browser that logged out still sends its logged-out cookie when it logs in again: the new
+/// login gets a working session, as another user, and the old cookie stays logged out.
+#[actix_web::test]
+async fn login_again_over_a_logged_out_cookie() {
+    let hub = Hub::start(&[]);
+    let old = dev_login(&hub, "u1", "42").await;
+    let resp = http(&hub, "DELETE", "/auth/session", &[("cookie", &old)], None).await;
+    assert_eq!(resp.status, 204, "{resp}");
+    let logged_out = session_cookie(&resp).unwrap_or_else(|| old.clone());
+
+    let resp = post_json(
+        &hub,
+        "/auth/dev-login",
+        &[("cookie", &logged_out)],
+        &json!({"user": "u2", "org": "42"}),
+    )
+    .await;
+    assert_eq!(resp.status, 204, "{resp}");
+    let fresh = session_cookie(&resp).expect("the new login sets a cookie");
+    let mut ws = ws_open(&hub, Some(ORIGIN), Some(&fresh)).await;
+    let welcome = ws.next_json(T).await;
+    assert_eq!(
+        (welcome["type"].as_str(), welcome["user"].as_str()),
+        (Some("welcome"), Some("u2")),
+        "{welcome}"
+    );
+    let mut replayed = ws_open(&hub, Some(ORIGIN), Some(&logged_out)).await;
+    assert_close(
+        replayed.expect_only_close(T).await,
+        4401,
+        "unauthenticated: logged out",
+        "the cookie the logout answered with",
+    );
+}
+
 /// DELETE /auth/session without any session is still 204.
 #[actix_web::test]
 async fn logout_without_session_is_204() {
