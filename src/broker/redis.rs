@@ -279,17 +279,24 @@ redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[4], 2)
 return id
 "#;
 
-/// Replay after an id: whether history reaches back, and the entries after it.
+/// Replay after an id, and what tells whether history still reaches back to it: the newest id
+/// ever added, whether `since` itself is still kept, the oldest kept id, and how many entries
+/// were ever added against how many remain (trimming is the only way entries leave).
 const HISTORY_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, '', ''} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local max_deleted, last = '0-0', '0-0'
+local last, added, length = '0-0', -1, 0
 for i = 1, #info, 2 do
-  if info[i] == 'max-deleted-entry-id' then max_deleted = info[i + 1] end
   if info[i] == 'last-generated-id' then last = info[i + 1] end
+  if info[i] == 'entries-added' then added = info[i + 1] end
+  if info[i] == 'length' then length = info[i + 1] end
 end
+local kept = #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local oldest_id = ''
+if #oldest > 0 then oldest_id = oldest[1][1] end
 local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-return {1, max_deleted, last, entries}
+return {1, last, kept, oldest_id, added, length, entries}
 "#;
 
 /// History settings for the clustered broker.
@@ -652,11 +659,21 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
     if !matches!(answer.first(), Some(RedisValue::Int(1))) {
         return Replay::default();
     }
-    let max_deleted = text(answer.get(1)).unwrap_or_default();
-    let last = text(answer.get(2)).unwrap_or_default();
-    let recovered = since >= max_deleted && since <= last;
+    let int = |i: usize| {
+        answer
+            .get(i)
+            .and_then(|v| redis::from_redis_value::<i64>(v).ok())
+    };
+    let last = text(answer.get(1)).unwrap_or_default();
+    let since_kept = int(2) == Some(1);
+    let oldest = text(answer.get(3));
+    // Redis before 7.0 does not report `entries-added` (-1): then assume something was trimmed.
+    let nothing_trimmed =
+        matches!((int(4), int(5)), (Some(added), Some(len)) if added >= 0 && added == len);
+    let reaches_back = since_kept || nothing_trimmed || oldest.is_some_and(|o| o <= since);
+    let recovered = since <= last && reaches_back;
     let entries: Vec<StreamEntry> = answer
-        .get(3)
+        .get(6)
         .and_then(|v| redis::from_redis_value(v).ok())
         .unwrap_or_default();
     let now = Instant::now();
