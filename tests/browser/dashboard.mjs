@@ -1,0 +1,277 @@
+// Real-browser end-to-end test of the switchboard dashboard (GET /), driven by playwright-core
+// against Debian's chromium. Run by tests/dashboard.rs, which starts the hub first:
+//
+//   node tests/browser/dashboard.mjs <hub base url> <scenario> [out dir]
+//
+// scenarios:
+//   login   the hub has dev login on and the demo simulator running, and admits the page's own
+//           origin: the first socket is refused 4401 and the login form shows; after signing in
+//           the status is `open`, simulated calls appear, and a call published through
+//           POST /api/publish moves through queued -> ringing -> in-progress -> ended on screen;
+//           Sign out closes the socket (4401 logged out) and brings the login form back.
+//   origin  the hub does not admit the page's own origin: the page says
+//           `origin not allowed: <origin>` (the 4403 close reason), not a bare 1006.
+//
+// Prints one line per step; on failure prints what went wrong (with the page's state, its
+// console and its raw frame log), takes a screenshot, and exits 1. Screenshots go to the out
+// dir (default: a fresh temporary directory), whose path is printed.
+//
+// Every wait is on a condition in the page (Playwright's waitForFunction / locators), bounded by
+// a timeout; nothing sleeps for a fixed time.
+
+import { chromium } from 'playwright-core';
+import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const CHROMIUM = '/usr/bin/chromium';
+const CHROMIUM_ARGS = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+const PUBLISH_KEY = process.env.SB_PUBLISH_KEY || 'test-publish-key';
+const ORG = 'demo';
+const USER = 'agent-1';
+const STEP_MS = 5000;       // bound on each wait for something the page should show promptly
+const SIMULATOR_MS = 20000; // bound on the wait for the demo simulator's first call on screen
+const OVERALL_MS = 60000;   // the whole script, browser start included
+
+const [base, scenario, outArg] = process.argv.slice(2);
+if (!base || !['login', 'origin'].includes(scenario)) {
+  console.error('usage: node dashboard.mjs <hub base url, e.g. http://127.0.0.1:8080> <login|origin> [out dir]');
+  process.exit(2);
+}
+const hub = new URL(base);
+const outDir = outArg || mkdtempSync(join(tmpdir(), 'sb-dashboard-'));
+mkdirSync(outDir, { recursive: true });
+const profileDir = mkdtempSync(join(tmpdir(), 'sb-chromium-profile-'));
+
+const started = Date.now();
+function step(msg) {
+  console.log(`[${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s] ${msg}`);
+}
+
+class TestFailure extends Error {}
+function fail(msg) { throw new TestFailure(msg); }
+
+let context = null;
+let page = null;
+const consoleLines = [];
+const pageErrors = [];
+
+// A short description of what the page shows, for failure messages.
+async function pageState() {
+  if (!page) return '(no page)';
+  try {
+    return await page.evaluate(() => {
+      const t = (id) => { const e = document.getElementById(id); return e ? JSON.stringify(e.textContent) : '(missing)'; };
+      const rows = Array.from(document.querySelectorAll('#calls tr[data-call-id]')).slice(0, 12)
+        .map((r) => `${r.getAttribute('data-call-id')}=${(r.querySelector('td.status') || {}).textContent}`);
+      const log = Array.from(document.querySelectorAll('#log li')).slice(0, 10).map((li) => '    ' + li.textContent);
+      return [
+        `  url ${location.href}`,
+        `  #status ${t('status')} #status-code ${t('status-code')} #status-detail ${t('status-detail')} #status-retry ${t('status-retry')}`,
+        `  #login hidden=${document.getElementById('login').hidden} #login-msg ${t('login-msg')}`,
+        `  #who hidden=${document.getElementById('who').hidden} user ${t('who-user')} org ${t('who-org')}`,
+        `  #notice hidden=${document.getElementById('notice').hidden} ${t('notice-text')}`,
+        `  rows (${document.querySelectorAll('#calls tr[data-call-id]').length}): ${rows.join(' ') || '(none)'}`,
+        '  raw frame log (newest first):', ...log,
+      ].join('\n');
+    });
+  } catch (e) {
+    return `(page state unavailable: ${e.message})`;
+  }
+}
+
+// Wait until the text of `selector` satisfies `want` (a string: equal after trimming; a RegExp:
+// matches). Fails with what the element showed last.
+async function waitText(selector, want, what, timeout = STEP_MS) {
+  const spec = want instanceof RegExp ? { re: want.source, flags: want.flags } : { eq: want };
+  try {
+    await page.waitForFunction(({ selector, spec }) => {
+      const el = document.querySelector(selector);
+      if (!el) return false;
+      const text = el.textContent.trim();
+      return spec.re !== undefined ? new RegExp(spec.re, spec.flags).test(text) : text === spec.eq;
+    }, { selector, spec }, { timeout, polling: 'raf' });
+  } catch (e) {
+    if (!/Timeout/i.test(e.message)) throw e;
+    const got = await page.evaluate((s) => {
+      const el = document.querySelector(s);
+      return el ? JSON.stringify(el.textContent.trim()) : '(no such element)';
+    }, selector).catch(() => '(unknown)');
+    fail(`${what}: expected ${selector} to show ${want instanceof RegExp ? want : JSON.stringify(want)} ` +
+      `within ${timeout} ms, it shows ${got}`);
+  }
+  const text = (await page.locator(selector).first().textContent()).trim();
+  const shown = JSON.stringify(text);
+  step(`${what}: ${selector} = ${shown.length > 100 ? shown.slice(0, 97) + '...' : shown}`);
+  return text;
+}
+
+async function waitVisible(selector, what, visible = true, timeout = STEP_MS) {
+  try {
+    await page.locator(selector).first().waitFor({ state: visible ? 'visible' : 'hidden', timeout });
+  } catch (e) {
+    if (!/Timeout/i.test(e.message)) throw e;
+    fail(`${what}: ${selector} did not become ${visible ? 'visible' : 'hidden'} within ${timeout} ms`);
+  }
+  step(`${what}: ${selector} ${visible ? 'visible' : 'hidden'}`);
+}
+
+async function publish(data) {
+  const res = await fetch(new URL('/api/publish', hub), {
+    method: 'POST',
+    headers: { 'Authorization': `Bearer ${PUBLISH_KEY}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ org: ORG, topic: 'calls', event: 'call.status', data }),
+  });
+  const body = await res.text();
+  if (res.status !== 202) fail(`POST /api/publish ${data.call_id} ${data.status}: HTTP ${res.status} ${body}`);
+  return JSON.parse(body).id;
+}
+
+async function screenshot(name) {
+  const path = join(outDir, `${name}.png`);
+  await page.screenshot({ path, fullPage: true });
+  step(`screenshot ${path}`);
+  return path;
+}
+
+// ---- scenario login ----------------------------------------------------------------------------
+async function scenarioLogin() {
+  await page.goto(new URL('/', hub).href, { waitUntil: 'domcontentloaded' });
+  step(`opened ${page.url()}`);
+
+  // No session yet: the socket is refused with 4401 and the dev login form shows.
+  await waitText('#status', 'refused', 'no session');
+  await waitText('#status-code', '4401', 'no session');
+  await waitText('#status-detail', /^unauthenticated: /, 'no session');
+  await waitVisible('#login', 'no session');
+  await waitVisible('#who', 'no session', false);
+  await screenshot('dashboard-refused');
+
+  // Sign in with the dev login.
+  await page.fill('#login-user', USER);
+  await page.fill('#login-org', ORG);
+  await page.click('#login-submit');
+  step(`signed in as ${USER} / org ${ORG}`);
+  await waitText('#status', 'open', 'after login');
+  await waitText('#status-detail', '', 'after login');
+  await waitVisible('#login', 'after login', false);
+  await waitText('#who-user', USER, 'after login');
+  await waitText('#who-org', ORG, 'after login');
+  // Until the server confirms the subscription, a published event would not reach the page.
+  await waitText('#log', /\{"type":"subscribed","topic":"calls"\}/, 'subscription confirmed');
+
+  // A call of our own, published as a backend service would, moving through its life.
+  const callId = `e2e-${process.pid}-${Date.now()}`;
+  const row = `#calls tr[data-call-id="${callId}"]`;
+  const startedAt = new Date(Date.now() - 3000).toISOString();
+  const call = {
+    call_id: callId, direction: 'inbound', from: '+15550100', to: '+15550199',
+    agent_id: null, started_at: startedAt, ended_at: null, ended_reason: null,
+  };
+  const lifecycle = [
+    { status: 'queued' },
+    { status: 'ringing', agent_id: USER },
+    { status: 'in-progress', agent_id: USER },
+    { status: 'ended', agent_id: USER, ended_at: new Date().toISOString(), ended_reason: 'customer-ended-call' },
+  ];
+  for (const change of lifecycle) {
+    Object.assign(call, change);
+    const id = await publish({ ...call });
+    step(`published ${callId} ${call.status} (event ${id})`);
+    await waitText(`${row} td.status`, call.status, `call ${call.status}`);
+  }
+  await waitText(`${row} td.direction`, /inbound/, 'ended call');
+  await waitText(`${row} td.from`, call.from, 'ended call');
+  await waitText(`${row} td.agent`, USER, 'ended call');
+  await waitText(`${row} td.reason`, 'customer-ended-call', 'ended call');
+  const cls = await page.getAttribute(row, 'class');
+  if (!/\bended\b/.test(cls || '')) fail(`ended call: row class is ${JSON.stringify(cls)}, expected it to include "ended"`);
+  const rowsWithId = await page.locator(row).count();
+  if (rowsWithId !== 1) fail(`call ${callId}: ${rowsWithId} rows on the board, expected exactly 1`);
+
+  // The hub's own demo simulator feeds the same board.
+  try {
+    await page.waitForFunction((ours) => Array.from(document.querySelectorAll('#calls tr[data-call-id]'))
+      .some((r) => r.getAttribute('data-call-id') !== ours), callId, { timeout: SIMULATOR_MS, polling: 'raf' });
+  } catch (e) {
+    if (!/Timeout/i.test(e.message)) throw e;
+    fail(`demo simulator: no simulated call on the board within ${SIMULATOR_MS} ms ` +
+      '(is the hub running with SWITCHBOARD__DEMO__SIMULATE_CALLS=true?)');
+  }
+  const simulated = await page.$$eval('#calls tr[data-call-id]', (rows, ours) => rows
+    .filter((r) => r.getAttribute('data-call-id') !== ours)
+    .map((r) => `${r.getAttribute('data-call-id')}=${r.querySelector('td.status').textContent}`), callId);
+  step(`demo simulator: ${simulated.length} simulated call(s) on the board: ${simulated.join(' ')}`);
+  await waitVisible('#empty', 'calls on the board', false);
+  await waitText('#status', 'open', 'still connected');
+
+  await screenshot('dashboard-login');
+
+  // Sign out: the hub closes this session's socket with 4401 and the page offers the login again.
+  await page.click('#logout');
+  step('clicked Sign out');
+  await waitText('#status', 'refused', 'after sign-out');
+  await waitText('#status-code', '4401', 'after sign-out');
+  await waitText('#status-detail', 'unauthenticated: logged out', 'after sign-out');
+  await waitVisible('#login', 'after sign-out');
+  await waitVisible('#who', 'after sign-out', false);
+}
+
+// ---- scenario origin ---------------------------------------------------------------------------
+async function scenarioOrigin() {
+  const origin = hub.origin; // what the browser sends as Origin for the page's own socket
+  await page.goto(new URL('/', hub).href, { waitUntil: 'domcontentloaded' });
+  step(`opened ${page.url()}`);
+  await waitText('#status', 'refused', 'origin refused');
+  await waitText('#status-code', '4403', 'origin refused');
+  await waitText('#status-detail', `origin not allowed: ${origin}`, 'origin refused');
+  // Not a login problem: no login form, no retry countdown (a refusal is final).
+  await waitVisible('#login', 'origin refused', false);
+  await waitText('#status-retry', '', 'origin refused');
+  await waitVisible('#retry', 'origin refused');
+  await screenshot('dashboard-origin');
+}
+
+// ---- run ---------------------------------------------------------------------------------------
+const overall = setTimeout(() => {
+  console.error(`FAIL dashboard ${scenario}: the whole run took longer than ${OVERALL_MS} ms`);
+  Promise.resolve(context && context.close()).catch(() => {}).finally(() => process.exit(1));
+}, OVERALL_MS);
+
+let code = 0;
+try {
+  context = await chromium.launchPersistentContext(profileDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: CHROMIUM_ARGS,
+    viewport: { width: 1280, height: 800 },
+    timeout: 20000,
+  });
+  step(`chromium ${context.browser() ? context.browser().version() : ''} started (profile ${profileDir})`);
+  page = context.pages()[0] || await context.newPage();
+  page.on('console', (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => pageErrors.push(String(e && e.stack || e)));
+
+  if (scenario === 'login') await scenarioLogin();
+  else await scenarioOrigin();
+
+  if (pageErrors.length) fail(`uncaught errors in the page:\n  ${pageErrors.join('\n  ')}`);
+  const consoleErrors = consoleLines.filter((l) => l.startsWith('error: '));
+  if (consoleErrors.length) fail(`errors in the browser console:\n  ${consoleErrors.join('\n  ')}`);
+  console.log(`PASS dashboard ${scenario} (${((Date.now() - started) / 1000).toFixed(1)} s); screenshots in ${outDir}`);
+} catch (e) {
+  code = 1;
+  console.error(`FAIL dashboard ${scenario}: ${e instanceof TestFailure ? e.message : (e && e.stack || e)}`);
+  console.error('page state:\n' + await pageState());
+  if (consoleLines.length) console.error('browser console:\n  ' + consoleLines.slice(-30).join('\n  '));
+  if (pageErrors.length) console.error('uncaught page errors:\n  ' + pageErrors.join('\n  '));
+  if (page) await screenshot(`dashboard-${scenario}-failure`).catch(() => {});
+} finally {
+  clearTimeout(overall);
+  if (context) await context.close().catch(() => {});
+  rmSync(profileDir, { recursive: true, force: true });
+}
+process.exit(code);

@@ -1,0 +1,203 @@
+//! The live call dashboard (`GET /`) in a real browser: Debian's Chromium driven by
+//! playwright-core through `tests/browser/dashboard.mjs`, against a hub started here.
+//!
+//! - `dashboard_login_and_live_calls`: the page is refused 4401, shows the dev login, signs in,
+//!   turns `open`, shows the demo simulator's calls, and follows a call published through
+//!   `POST /api/publish` from queued to ended; Sign out brings the login back (4401 logged out).
+//! - `dashboard_shows_why_its_origin_is_refused`: from an origin the hub does not admit, the page
+//!   says `origin not allowed: <origin>` (the 4403 reason), not a bare 1006.
+//!
+//! Needs `/usr/bin/chromium` (`apt-get install -y chromium`; `.ci/run` installs it) and
+//! `tests/browser/node_modules` (`npm ci --prefix tests/browser`; `scripts/test.sh` runs it).
+//! Without them these tests fail and say so; they never skip. Screenshots land in
+//! `target/tmp/dashboard-<scenario>/`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Hub, PUBLISH_KEY, T};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// Backstop for one run of the browser script (which bounds itself at 60 s).
+const NODE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One browser at a time: two Chromiums plus two hubs on a 2-core machine make the waits
+/// in the page flaky for no gain.
+static BROWSER: Mutex<()> = Mutex::new(());
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// Fails (never skips) when a tool the browser test needs is not installed, saying how to
+/// install it.
+fn require_tools() {
+    let mut missing = Vec::new();
+    if !Path::new(CHROMIUM).exists() {
+        missing.push(format!(
+            "Debian's Chromium at {CHROMIUM}: apt-get update && apt-get install -y chromium"
+        ));
+    }
+    let node_ok = Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !node_ok {
+        missing.push("Node.js (`node` on PATH): apt-get install -y nodejs npm".to_string());
+    }
+    if !browser_dir()
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        missing.push(
+            "playwright-core in tests/browser/node_modules: npm ci --prefix tests/browser \
+             (scripts/test.sh does this when the folder is missing)"
+                .to_string(),
+        );
+    }
+    assert!(
+        missing.is_empty(),
+        "the dashboard browser test cannot run; install:\n  - {}",
+        missing.join("\n  - ")
+    );
+}
+
+/// Collects a pipe's text on a thread.
+fn collect<R: Read + Send + 'static>(
+    pipe: R,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let mut all = into.lock().unwrap();
+            all.push_str(&line);
+            all.push('\n');
+        }
+    })
+}
+
+/// SIGTERM first (playwright then closes its Chromium), SIGKILL if that is not enough.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Run `node tests/browser/dashboard.mjs <hub> <scenario> <out dir>`; panics with its output
+/// (and the hub's) unless it exits 0 and reports PASS. Returns the screenshot directory.
+fn run_browser(hub: &Hub, scenario: &str) -> PathBuf {
+    let _one_browser = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dashboard-{scenario}"));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::create_dir_all(&out_dir).expect("create the screenshot directory");
+
+    let mut child = Command::new("node")
+        .arg(browser_dir().join("dashboard.mjs"))
+        .arg(hub.base_url())
+        .arg(scenario)
+        .arg(&out_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("SB_PUBLISH_KEY", PUBLISH_KEY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let output = Arc::new(Mutex::new(String::new()));
+    let readers = [
+        collect(child.stdout.take().expect("piped stdout"), output.clone()),
+        collect(child.stderr.take().expect("piped stderr"), output.clone()),
+    ];
+
+    let deadline = Instant::now() + NODE_TIMEOUT;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            stop(&mut child);
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let the reader threads take what is left in the pipes (bounded: a stray grandchild
+    // could hold them open).
+    let drained = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < drained && !readers.iter().all(|r| r.is_finished()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = output.lock().unwrap().clone();
+    let passed =
+        status.is_some_and(|s| s.success()) && text.contains(&format!("PASS dashboard {scenario}"));
+    if !passed {
+        let how = match status {
+            Some(s) => format!("exited with {s}"),
+            None => format!("was still running after {NODE_TIMEOUT:?} and was stopped"),
+        };
+        panic!(
+            "browser scenario {scenario:?} failed: node tests/browser/dashboard.mjs {how}\n\
+             --- browser test output ---\n{text}\n--- hub {} output ---\n{}\n\
+             (screenshots in {})",
+            hub.name(),
+            hub.logs(),
+            out_dir.display()
+        );
+    }
+    eprintln!("{text}");
+    out_dir
+}
+
+/// The demo hub a developer gets from `cargo run`, seen in Chromium: refused 4401, dev login,
+/// `open`, the simulator's calls, and a published call moving queued → ringing → in-progress
+/// → ended in its row.
+#[test]
+fn dashboard_login_and_live_calls() {
+    require_tools();
+    let hub = Hub::start(&[("SWITCHBOARD__DEMO__SIMULATE_CALLS", "true")]);
+    let out = run_browser(&hub, "login");
+    for shot in ["dashboard-refused.png", "dashboard-login.png"] {
+        assert!(
+            out.join(shot).is_file(),
+            "no screenshot {} after a passing run",
+            out.join(shot).display()
+        );
+    }
+}
+
+/// A page whose own origin the hub does not admit tells its user why: `#status-detail` shows
+/// `origin not allowed: http://127.0.0.1:PORT`, and the hub logs the refusal with that origin.
+#[test]
+fn dashboard_shows_why_its_origin_is_refused() {
+    require_tools();
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__ORIGINS__ALLOW_LOCALHOST", "false"),
+        ("SWITCHBOARD__ORIGINS__ALLOWED", "http://localhost:1"),
+    ]);
+    run_browser(&hub, "origin");
+    let origin = hub.base_url();
+    let want = format!("origin not allowed: {origin}");
+    assert!(
+        hub.wait_for_log(T, |l| l.contains("WARN") && l.contains(&want))
+            .is_some(),
+        "the hub did not log a WARN with {want:?}; output:\n{}",
+        hub.logs()
+    );
+}
