@@ -194,12 +194,24 @@ pub async fn receive(
     };
     let mut seen: Vec<u64> = Vec::new();
     shared.live.fetch_add(1, Relaxed);
-    let how = loop {
-        let now = *stop.borrow_and_update();
-        if now != Stop::Running {
-            break now;
+    // One long-lived wait for the stop signal: re-creating it per message would register and
+    // deregister with the watch's shared waiter list (a mutex) on every event.
+    let running = stop.clone();
+    let stopped = async move {
+        loop {
+            let now = *stop.borrow_and_update();
+            if now != Stop::Running {
+                return now;
+            }
+            if stop.changed().await.is_err() {
+                return Stop::Abrupt;
+            }
         }
+    };
+    tokio::pin!(stopped);
+    let how = loop {
         tokio::select! {
+            how = &mut stopped => break how,
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) => on_text(t.as_str(), &spec, &shared, &mut seen, &mut report),
                 Some(Ok(Message::Ping(_))) => { shared.pings.fetch_add(1, Relaxed); }
@@ -210,16 +222,13 @@ pub async fn receive(
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => {
-                    if *stop.borrow() == Stop::Running {
+                    if *running.borrow() == Stop::Running {
                         shared.note_close(1006);
                         report.closed_early = true;
                     }
                     break Stop::Abrupt;
                 }
             },
-            changed = stop.changed() => {
-                if changed.is_err() { break Stop::Abrupt; }
-            }
         }
     };
     shared.live.fetch_sub(1, Relaxed);

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::client::ws_config;
@@ -54,7 +54,11 @@ pub fn serve(threads: usize) -> std::process::ExitCode {
         }
     };
     rt.block_on(async move {
-        let listener = match TcpListener::bind("127.0.0.1:0").await {
+        // A deep accept queue: thousands of clients connect at once.
+        let listener = match tokio::net::TcpSocket::new_v4().and_then(|s| {
+            s.bind(([127, 0, 0, 1], 0).into())?;
+            s.listen(4096)
+        }) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("floor: bind: {e}");

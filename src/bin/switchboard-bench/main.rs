@@ -108,6 +108,9 @@ pub struct Args {
     /// Redis for `--publish redis` (loopback only).
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// redis-server's process id: its CPU is reported apart (clustered runs).
+    #[arg(long)]
+    pub redis_pid: Option<u32>,
     /// Publish key (api.publish_keys).
     #[arg(
         long,
@@ -119,7 +122,7 @@ pub struct Args {
     #[arg(long, default_value = "http://localhost:3000")]
     pub origin: String,
     /// Publishes in flight at once (one keep-alive connection each).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub publishers: usize,
     /// As fast as it goes: events published but not yet received by every subscriber.
     #[arg(long, default_value_t = 32)]
@@ -218,6 +221,9 @@ fn main() -> ExitCode {
             eprintln!("switchboard-bench: no process {pid}");
             return ExitCode::from(2);
         }
+    }
+    if let Some(pid) = args.redis_pid {
+        procfs::REDIS_PID.store(pid, Ordering::Relaxed);
     }
     let limit = args.max_runtime_s;
     std::thread::spawn(move || {

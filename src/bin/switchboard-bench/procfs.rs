@@ -23,6 +23,21 @@ pub fn cpu_s(pid: u32) -> Option<f64> {
     stat_cpu(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// CPU seconds of each thread of `pid`: (tid, name, seconds).
+pub fn thread_cpu(pid: u32) -> Vec<(u32, String, f64)> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            let name = stat[stat.find('(')? + 1..stat.rfind(')')?].to_string();
+            Some((tid, name, stat_cpu(&stat)?))
+        })
+        .collect()
+}
+
 /// CPU seconds this process has used.
 pub fn self_cpu_s() -> f64 {
     fs::read_to_string("/proc/self/stat")
@@ -41,6 +56,20 @@ fn stat_cpu(stat: &str) -> Option<f64> {
     Some((utime + stime) as f64 / TICKS_PER_S)
 }
 
+/// CPU seconds the whole machine has spent busy (all cores; `/proc/stat`, idle and iowait
+/// excluded).
+pub fn machine_busy_s() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: u64 = v.iter().take(8).sum::<u64>() - v.get(3)? - v.get(4).unwrap_or(&0);
+    Some(busy as f64 / TICKS_PER_S)
+}
+
 /// The soft limit on open files of this process.
 pub fn nofile_soft() -> Option<u64> {
     let limits = fs::read_to_string("/proc/self/limits").ok()?;
@@ -53,13 +82,21 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// One reading of the clocks and counters a measurement window needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Sample {
     pub at: Instant,
     pub server_cpu_s: Option<f64>,
     pub bench_cpu_s: f64,
+    pub machine_busy_s: Option<f64>,
+    /// redis-server's CPU (clustered runs).
+    pub redis_cpu_s: Option<f64>,
     pub delivered: u64,
+    /// The server's threads: (tid, name, CPU seconds).
+    pub server_threads: std::sync::Arc<Vec<(u32, String, f64)>>,
 }
+
+/// The redis-server whose CPU is read with every sample (clustered runs), 0: none.
+pub static REDIS_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl Sample {
     pub fn take(server: Option<u32>, delivered: u64) -> Self {
@@ -67,9 +104,24 @@ impl Sample {
             at: Instant::now(),
             server_cpu_s: server.and_then(cpu_s),
             bench_cpu_s: self_cpu_s(),
+            machine_busy_s: machine_busy_s(),
+            redis_cpu_s: match REDIS_PID.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => None,
+                pid => cpu_s(pid),
+            },
             delivered,
+            server_threads: std::sync::Arc::new(server.map(thread_cpu).unwrap_or_default()),
         }
     }
+}
+
+/// One server thread's share of a window.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThreadCpu {
+    pub name: String,
+    pub tid: u32,
+    /// % of one core.
+    pub pct: f64,
 }
 
 /// The difference between two samples, as the figures the report prints.
@@ -87,6 +139,14 @@ pub struct Window {
     pub bench_cpu_s: f64,
     /// Bench CPU as a share of its runtime threads (100 = every thread busy).
     pub bench_cpu_pct_per_thread: f64,
+    /// CPU of everything else on the machine (other processes, unattributed kernel work), %
+    /// of one core: noise when it is more than a few percent.
+    pub other_cpu_pct: Option<f64>,
+    /// redis-server's CPU, % of one core (clustered runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_cpu_pct: Option<f64>,
+    /// The busiest server threads over the window (a thread near 100% is a serial bottleneck).
+    pub server_threads: Vec<ThreadCpu>,
 }
 
 impl Window {
@@ -101,6 +161,20 @@ impl Window {
             .filter(|_| deliveries > 0)
             .map(|c| c * 1e6 / deliveries as f64);
         let bench_cpu_s = (b.bench_cpu_s - a.bench_cpu_s).max(0.0);
+        let redis_cpu_s = match (a.redis_cpu_s, b.redis_cpu_s) {
+            (Some(x), Some(y)) => Some((y - x).max(0.0)),
+            _ => None,
+        };
+        let other_cpu_pct = match (a.machine_busy_s, b.machine_busy_s) {
+            (Some(x), Some(y)) => {
+                let other = (y - x)
+                    - bench_cpu_s
+                    - server_cpu_s.unwrap_or(0.0)
+                    - redis_cpu_s.unwrap_or(0.0);
+                Some((other / seconds * 100.0).max(0.0))
+            }
+            _ => None,
+        };
         Self {
             seconds,
             deliveries,
@@ -111,6 +185,30 @@ impl Window {
             server_cpu_s_per_million: per_delivery,
             bench_cpu_s,
             bench_cpu_pct_per_thread: bench_cpu_s / seconds / bench_threads.max(1) as f64 * 100.0,
+            other_cpu_pct,
+            redis_cpu_pct: redis_cpu_s.map(|c| c / seconds * 100.0),
+            server_threads: {
+                let mut t: Vec<ThreadCpu> = b
+                    .server_threads
+                    .iter()
+                    .map(|(tid, name, cpu)| {
+                        let before = a
+                            .server_threads
+                            .iter()
+                            .find(|(t0, _, _)| t0 == tid)
+                            .map_or(0.0, |x| x.2);
+                        ThreadCpu {
+                            name: name.clone(),
+                            tid: *tid,
+                            pct: (cpu - before).max(0.0) / seconds * 100.0,
+                        }
+                    })
+                    .filter(|t| t.pct >= 1.0)
+                    .collect();
+                t.sort_by(|x, y| y.pct.total_cmp(&x.pct));
+                t.truncate(6);
+                t
+            },
         }
     }
 }

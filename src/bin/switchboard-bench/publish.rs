@@ -346,7 +346,7 @@ pub async fn run_phase(
     let mut sent = 0u64;
     let mut stalls = 0u64;
     let mut hit_bound = false;
-    let take = || Sample::take(server_pid, shared.delivered.load(Relaxed));
+    let take = || Sample::take(server_pid, shared.delivered());
     match plan.rate {
         Some(rate) => loop {
             let now = Instant::now();
@@ -420,17 +420,16 @@ pub async fn run_phase(
         }
     }
     let b = take();
-    let a = a.unwrap_or(b);
+    let a = a.unwrap_or_else(|| b.clone());
     let elapsed = start.elapsed().as_secs_f64();
-    let phase = &shared.phases[plan.ph];
     PhaseResult {
         label: plan.label.clone(),
         target_events_per_s: plan.rate,
         events_sent: sent,
         events_per_s: sent as f64 / elapsed.max(1e-9),
         publish_errors: publisher.errors.load(Relaxed) - errors_before,
-        deliveries: phase.delivered.load(Relaxed),
-        latency: phase.latency.summary(),
+        deliveries: shared.phase_delivered(plan.ph),
+        latency: shared.phase_latency(plan.ph),
         window: Window::between(&a, &b, bench_threads),
         stalls,
         hit_event_bound: hit_bound,
@@ -445,7 +444,7 @@ pub async fn drain(publisher: &Publisher, shared: &Shared, limit: Duration) -> b
     let until = Instant::now() + limit;
     loop {
         let done = publisher.pending.load(Relaxed) == 0
-            && shared.delivered.load(Relaxed) >= shared.expected_deliveries();
+            && shared.delivered() >= shared.expected_deliveries();
         if done {
             return true;
         }

@@ -90,6 +90,8 @@ pub struct ChurnResult {
     pub close_latency: LatencySummary,
     pub rss_before_kib: Option<u64>,
     pub rss_peak_kib: Option<u64>,
+    /// After the first half and a settle pause.
+    pub rss_after_half_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
     pub rss_delta_kib: Option<i64>,
     pub window: Window,
@@ -161,13 +163,23 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 pub fn limit_of(w: &Window, fixed_rate: bool, nproc: usize) -> &'static str {
     let bench_cores = w.bench_cpu_s / w.seconds.max(1e-9);
     let server_cores = w.server_cpu_pct.unwrap_or(0.0) / 100.0;
+    let other_cores = w.other_cpu_pct.unwrap_or(0.0) / 100.0;
+    let redis_cores = w.redis_cpu_pct.unwrap_or(0.0) / 100.0;
     let cores = nproc.max(1) as f64;
     if w.bench_cpu_pct_per_thread > 90.0 {
         "bench client"
     } else if server_cores >= 0.9 * cores {
         "server CPU"
-    } else if server_cores + bench_cores >= 0.9 * cores {
-        "both cores busy"
+    } else if w.server_threads.first().is_some_and(|t| t.pct >= 85.0) {
+        "one server thread"
+    } else if redis_cores >= 0.9 {
+        "redis CPU"
+    } else if server_cores + bench_cores + other_cores + redis_cores >= 0.9 * cores {
+        if other_cores > 0.15 {
+            "cores busy (noise)"
+        } else {
+            "both cores busy"
+        }
     } else if fixed_rate {
         "publish rate"
     } else {
@@ -182,7 +194,7 @@ fn phase_rows(out: &mut String, title: &str, phases: &[PhaseResult], nproc: usiz
     let _ = writeln!(out, "\n{title}");
     let _ = writeln!(
         out,
-        "  {:<12} {:>8} {:>9} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}  {}",
+        "  {:<12} {:>8} {:>9} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6} {:>6}  limit",
         "phase",
         "ev/s",
         "deliv",
@@ -194,14 +206,14 @@ fn phase_rows(out: &mut String, title: &str, phases: &[PhaseResult], nproc: usiz
         "µs/deliv",
         "srv %",
         "bench%",
+        "other%",
         "floor×",
-        "limit"
     );
     for p in phases {
         let w = &p.window;
         let _ = writeln!(
             out,
-            "  {:<12} {:>8.1} {:>9} {:>11.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>7} {:>7.0} {:>6}  {}",
+            "  {:<12} {:>8.1} {:>9} {:>11.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>7} {:>7.0} {:>6} {:>6}  {}",
             p.label,
             p.events_per_s,
             p.deliveries,
@@ -213,9 +225,30 @@ fn phase_rows(out: &mut String, title: &str, phases: &[PhaseResult], nproc: usiz
             opt(w.server_us_per_delivery, 2),
             opt(w.server_cpu_pct, 0),
             w.bench_cpu_pct_per_thread,
+            opt(w.other_cpu_pct, 0),
             opt(p.ratio_to_floor, 2),
-            limit_of(w, p.target_events_per_s.is_some(), nproc),
+            match p.target_events_per_s {
+                Some(t) if p.events_per_s < 0.97 * t && limit_of(w, true, nproc) == "publish rate" =>
+                    "publishers (in-flight bound)",
+                _ => limit_of(w, p.target_events_per_s.is_some(), nproc),
+            },
         );
+        let mut extra: Vec<String> = w
+            .server_threads
+            .iter()
+            .map(|t| format!("{} {:.0}%", t.name, t.pct))
+            .collect();
+        if let Some(r) = w.redis_cpu_pct {
+            extra.push(format!("redis-server {r:.0}%"));
+        }
+        if !extra.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {:<12} threads (% of a core): {}",
+                "",
+                extra.join(", ")
+            );
+        }
     }
 }
 
@@ -321,10 +354,11 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "{:<26} before {} KiB, peak {} KiB, after {} KiB: delta {} KiB",
+                "{:<26} before {} KiB, peak {} KiB, after half {} KiB, after {} KiB: delta {} KiB",
                 "server RSS",
                 c.rss_before_kib.map_or("-".into(), |v| v.to_string()),
                 c.rss_peak_kib.map_or("-".into(), |v| v.to_string()),
+                c.rss_after_half_kib.map_or("-".into(), |v| v.to_string()),
                 c.rss_after_kib.map_or("-".into(), |v| v.to_string()),
                 c.rss_delta_kib.map_or("-".into(), |v| v.to_string()),
             );

@@ -165,6 +165,11 @@ fn settings_of(args: &Args) -> BTreeMap<String, String> {
 }
 
 fn warn_saturated(warnings: &mut Vec<String>, what: &str, w: &Window) {
+    if let Some(other) = w.other_cpu_pct.filter(|o| *o > 15.0) {
+        warnings.push(format!(
+            "other processes used {other:.0}% of a core during {what}: the machine was not quiet, figures are noisy"
+        ));
+    }
     if w.bench_cpu_pct_per_thread > 90.0 {
         warnings.push(format!(
             "bench client saturated during {what}: {:.0}% of each of its runtime threads; the figure may be the bench's limit, not the hub's",
@@ -348,17 +353,17 @@ async fn open(
     drop(done_tx);
     let mut connected = 0;
     let mut failed: BTreeMap<String, u64> = BTreeMap::new();
-    let mut last = Sample::take(server_pid, 0);
+    let mut last_at = Instant::now();
     for _ in 0..attempted {
         match done_rx.recv().await {
             Some(Ok(_)) => connected += 1,
             Some(Err(label)) => *failed.entry(label).or_default() += 1,
             None => break,
         }
-        last.at = Instant::now();
+        last_at = Instant::now();
     }
     let b = Sample {
-        at: last.at,
+        at: last_at,
         ..Sample::take(server_pid, 0)
     };
     let window = Window::between(&a, &b, threads);
@@ -422,7 +427,7 @@ fn integrity(
     Integrity {
         events_accepted: shared.total_published(),
         expected_deliveries: shared.expected_deliveries(),
-        delivered: shared.delivered.load(Relaxed),
+        delivered: shared.delivered(),
         lost,
         duplicated,
         unchecked,
@@ -472,8 +477,8 @@ fn per_conn(rss: Option<u64>, baseline: Option<u64>, n: usize) -> Option<f64> {
 
 /// Finish a phase's figures once its events have drained.
 fn finalize(mut r: PhaseResult, shared: &Shared, ph: usize) -> PhaseResult {
-    r.deliveries = shared.phases[ph].delivered.load(Relaxed);
-    r.latency = shared.phases[ph].latency.summary();
+    r.deliveries = shared.phase_delivered(ph);
+    r.latency = shared.phase_latency(ph);
     r
 }
 
@@ -707,9 +712,14 @@ async fn fanout(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
     let c = conns(args, 5_000);
     let d = secs(args, 20.0);
     let rates = parse_rates(&args.rates)?;
+    if rates.is_empty() || rates.len() > crate::stats::MAX_PHASES {
+        return Err(format!("--rates: 1 to {} phases", crate::stats::MAX_PHASES));
+    }
     let fixed: Vec<f64> = rates.iter().flatten().copied().collect();
-    if !args.no_floor && !fixed.is_empty() {
-        let (floor, connect) = floor_run(ctx, c, &fixed, d, &mut report.warnings).await?;
+    // The floor is one write per delivery: meaningful where the hub cannot coalesce either,
+    // i.e. at the lowest rate (at 60/s and up it cannot keep up on two shared cores at all).
+    if let (false, Some(lowest)) = (args.no_floor, fixed.iter().copied().reduce(f64::min)) {
+        let (floor, connect) = floor_run(ctx, c, &[lowest], d, &mut report.warnings).await?;
         report.floor = floor;
         report.floor_connect = Some(connect);
         // Let the floor's sockets finish closing before the hub is measured.
@@ -724,23 +734,13 @@ async fn fanout(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
         report,
     )
     .await?;
-    // Ratio to the floor at the same rate; "max" against the lowest-rate floor.
-    let floor_at = |rate: Option<f64>| -> Option<f64> {
-        let pick = match rate {
-            Some(r) => report
-                .floor
-                .iter()
-                .find(|f| f.target_events_per_s == Some(r)),
-            None => report.floor.first(),
-        };
-        pick.and_then(|f| f.window.server_us_per_delivery)
-    };
-    let floors: Vec<Option<f64>> = report
-        .phases
-        .iter()
-        .map(|p| floor_at(p.target_events_per_s))
-        .collect();
-    for (p, f) in report.phases.iter_mut().zip(floors) {
+    // Every phase against the per-write floor (below 1: the hub coalesced frames).
+    let floor = report
+        .floor
+        .first()
+        .and_then(|f| f.window.server_us_per_delivery);
+    for p in report.phases.iter_mut() {
+        let f = floor;
         p.floor_us_per_delivery = f;
         p.ratio_to_floor = match (p.window.server_us_per_delivery, f) {
             (Some(h), Some(f)) if f > 0.0 => Some(h / f),
@@ -774,6 +774,46 @@ async fn dashboards(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
         report,
     )
     .await
+}
+
+/// One churn socket: connect, hold (reading, so pings are answered), close gracefully.
+#[allow(clippy::too_many_arguments)]
+async fn churn_one(
+    spec: ConnSpec,
+    target: Arc<Target>,
+    hold: Duration,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    connected: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+    failed: Arc<parking_lot::Mutex<BTreeMap<String, u64>>>,
+    hs_latency: Arc<Histogram>,
+    close_latency: Arc<Histogram>,
+) {
+    match client::connect(&spec, &target).await {
+        Ok((mut ws, took)) => {
+            connected.fetch_add(1, Relaxed);
+            hs_latency.record_us(took.as_micros() as u64);
+            let _ =
+                tokio::time::timeout(hold, async { while let Some(Ok(_)) = ws.next().await {} })
+                    .await;
+            let t = Instant::now();
+            let ok = tokio::time::timeout(Duration::from_secs(5), async {
+                if ws.close(None).await.is_err() {
+                    return false;
+                }
+                while let Some(Ok(_)) = ws.next().await {}
+                true
+            })
+            .await;
+            if ok == Ok(true) {
+                closed.fetch_add(1, Relaxed);
+                close_latency.record_us(t.elapsed().as_micros() as u64);
+            } else {
+                *failed.lock().entry("close timeout".into()).or_default() += 1;
+            }
+        }
+        Err(e) => *failed.lock().entry(e.label()).or_default() += 1,
+    }
 }
 
 async fn churn(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
@@ -816,68 +856,86 @@ async fn churn(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
     let failed = Arc::new(parking_lot::Mutex::new(BTreeMap::<String, u64>::new()));
     let hs_latency = Arc::new(Histogram::default());
     let close_latency = Arc::new(Histogram::default());
-    let a = Sample::take(args.server_pid, 0);
-    let start = Instant::now();
-    let mut handles = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let at = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(at.into()).await;
-        // unwrap: the semaphore is never closed.
-        let permit = sem.clone().acquire_owned().await.unwrap();
-        let spec = ConnSpec {
-            index: i as usize,
-            topic: 0,
-            topic_name: "churn".into(),
-            cookie: Some(cookies[i as usize % users_n].clone()),
-        };
-        let target = target.clone();
-        let (connected, closed, failed) = (connected.clone(), closed.clone(), failed.clone());
-        let (hs_latency, close_latency) = (hs_latency.clone(), close_latency.clone());
-        handles.push(tokio::spawn(async move {
-            let _permit = permit;
-            match client::connect(&spec, &target).await {
-                Ok((mut ws, took)) => {
-                    connected.fetch_add(1, Relaxed);
-                    hs_latency.record_us(took.as_micros() as u64);
-                    // Hold: read (and so answer pings) until the hold ends.
-                    let _ = tokio::time::timeout(hold, async {
-                        while let Some(Ok(_)) = ws.next().await {}
-                    })
-                    .await;
-                    let t = Instant::now();
-                    let ok = tokio::time::timeout(Duration::from_secs(5), async {
-                        if ws.close(None).await.is_err() {
-                            return false;
-                        }
-                        while let Some(Ok(_)) = ws.next().await {}
-                        true
-                    })
-                    .await;
-                    if ok == Ok(true) {
-                        closed.fetch_add(1, Relaxed);
-                        close_latency.record_us(t.elapsed().as_micros() as u64);
-                    } else {
-                        *failed.lock().entry("close timeout".into()).or_default() += 1;
-                    }
-                }
-                Err(e) => *failed.lock().entry(e.label()).or_default() += 1,
+    let settle = Duration::from_secs_f64(args.settle_s.max(0.0));
+    // Two halves with a settled RSS reading after each: memory that keeps growing in the
+    // second half is a leak; memory kept once but not grown is the allocator's retention.
+    let mut rss_half = None;
+    let mut halves: Vec<Window> = Vec::new();
+    let mut spawn_s = 0.0;
+    for (h, range) in [0..total / 2, total / 2..total].into_iter().enumerate() {
+        let a = Sample::take(args.server_pid, 0);
+        let half_start = Instant::now();
+        let first = range.start;
+        let mut handles = Vec::with_capacity(range.clone().count());
+        for i in range {
+            let at = half_start + Duration::from_secs_f64((i - first) as f64 / rate);
+            tokio::time::sleep_until(at.into()).await;
+            // unwrap: the semaphore is never closed.
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let spec = ConnSpec {
+                index: i as usize,
+                topic: 0,
+                topic_name: "churn".into(),
+                cookie: Some(cookies[i as usize % users_n].clone()),
+            };
+            handles.push(tokio::spawn(churn_one(
+                spec,
+                target.clone(),
+                hold,
+                permit,
+                connected.clone(),
+                closed.clone(),
+                failed.clone(),
+                hs_latency.clone(),
+                close_latency.clone(),
+            )));
+        }
+        spawn_s += half_start.elapsed().as_secs_f64();
+        let deadline = Instant::now() + hold + Duration::from_secs(30);
+        for handle in handles {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, handle).await.is_err() {
+                report
+                    .warnings
+                    .push("churn: sockets still open at the deadline".into());
+                break;
             }
-        }));
-    }
-    let spawned_s = start.elapsed().as_secs_f64();
-    let deadline = Instant::now() + hold + Duration::from_secs(30);
-    for h in handles {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left, h).await.is_err() {
-            report
-                .warnings
-                .push("churn: sockets still open at the deadline".into());
-            break;
+        }
+        let b = Sample::take(args.server_pid, 0);
+        halves.push(Window::between(&a, &b, args.threads));
+        if h == 0 {
+            tokio::time::sleep(settle).await;
+            rss_half = ctx.rss();
         }
     }
-    let b = Sample::take(args.server_pid, 0);
-    let window = Window::between(&a, &b, args.threads);
-    let settle = Duration::from_secs_f64(args.settle_s.max(0.0));
+    // Both halves together, without the settle pause between them.
+    let seconds: f64 = halves.iter().map(|w| w.seconds).sum();
+    let server_cpu_s: Option<f64> = halves.iter().map(|w| w.server_cpu_s).sum();
+    let bench_cpu_s: f64 = halves.iter().map(|w| w.bench_cpu_s).sum();
+    let window = Window {
+        seconds,
+        server_cpu_s,
+        server_cpu_pct: server_cpu_s.map(|c| c / seconds.max(1e-9) * 100.0),
+        bench_cpu_s,
+        bench_cpu_pct_per_thread: bench_cpu_s / seconds.max(1e-9) / args.threads.max(1) as f64
+            * 100.0,
+        other_cpu_pct: halves
+            .iter()
+            .map(|w| w.other_cpu_pct.map(|o| o * w.seconds))
+            .sum::<Option<f64>>()
+            .map(|o| o / seconds.max(1e-9)),
+        redis_cpu_pct: halves
+            .iter()
+            .map(|w| w.redis_cpu_pct.map(|r| r * w.seconds))
+            .sum::<Option<f64>>()
+            .map(|r| r / seconds.max(1e-9)),
+        server_threads: halves
+            .last()
+            .map(|w| w.server_threads.clone())
+            .unwrap_or_default(),
+        ..Window::default()
+    };
+    let spawned_s = spawn_s;
     tokio::time::sleep(settle).await;
     let _ = sampling_tx.send(false);
     let _ = sampler.await;
@@ -896,6 +954,7 @@ async fn churn(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
         rss_before_kib: before,
         rss_peak_kib: before.map(|_| peak.load(Relaxed)),
         rss_after_kib: after,
+        rss_after_half_kib: rss_half,
         rss_delta_kib: match (before, after) {
             (Some(b), Some(a)) => Some(a as i64 - b as i64),
             _ => None,

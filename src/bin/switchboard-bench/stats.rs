@@ -4,15 +4,23 @@
 //! reached every subscriber), and the tallies of closes and protocol surprises.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-/// Most phases a run may have (fan-out: floor phases plus hub phases, each counted apart).
-pub const MAX_PHASES: usize = 16;
+/// Most phases a run may have.
+pub const MAX_PHASES: usize = 8;
+
+/// Receivers record into one of these per thread, so that counting a delivery never moves a
+/// cache line between cores; readers add the shards up.
+const SHARDS: usize = 8;
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Relaxed) % SHARDS;
+}
 
 /// Wall-clock nanoseconds: events carry this as `data.t`, receivers subtract it from theirs.
 /// Both ends run on this machine, so clock offset is nil.
@@ -88,7 +96,20 @@ impl Histogram {
     }
 
     pub fn summary(&self) -> LatencySummary {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        Self::summary_of(&[self])
+    }
+
+    /// One summary of several histograms taken together.
+    pub fn summary_of(all: &[&Histogram]) -> LatencySummary {
+        let mut counts = vec![0u64; BUCKETS];
+        let (mut sum, mut max) = (0u64, 0u64);
+        for h in all {
+            for (c, b) in counts.iter_mut().zip(h.buckets.iter()) {
+                *c += b.load(Relaxed);
+            }
+            sum += h.sum.load(Relaxed);
+            max = max.max(h.max.load(Relaxed));
+        }
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return LatencySummary::default();
@@ -106,11 +127,11 @@ impl Histogram {
         };
         LatencySummary {
             count: total,
-            mean_ms: self.sum.load(Relaxed) as f64 / total as f64 / 1000.0,
+            mean_ms: sum as f64 / total as f64 / 1000.0,
             p50_ms: pct(0.50),
             p90_ms: pct(0.90),
             p99_ms: pct(0.99),
-            max_ms: self.max.load(Relaxed) as f64 / 1000.0,
+            max_ms: max as f64 / 1000.0,
         }
     }
 }
@@ -122,11 +143,17 @@ pub struct PhaseCounters {
     pub latency: Histogram,
 }
 
+/// One thread's share of the delivery counts, on cache lines of its own.
+#[repr(align(128))]
+struct Shard {
+    /// Every event frame received, all phases.
+    delivered: AtomicU64,
+    phases: Vec<PhaseCounters>,
+}
+
 /// Everything the receivers and publishers of one run share.
 pub struct Shared {
-    /// Every event frame received, all phases.
-    pub delivered: AtomicU64,
-    pub phases: Vec<PhaseCounters>,
+    shards: Box<[Shard]>,
     /// Receipts per event (index `data.g`); the pacer of "as fast as it goes" compares this
     /// with the topic's subscriber count.
     pub receipts: Box<[AtomicU32]>,
@@ -153,8 +180,12 @@ pub struct Shared {
 impl Shared {
     pub fn new(max_events: usize, topics: usize) -> Self {
         Self {
-            delivered: AtomicU64::new(0),
-            phases: (0..MAX_PHASES).map(|_| PhaseCounters::default()).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    delivered: AtomicU64::new(0),
+                    phases: (0..MAX_PHASES).map(|_| PhaseCounters::default()).collect(),
+                })
+                .collect(),
             receipts: (0..max_events).map(|_| AtomicU32::new(0)).collect(),
             subscribers: (0..topics).map(|_| AtomicU32::new(0)).collect(),
             published: (0..topics).map(|_| AtomicU64::new(0)).collect(),
@@ -173,8 +204,9 @@ impl Shared {
     /// Count one received event; `topic` is the receiver's topic.
     pub fn record_event(&self, topic: u32, g: u64, ph: usize, sent_ns: u64) {
         let now = now_ns();
-        self.delivered.fetch_add(1, Relaxed);
-        if let Some(phase) = self.phases.get(ph) {
+        let shard = &self.shards[SHARD.with(|s| *s)];
+        shard.delivered.fetch_add(1, Relaxed);
+        if let Some(phase) = shard.phases.get(ph) {
             phase.delivered.fetch_add(1, Relaxed);
             phase.latency.record_us(now.saturating_sub(sent_ns) / 1000);
         }
@@ -186,6 +218,31 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Event frames received so far, all phases.
+    pub fn delivered(&self) -> u64 {
+        self.shards.iter().map(|s| s.delivered.load(Relaxed)).sum()
+    }
+
+    /// Event frames of phase `ph` received so far.
+    pub fn phase_delivered(&self, ph: usize) -> u64 {
+        self.shards
+            .iter()
+            .filter_map(|s| s.phases.get(ph))
+            .map(|p| p.delivered.load(Relaxed))
+            .sum()
+    }
+
+    /// Publish→receive latency of phase `ph`.
+    pub fn phase_latency(&self, ph: usize) -> LatencySummary {
+        let all: Vec<&Histogram> = self
+            .shards
+            .iter()
+            .filter_map(|s| s.phases.get(ph))
+            .map(|p| &p.latency)
+            .collect();
+        Histogram::summary_of(&all)
     }
 
     /// Deliveries every subscriber should get for what has been accepted so far.

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Run one benchmark scenario of issue 4 against a fresh release build of the hub, on this
+# machine only (loopback), and stop everything it started.
+#
+#   scripts/bench.sh <idle|fanout|dashboards|churn|floor> [--redis] [--perf] [bench flags...]
+#
+#   --redis   clustered hub: starts a throwaway redis-server on a free port first
+#   --perf    profile the hub with `perf record -e cpu-clock` (flat: release builds keep no frame
+#             pointers; BENCH_PERF_CALLGRAPH=dwarf adds call stacks, large) for the whole run and
+#             save the top of `perf report` next to the JSON
+#   anything else is passed to switchboard-bench, e.g. --connections 500 --duration-s 5
+#   (see `target/release/switchboard-bench --help`).
+#
+# Environment: BENCH_NO_BUILD=1 skips `cargo build --release`; BENCH_WAIT_QUIET=N waits up to
+# N seconds (default 600; 0: don't) for the machine to be quiet (no cargo/rustc, little CPU
+# used) before starting, because 2 shared cores make every figure noisy otherwise; RUST_LOG (default warn, plus the listening line) is the
+# hub's log filter. Results: the table on stdout, JSON under bench-results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { echo "usage: scripts/bench.sh <idle|fanout|dashboards|churn|floor> [--redis] [--perf] [bench flags...]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+scenario=$1; shift
+case $scenario in idle|fanout|dashboards|churn|floor) ;; *) usage ;; esac
+
+redis=0; perf=0; extra=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --redis) redis=1 ;;
+    --perf) perf=1 ;;
+    *) extra+=("$1") ;;
+  esac
+  shift
+done
+mode=embedded; [ $redis = 1 ] && mode=redis
+
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+  cargo build --release --bin switchboard --bin switchboard-bench
+fi
+hub_bin=target/release/switchboard
+bench_bin=target/release/switchboard-bench
+
+# Sockets: the hub and the bench each hold one per connection.
+ulimit -n "$(ulimit -Hn)"
+
+run_dir=$(mktemp -d /tmp/sb-bench.XXXXXX)
+hub_pid=; redis_pid=; perf_pid=
+cleanup() {
+  set +e
+  if [ -n "$perf_pid" ] && kill -0 "$perf_pid" 2>/dev/null; then
+    kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null
+  fi
+  if [ -n "$hub_pid" ] && kill -0 "$hub_pid" 2>/dev/null; then
+    kill -TERM "$hub_pid"
+    for _ in $(seq 1 150); do kill -0 "$hub_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$hub_pid" 2>/dev/null
+    wait "$hub_pid" 2>/dev/null
+  fi
+  if [ -n "$redis_pid" ] && kill -0 "$redis_pid" 2>/dev/null; then
+    kill -TERM "$redis_pid"; wait "$redis_pid" 2>/dev/null
+  fi
+  rm -rf "$run_dir"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  local p
+  for _ in $(seq 1 100); do
+    p=$((20000 + RANDOM % 20000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+  done
+  echo "no free port found" >&2; exit 1
+}
+
+hub_env=(
+  SWITCHBOARD__SERVER__BIND=127.0.0.1
+  SWITCHBOARD__SERVER__PORT=0
+  SWITCHBOARD__DEMO__SIMULATE_CALLS=false
+  # One machine plays thousands of browsers from a few addresses: lift the per-IP limit.
+  SWITCHBOARD__LIMITS__HANDSHAKES_PER_IP_PER_S=1000000
+  SWITCHBOARD__LIMITS__HANDSHAKE_BURST=1000000
+  RUST_LOG="${RUST_LOG:-warn,switchboard::server=info}"
+)
+bench_args=()
+if [ $redis = 1 ]; then
+  command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
+  rport=$(free_port)
+  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+    --maxclients 1000 --logfile "$run_dir/redis.log" &
+  redis_pid=$!
+  for _ in $(seq 1 50); do
+    [ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] && break; sleep 0.1
+  done
+  [ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] || { echo "redis-server did not start" >&2; exit 1; }
+  hub_env+=(SWITCHBOARD__REDIS__URL="redis://127.0.0.1:$rport")
+  bench_args+=(--redis-url "redis://127.0.0.1:$rport" --redis-pid "$redis_pid")
+fi
+
+env "${hub_env[@]}" "$hub_bin" serve >"$run_dir/hub.log" 2>&1 &
+hub_pid=$!
+port=
+for _ in $(seq 1 300); do
+  port=$(grep -o 'listening on http://127.0.0.1:[0-9]*' "$run_dir/hub.log" | head -1 | sed 's/.*://') || true
+  [ -n "$port" ] && break
+  kill -0 "$hub_pid" 2>/dev/null || break
+  sleep 0.1
+done
+if [ -z "$port" ]; then
+  echo "the hub did not start:" >&2; tail -20 "$run_dir/hub.log" >&2; exit 1
+fi
+# Clustered: wait until the hub says it can serve (Redis subscription alive).
+for _ in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1
+done
+
+# Wait for a quiet machine: no compiler running, under 15% of a core busy over 2 s.
+busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+wait_quiet=${BENCH_WAIT_QUIET:-600}
+if [ "$wait_quiet" -gt 0 ]; then
+  waited=0
+  while :; do
+    a=$(busy_ticks); sleep 2; b=$(busy_ticks); waited=$((waited + 2))
+    if [ $((b - a)) -lt 30 ] && ! pgrep -x 'cargo|rustc' >/dev/null; then break; fi
+    if [ $waited -ge "$wait_quiet" ]; then
+      echo "WARNING: machine still busy after ${waited}s; measuring anyway" >&2; break
+    fi
+    [ $((waited % 30)) -eq 0 ] && echo "waiting for a quiet machine (${waited}s)..." >&2
+  done
+fi
+
+mkdir -p bench-results
+stamp=$(date +%Y%m%d-%H%M%S)
+name="$scenario-$mode-$stamp"
+if [ $perf = 1 ]; then
+  cg=(); [ -n "${BENCH_PERF_CALLGRAPH:-}" ] && cg=(--call-graph "$BENCH_PERF_CALLGRAPH" -F 199)
+  perf record -e cpu-clock -F 999 "${cg[@]}" -p "$hub_pid" -o "bench-results/$name.perf.data" \
+    >"$run_dir/perf.log" 2>&1 &
+  perf_pid=$!
+fi
+
+echo "hub pid $hub_pid on port $port ($mode); ulimit -n $(ulimit -n)"
+status=0
+"$bench_bin" "$scenario" --url "http://127.0.0.1:$port" --server-pid "$hub_pid" \
+  --label "$mode" --json "bench-results/$name.json" "${bench_args[@]}" "${extra[@]}" || status=$?
+
+if [ $perf = 1 ]; then
+  kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; perf_pid=
+  {
+    perf report -i "bench-results/$name.perf.data" --stdio --no-children --percent-limit 1 \
+      --sort dso -g none 2>/dev/null | grep -v '^$'
+    perf report -i "bench-results/$name.perf.data" --stdio --no-children --percent-limit 0.3 \
+      --sort symbol -g none 2>/dev/null | grep -v '^$' | head -120
+  } >"bench-results/$name.perf.txt" || true
+  echo "perf: bench-results/$name.perf.txt (data: bench-results/$name.perf.data)"
+fi
+if [ $status -ne 0 ]; then
+  echo "switchboard-bench exited $status; last hub log lines:" >&2
+  tail -20 "$run_dir/hub.log" >&2
+fi
+exit $status
