@@ -7,9 +7,11 @@
 use std::collections::HashMap;
 
 use actix_session::config::{CookieContentSecurity, PersistentSession};
-use actix_session::storage::{CookieSessionStore, SessionStore};
+use actix_session::storage::{
+    CookieSessionStore, LoadError, RedisSessionStore, SessionKey, SessionStore,
+};
 use actix_session::{Session, SessionMiddleware};
-use actix_web::cookie::{Key, SameSite};
+use actix_web::cookie::{Cookie, CookieJar, Key, SameSite};
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use parking_lot::Mutex;
@@ -146,25 +148,76 @@ pub fn now_s() -> u64 {
     crate::protocol::unix_ms() / 1000
 }
 
-/// Read the session of a request, telling apart every way it can be unusable.
-pub async fn identify(
+/// A login session's stored state as actix-session keeps it: JSON values by key.
+pub type SessionState = HashMap<String, String>;
+
+/// Where login sessions live; the WebSocket handshake reads them here directly because it
+/// runs before (and without) the actix-web middleware.
+#[derive(Clone)]
+pub enum SessionBackend {
+    /// Embedded: the signed and encrypted cookie is the session.
+    Cookie,
+    /// Clustered: the cookie names a session in Redis, so every pod can read it.
+    Redis(RedisSessionStore),
+}
+
+/// Why a session could not be read at all (as opposed to read and found unusable).
+#[derive(Debug)]
+pub enum SessionReadError {
+    /// No session cookie in the request.
+    NoCookie,
+    /// The store did not answer (Redis away): retryable.
+    StoreUnavailable(String),
+}
+
+/// Load the session named by the `Cookie` headers, exactly as the session middleware would:
+/// the cookie is decrypted with `auth.cookie_key`, and its content is the session key that the
+/// store resolves. A cookie that fails decryption, or names nothing, is an empty state.
+pub async fn load_session(
     hub: &Hub,
-    req: &HttpRequest,
-    session: &Session,
-) -> Result<Identity, AuthFailure> {
-    if req.cookie(&hub.settings.auth.cookie_name).is_none() {
-        return Err(AuthFailure::NoCookie);
+    cookie_headers: impl Iterator<Item = &[u8]>,
+) -> Result<SessionState, SessionReadError> {
+    let name = hub.settings.auth.cookie_name.as_str();
+    // Parsed as actix-web parses cookies: percent-decoded, as the middleware set them.
+    let cookie = cookie_headers
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|header| header.split(';'))
+        .filter_map(|pair| Cookie::parse_encoded(pair.trim().to_string()).ok())
+        .find(|c| c.name() == name && !c.value().is_empty())
+        .ok_or(SessionReadError::NoCookie)?;
+    let mut jar = CookieJar::new();
+    jar.add_original(cookie);
+    let Some(key) = jar
+        .private(&hub.cookie_key)
+        .get(name)
+        .and_then(|c| SessionKey::try_from(c.value().to_string()).ok())
+    else {
+        return Ok(SessionState::new());
+    };
+    let loaded = match &hub.sessions {
+        SessionBackend::Cookie => CookieSessionStore::default().load(&key).await,
+        SessionBackend::Redis(store) => store.load(&key).await,
+    };
+    match loaded {
+        Ok(state) => Ok(state.unwrap_or_default()),
+        Err(LoadError::Deserialization(_)) => Ok(SessionState::new()),
+        Err(LoadError::Other(e)) => Err(SessionReadError::StoreUnavailable(e.to_string())),
     }
-    if matches!(session.get::<bool>(KEY_LOGGED_OUT), Ok(Some(true))) {
+}
+
+/// The identity in a session's state, telling apart every way it can be unusable.
+pub async fn identify_state(hub: &Hub, state: &SessionState) -> Result<Identity, AuthFailure> {
+    let get = |key: &str| state.get(key).map(String::as_str);
+    if get(KEY_LOGGED_OUT) == Some("true") {
         return Err(AuthFailure::LoggedOut);
     }
-    // A cookie that fails decryption or verification reaches us as an empty session.
+    let text = |key: &str| get(key).and_then(|v| serde_json::from_str::<String>(v).ok());
     let read = || -> Option<Identity> {
         Some(Identity {
-            user: UserId::parse(&session.get::<String>(KEY_USER).ok()??).ok()?,
-            org: OrgId::parse(&session.get::<String>(KEY_ORG).ok()??).ok()?,
-            sid: session.get::<String>(KEY_SID).ok()??,
-            exp: session.get::<u64>(KEY_EXP).ok()??,
+            user: UserId::parse(&text(KEY_USER)?).ok()?,
+            org: OrgId::parse(&text(KEY_ORG)?).ok()?,
+            sid: text(KEY_SID)?,
+            exp: serde_json::from_str(get(KEY_EXP)?).ok()?,
         })
     };
     let identity = read().ok_or(AuthFailure::Invalid)?;
@@ -175,6 +228,20 @@ pub async fn identify(
         return Err(AuthFailure::LoggedOut);
     }
     Ok(identity)
+}
+
+/// The identity of a request that went through the session middleware.
+pub async fn identify(
+    hub: &Hub,
+    req: &HttpRequest,
+    session: &Session,
+) -> Result<Identity, AuthFailure> {
+    if req.cookie(&hub.settings.auth.cookie_name).is_none() {
+        return Err(AuthFailure::NoCookie);
+    }
+    // A cookie that fails decryption or verification reaches us as an empty session.
+    let state = session.entries().clone();
+    identify_state(hub, &state).await
 }
 
 fn start_session(hub: &Hub, session: &Session, user: &UserId, org: &OrgId) -> HttpResponse {

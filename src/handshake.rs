@@ -1,18 +1,29 @@
 //! `GET /ws`: everything a socket must pass before its session actor starts, in the order of
 //! SPEC section 3: upgrade headers, per-IP handshake budget, Origin, session cookie, draining,
-//! per-user connection cap. Each refusal is logged at WARN with the facts an operator needs
+//! per-user connection cap. The HTTP layer hands WebSocket upgrades here with the raw
+//! connection ([`upgrade`]), so after the 101 nothing of the HTTP dispatcher stays alive. Each refusal is logged at WARN with the facts an operator needs
 //! and counted by reason; it becomes a close frame with a readable reason (default), or an
 //! HTTP error before the upgrade (`handshake.reject_before_upgrade`).
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use actix_codec::{Framed, FramedParts};
+use actix_http::body::BodySize;
+use actix_http::{h1, ws, Request, Response};
 use actix_session::Session;
-use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
+use actix_web::http::header::{self, HeaderMap, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
 
-use crate::auth::identify;
-use crate::close::Close;
+use crate::auth::{identify, identify_state, load_session, Identity, SessionReadError};
+use crate::close::{AuthFailure, Close};
 use crate::limits::{client_ip, slot_conn, slot_token, CapOutcome};
 use crate::metrics::metrics;
 use crate::origin::{Day, Decision};
@@ -20,64 +31,174 @@ use crate::protocol::ConnId;
 use crate::server::Hub;
 use crate::session::{self, Admission};
 
-pub async fn websocket(
-    req: HttpRequest,
-    stream: web::Payload,
-    hub: web::Data<Hub>,
-    session: Session,
-) -> Result<HttpResponse, actix_web::Error> {
-    if !is_upgrade(&req) {
-        return Ok(HttpResponse::UpgradeRequired()
-            .insert_header((header::UPGRADE, "websocket"))
-            .content_type("text/plain; charset=utf-8")
-            .body(
-                "426 Upgrade Required: /ws is a WebSocket endpoint, but this request arrived \
-                 without the `Upgrade: websocket` and `Connection: upgrade` headers. If a proxy \
-                 sits in front of switchboard, it must forward them: see config/nginx.conf \
-                 (proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; \
-                 proxy_set_header Connection \"upgrade\").\n",
-            ));
+/// An answer given over HTTP instead of a WebSocket close.
+#[derive(Debug)]
+pub struct HttpRefusal {
+    pub status: StatusCode,
+    pub body: Value,
+    /// Tell the client to come back in a second (rate limits).
+    pub retry_after: bool,
+}
+
+impl HttpRefusal {
+    fn new(status: u16, error: &str, detail: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            body: json!({"error": error, "detail": detail.into()}),
+            retry_after: status == 429,
+        }
     }
 
-    if let Some(refusal) = over_handshake_budget(&hub, &req) {
-        return Ok(refusal);
+    /// The refusal of a check that would otherwise close the socket.
+    pub fn of_close(close: &Close) -> Self {
+        let (status, error) = close.http_refusal();
+        Self::new(status, error, close.reason())
     }
 
-    let hub = hub.into_inner();
-    let admission = admit(&hub, &req, &session, false).await;
+    pub fn into_response(self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if self.retry_after {
+            response.insert_header((header::RETRY_AFTER, "1"));
+        }
+        response.json(self.body)
+    }
+}
+
+/// `GET /ws` through the actix-web router: only requests that lack the upgrade headers get
+/// here (upgrades are handed to [`upgrade`] by the HTTP layer before routing).
+pub async fn websocket_without_upgrade() -> HttpResponse {
+    HttpResponse::UpgradeRequired()
+        .insert_header((header::UPGRADE, "websocket"))
+        .content_type("text/plain; charset=utf-8")
+        .body(
+            "426 Upgrade Required: /ws is a WebSocket endpoint, but this request arrived \
+             without the `Upgrade: websocket` and `Connection: upgrade` headers. If a proxy \
+             sits in front of switchboard, it must forward them: see config/nginx.conf \
+             (proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; \
+             proxy_set_header Connection \"upgrade\").\n",
+        )
+}
+
+/// A WebSocket upgrade request, handed over with its raw connection. The checks run here,
+/// then the 101 goes out and the connection belongs to the session: no HTTP dispatcher (and
+/// none of its per-connection buffers) stays behind it for the socket's life.
+pub async fn upgrade(
+    hub: Arc<Hub>,
+    req: Request,
+    mut framed: Framed<TcpStream, h1::Codec>,
+) -> Result<(), actix_http::Error> {
+    if req.path() != "/ws" {
+        let refusal = HttpRefusal::new(404, "not_found", "WebSocket upgrades go to /ws");
+        return respond(&mut framed, refusal).await;
+    }
+    let mut accept = match ws::handshake(req.head()) {
+        Ok(accept) => accept,
+        Err(e) => {
+            let refusal = HttpRefusal::new(400, "bad_request", format!("bad handshake: {e}"));
+            return respond(&mut framed, refusal).await;
+        }
+    };
+    if let Some(refusal) = over_handshake_budget(&hub, req.peer_addr(), req.head().headers()) {
+        return respond(&mut framed, refusal).await;
+    }
+    let cookies = req
+        .head()
+        .headers()
+        .get_all(header::COOKIE)
+        .map(HeaderValue::as_bytes);
+    let identity = async {
+        match load_session(&hub, cookies).await {
+            Ok(state) => identify_state(&hub, &state)
+                .await
+                .map_err(Close::Unauthenticated),
+            Err(SessionReadError::NoCookie) => Err(Close::Unauthenticated(AuthFailure::NoCookie)),
+            Err(SessionReadError::StoreUnavailable(why)) => {
+                log::warn!("websocket refused: session store unavailable: {why}");
+                Err(Close::Restarting)
+            }
+        }
+    };
+    let admission = admit(&hub, req.head().headers(), identity, false).await;
     if let Admission::Refused(close) = &admission {
         metrics().reject(close.rejection_label());
         if hub.settings.handshake.reject_before_upgrade {
-            let (status, error) = close.http_refusal();
-            let status = actix_web::http::StatusCode::from_u16(status)
-                .unwrap_or(actix_web::http::StatusCode::FORBIDDEN);
-            return Ok(
-                HttpResponse::build(status).json(json!({"error":error,"detail":close.reason()}))
-            );
+            return respond(&mut framed, HttpRefusal::of_close(close)).await;
         }
     }
-    session::start(hub, admission, &req, stream)
+    let switching = accept.finish().drop_body();
+    // The request and its headers are done with; they must not live as long as the socket.
+    drop(accept);
+    drop(req);
+    if send(&mut framed, switching, None).await.is_err() {
+        // The client left during its own handshake: give back the slot it was granted.
+        if let Admission::Admitted { identity, slot, .. } = admission {
+            hub.caps.release(&identity.user_key(), &slot).await;
+        }
+        return Ok(());
+    }
+    // Keep only the connection and whatever the client sent behind its handshake; the HTTP
+    // codec's buffers (8 KiB each) are freed here rather than living as long as the socket.
+    let FramedParts { io, read_buf, .. } = framed.into_parts();
+    let early = Bytes::copy_from_slice(&read_buf);
+    drop(read_buf);
+    session::run(hub, admission, io, early).await;
+    Ok(())
 }
 
-fn is_upgrade(req: &HttpRequest) -> bool {
-    let has = |name: header::HeaderName, needle: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().contains(needle))
-    };
-    has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
+/// Answer an upgrade request over HTTP and end the connection.
+async fn respond(
+    framed: &mut Framed<TcpStream, h1::Codec>,
+    refusal: HttpRefusal,
+) -> Result<(), actix_http::Error> {
+    let mut response = Response::with_body(refusal.status, ());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if refusal.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+        .head_mut()
+        .set_connection_type(actix_http::ConnectionType::Close);
+    // A client that left before reading its refusal needs nothing more.
+    let _ = send(
+        framed,
+        response,
+        Some(Bytes::from(refusal.body.to_string())),
+    )
+    .await;
+    Ok(())
 }
 
-/// The per-IP handshake budget: `Some(429 response)` when the client is over it.
-pub fn over_handshake_budget(hub: &Hub, req: &HttpRequest) -> Option<HttpResponse> {
-    let ip = req
-        .peer_addr()
+async fn send(
+    framed: &mut Framed<TcpStream, h1::Codec>,
+    head: Response<()>,
+    body: Option<Bytes>,
+) -> std::io::Result<()> {
+    let size = body
+        .as_ref()
+        .map_or(BodySize::None, |b| BodySize::Sized(b.len() as u64));
+    let mut framed = Pin::new(framed);
+    framed.as_mut().write(h1::Message::Item((head, size)))?;
+    if let Some(body) = body {
+        framed.as_mut().write(h1::Message::Chunk(Some(body)))?;
+        framed.as_mut().write(h1::Message::Chunk(None))?;
+    }
+    std::future::poll_fn(|cx| framed.as_mut().flush(cx)).await?;
+    Ok(())
+}
+
+/// The per-IP handshake budget: `Some(429)` when the client is over it.
+pub fn over_handshake_budget(
+    hub: &Hub,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+) -> Option<HttpRefusal> {
+    let ip = peer
         .map(|peer| {
-            let xff = req
-                .headers()
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok());
+            let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
             client_ip(peer.ip(), xff, &hub.trusted_proxies)
         })
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
@@ -86,11 +207,22 @@ pub fn over_handshake_budget(hub: &Hub, req: &HttpRequest) -> Option<HttpRespons
     }
     metrics().reject("rate_limited");
     log::warn!("handshake refused: client {ip} is over limits.handshakes_per_ip_per_s");
-    Some(
-        HttpResponse::TooManyRequests()
-            .insert_header((header::RETRY_AFTER, "1"))
-            .json(json!({"error":"rate_limited","detail":format!("too many handshakes from {ip}; retry shortly")})),
-    )
+    Some(HttpRefusal::new(
+        429,
+        "rate_limited",
+        format!("too many handshakes from {ip}; retry shortly"),
+    ))
+}
+
+/// The identity of a request that went through the session middleware (SSE), for [`admit`].
+pub async fn request_identity(
+    hub: &Hub,
+    req: &HttpRequest,
+    session: &Session,
+) -> Result<Identity, Close> {
+    identify(hub, req, session)
+        .await
+        .map_err(Close::Unauthenticated)
 }
 
 /// Run the checks; the first failure decides the close. `same_origin_ok`: a request with no
@@ -99,18 +231,16 @@ pub fn over_handshake_budget(hub: &Hub, req: &HttpRequest) -> Option<HttpRespons
 /// WebSockets, so the WebSocket path passes false).
 pub async fn admit(
     hub: &Hub,
-    req: &HttpRequest,
-    session: &Session,
+    headers: &HeaderMap,
+    identity: impl Future<Output = Result<Identity, Close>>,
     same_origin_ok: bool,
 ) -> Admission {
-    let origin = req
-        .headers()
+    let origin = headers
         .get(header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let same_origin = same_origin_ok
         && origin.is_none()
-        && req
-            .headers()
+        && headers
             .get("sec-fetch-site")
             .is_some_and(|v| v.as_bytes() == b"same-origin");
     let decision = if same_origin {
@@ -141,15 +271,15 @@ pub async fn admit(
         }
     }
 
-    let identity = match identify(hub, req, session).await {
+    let identity = match identity.await {
         Ok(identity) => identity,
-        Err(cause) => {
+        Err(close) => {
             log::warn!(
-                "websocket refused: unauthenticated: {} (origin {})",
-                cause.as_str(),
+                "websocket refused: {} (origin {})",
+                close.reason(),
                 origin.as_deref().unwrap_or("<missing>")
             );
-            return Admission::Refused(Close::Unauthenticated(cause));
+            return Admission::Refused(close);
         }
     };
 

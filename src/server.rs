@@ -10,16 +10,20 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_cors::Cors;
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{fn_service, map_config};
 use actix_session::storage::{RedisSessionStore, SessionStore};
 use actix_session::SessionMiddleware;
 use actix_web::body::MessageBody;
+use actix_web::cookie::Key;
+use actix_web::dev::AppConfig;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpResponse};
 use serde_json::json;
 
-use crate::auth::{self, Revocations};
+use crate::auth::{self, Revocations, SessionBackend};
 use crate::broker::memory::{HistoryLimits, MemoryBroker};
 use crate::broker::redis::{refresh_leases, RedisBroker, RedisCaps, RedisCommands, StreamHistory};
 use crate::broker::{BrokerHandle, BrokerHealth};
@@ -45,6 +49,10 @@ pub struct Hub {
     pub client_publish: Vec<TopicPattern>,
     /// Set by the shutdown sequence: readiness fails and new sockets are refused.
     pub draining: AtomicBool,
+    /// Where login sessions live, and the key that signs and encrypts their cookie: the
+    /// WebSocket handshake reads sessions itself (it runs before the session middleware).
+    pub sessions: SessionBackend,
+    pub cookie_key: Key,
 }
 
 /// A problem that stops start-up.
@@ -67,6 +75,7 @@ impl Hub {
         caps: ConnectionCaps,
         revocations: Revocations,
         redis: Option<RedisCommands>,
+        sessions: SessionBackend,
     ) -> Result<Self, StartError> {
         let origins = OriginPolicy::from_config(&settings.origins)
             .map_err(|errors| StartError(errors.join("; ")))?;
@@ -99,6 +108,8 @@ impl Hub {
             revocations,
             client_publish,
             draining: AtomicBool::new(false),
+            sessions,
+            cookie_key: auth::cookie_key(&settings.auth),
             settings,
         })
     }
@@ -151,19 +162,11 @@ fn cors(hub: web::Data<Hub>) -> Cors {
 
 /// A bound, not yet running server: tests and `main` learn the address before it runs.
 pub struct Bound {
-    server: actix_web::dev::Server,
+    server: actix_server::Server,
     pub addrs: Vec<SocketAddr>,
     hub: web::Data<Hub>,
     /// Clustered only: the cap store whose leases this pod keeps alive.
     caps_leases: Option<RedisCaps>,
-}
-
-/// Where login sessions live.
-enum SessionBackend {
-    /// Embedded: the signed and encrypted cookie is the session.
-    Cookie,
-    /// Clustered: the cookie names a session in Redis, so every pod can read it.
-    Redis(RedisSessionStore),
 }
 
 /// Build the node and bind its listener. Must run inside an actix `System`. In clustered
@@ -234,8 +237,9 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
         caps,
         revocations,
         redis,
+        sessions.clone(),
     )?);
-    let key = auth::cookie_key(&hub.settings.auth);
+    let key = hub.cookie_key.clone();
     let (server, addrs) = match sessions {
         SessionBackend::Cookie => {
             let auth = hub.settings.auth.clone();
@@ -262,7 +266,7 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
 fn http_server<S, F>(
     hub: web::Data<Hub>,
     session_middleware: F,
-) -> Result<(actix_web::dev::Server, Vec<SocketAddr>), StartError>
+) -> Result<(actix_server::Server, Vec<SocketAddr>), StartError>
 where
     S: SessionStore + 'static,
     F: Fn() -> SessionMiddleware<S> + Send + Clone + 'static,
@@ -271,33 +275,72 @@ where
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let app_hub = hub.clone();
-    let server = HttpServer::new(move || {
-        let hub = app_hub.clone();
-        App::new()
-            .app_data(hub.clone())
-            .wrap(session_middleware())
-            .configure(|cfg| routes(cfg, &hub))
-    })
-    .workers(workers)
-    .disable_signals()
-    // Sockets are closed by the drain before the server stops; this only bounds stragglers.
-    .shutdown_timeout(1)
-    .bind((hub.settings.server.bind.as_str(), hub.settings.server.port))
-    .map_err(|e| {
-        StartError(format!(
-            "cannot listen on {}:{}: {e}",
-            hub.settings.server.bind, hub.settings.server.port
-        ))
-    })?;
-    let addrs = server.addrs();
+    let listeners = listeners(&hub.settings.server.bind, hub.settings.server.port)?;
+    let addrs = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect::<Vec<_>>();
+    let mut server = actix_server::Server::build()
+        .workers(workers)
+        .disable_signals()
+        // Sockets are closed by the drain before the server stops; this only bounds stragglers.
+        .shutdown_timeout(1);
+    for listener in listeners {
+        let hub = hub.clone();
+        let session_middleware = session_middleware.clone();
+        server = server
+            .listen("switchboard", listener, move || {
+                let app_hub = hub.clone();
+                let app = App::new()
+                    .app_data(app_hub.clone())
+                    .wrap(session_middleware())
+                    .configure(|cfg| routes(cfg, &app_hub));
+                let upgrade_hub = hub.clone().into_inner();
+                let upgrades = fn_service(move |(req, framed)| {
+                    handshake::upgrade(upgrade_hub.clone(), req, framed)
+                });
+                HttpService::build()
+                    .keep_alive(KeepAlive::Timeout(Duration::from_secs(5)))
+                    .client_request_timeout(Duration::from_secs(5))
+                    .upgrade(upgrades)
+                    .finish(map_config(app, |_| AppConfig::default()))
+                    .tcp()
+            })
+            .map_err(|e| StartError(format!("cannot serve: {e}")))?;
+    }
     Ok((server.run(), addrs))
+}
+
+/// Listen on every address `bind` resolves to, with a backlog that absorbs a reconnect wave
+/// (the kernel default of 128 drops SYNs when thousands of clients come back at once).
+fn listeners(bind: &str, port: u16) -> Result<Vec<std::net::TcpListener>, StartError> {
+    use std::net::ToSocketAddrs;
+    let cannot = |e: std::io::Error| StartError(format!("cannot listen on {bind}:{port}: {e}"));
+    let mut listeners = Vec::new();
+    for addr in (bind, port).to_socket_addrs().map_err(cannot)? {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(cannot)?;
+        socket.set_reuse_address(true).map_err(cannot)?;
+        socket.bind(&addr.into()).map_err(cannot)?;
+        socket.listen(2048).map_err(cannot)?;
+        listeners.push(socket.into());
+    }
+    if listeners.is_empty() {
+        return Err(StartError(format!(
+            "cannot listen on {bind}:{port}: no address"
+        )));
+    }
+    Ok(listeners)
 }
 
 fn routes(cfg: &mut web::ServiceConfig, hub: &web::Data<Hub>) {
     cfg.route("/", web::get().to(http::index))
         .route("/client.js", web::get().to(http::client_js))
-        .route("/ws", web::get().to(handshake::websocket))
+        .route("/ws", web::get().to(handshake::websocket_without_upgrade))
         .route("/sse", web::get().to(sse::stream))
         .route("/healthz", web::get().to(http::healthz))
         .route("/readyz", web::get().to(http::readyz))

@@ -9,9 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_http::error::PayloadError;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
 use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 
 use crate::auth::Identity;
 use crate::broker::{EventSender, FetchHistory, Interest, PublishBody, PublishRequest, Replay};
@@ -38,22 +42,74 @@ pub enum Admission {
     Refused(Close),
 }
 
-/// Upgrade the request and start its session actor.
-pub fn start(
-    hub: Arc<Hub>,
-    admission: Admission,
-    req: &HttpRequest,
-    stream: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    let max_frame = hub.settings.limits.max_frame_bytes;
+/// Run one admitted (or refused) socket to its end: the session actor in its
+/// `WebsocketContext`, fed from the raw connection and writing straight to it. `early` holds
+/// any bytes the client sent right behind its handshake.
+pub async fn run(hub: Arc<Hub>, admission: Admission, io: TcpStream, early: Bytes) {
+    let codec = actix_http::ws::Codec::new().max_size(hub.settings.limits.max_frame_bytes);
+    // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
+    let write_stall = Duration::from_millis(hub.settings.heartbeat.timeout_ms);
     let session = WsSession {
         hub,
         admission: Some(admission),
         live: None,
     };
-    ws::WsResponseBuilder::new(session, req, stream)
-        .frame_size(max_frame)
-        .start()
+    let (read, mut write) = io.into_split();
+    let input = SocketInput {
+        read,
+        early: Some(early),
+    };
+    let mut output = std::pin::pin!(WebsocketContext::with_codec(session, input, codec));
+    while let Some(Ok(frames)) = output.next().await {
+        // Everything the session wrote since the last turn comes as one chunk: one write.
+        let written = match write.try_write(&frames) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => break,
+        };
+        if written < frames.len() {
+            let rest = &frames[written..];
+            match tokio::time::timeout(write_stall, write.write_all(rest)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    metrics().slow_consumer_disconnects.inc();
+                    log::info!("closing a socket that accepted nothing for {write_stall:?}");
+                    break;
+                }
+            }
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+/// The client's bytes as the WebSocket context wants them. Reads go through a buffer on the
+/// stack and hand over only what arrived, so an idle socket holds no read buffer at all.
+struct SocketInput {
+    read: OwnedReadHalf,
+    early: Option<Bytes>,
+}
+
+impl Stream for SocketInput {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if let Some(early) = self.early.take().filter(|b| !b.is_empty()) {
+            return Poll::Ready(Some(Ok(early)));
+        }
+        let mut buf = [0u8; 4096];
+        let mut filled = ReadBuf::new(&mut buf);
+        match std::pin::Pin::new(&mut self.read).poll_read(cx, &mut filled) {
+            Poll::Ready(Ok(())) if filled.filled().is_empty() => Poll::Ready(None),
+            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(Bytes::copy_from_slice(filled.filled())))),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(PayloadError::Io(e)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 pub struct WsSession {

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::auth::Identity;
 use crate::broker::{FetchHistory, Interest, Replay};
 use crate::close::Close;
-use crate::handshake::{admit, over_handshake_budget};
+use crate::handshake::{admit, over_handshake_budget, request_identity, HttpRefusal};
 use crate::metrics::metrics;
 use crate::protocol::{ChannelKey, ConnId, EventId, ServerMessage, Topic};
 use crate::registry::{Control, Event, Flush, Outbox, Payload, SessionLink};
@@ -39,8 +39,8 @@ pub async fn stream(
     session: Session,
     query: web::Query<Vec<(String, String)>>,
 ) -> HttpResponse {
-    if let Some(refusal) = over_handshake_budget(&hub, &req) {
-        return refusal;
+    if let Some(refusal) = over_handshake_budget(&hub, req.peer_addr(), req.headers()) {
+        return refusal.into_response();
     }
     let mut topics = Vec::new();
     for (key, value) in query.into_inner() {
@@ -70,7 +70,8 @@ pub async fn stream(
         .map(Cursor::parse);
 
     let hub = hub.into_inner();
-    let (identity, conn, slot) = match admit(&hub, &req, &session, true).await {
+    let identity = request_identity(&hub, &req, &session);
+    let (identity, conn, slot) = match admit(&hub, req.headers(), identity, true).await {
         Admission::Admitted {
             identity,
             conn,
@@ -78,11 +79,7 @@ pub async fn stream(
         } => (identity, conn, slot),
         Admission::Refused(close) => {
             metrics().reject(close.rejection_label());
-            let (status, error) = close.http_refusal();
-            let status = actix_web::http::StatusCode::from_u16(status)
-                .unwrap_or(actix_web::http::StatusCode::FORBIDDEN);
-            return HttpResponse::build(status)
-                .json(json!({"error":error,"detail":close.reason()}));
+            return HttpRefusal::of_close(&close).into_response();
         }
     };
 

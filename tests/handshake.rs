@@ -430,3 +430,39 @@ async fn origin_refusal_log_names_nearest_entry() {
         "WARN line lacks the nearest allowed entry: {line}"
     );
 }
+
+/// A WebSocket upgrade aimed anywhere but /ws gets a JSON 404, and a broken handshake (here an
+/// old Sec-WebSocket-Version, and `raw_http`'s own `Connection: close`) a JSON 400 that says
+/// what is wrong with it; the hub keeps serving sockets.
+#[actix_web::test]
+async fn malformed_upgrades_get_http_answers() {
+    let hub = Hub::start(&[]);
+    let upgrade =
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==";
+    let wrong_path = raw_http(
+        &hub,
+        &format!("GET /socket HTTP/1.1\r\n{upgrade}\r\nSec-WebSocket-Version: 13"),
+    )
+    .await;
+    assert_eq!(wrong_path.status, 404, "{wrong_path}");
+    assert_eq!(wrong_path.json()["error"], "not_found", "{wrong_path}");
+
+    let old_version = raw_http(
+        &hub,
+        &format!("GET /ws HTTP/1.1\r\n{upgrade}\r\nSec-WebSocket-Version: 8\r\nOrigin: {ORIGIN}"),
+    )
+    .await;
+    assert_eq!(old_version.status, 400, "{old_version}");
+    let body = old_version.json();
+    assert_eq!(body["error"], "bad_request", "{old_version}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("bad handshake: "),
+        "the answer should say what is wrong with the handshake: {old_version}"
+    );
+
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    ws.assert_alive().await;
+}

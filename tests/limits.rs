@@ -448,3 +448,38 @@ async fn slow_consumer_conflates_per_topic() {
         "received all {received} of {published}: nothing conflated"
     );
 }
+
+/// A client whose socket stops taking data altogether (a frozen tab) is dropped once nothing
+/// could be written to it for `heartbeat.timeout_ms`, and its connection-cap slot comes back:
+/// the same user's next socket is welcomed instead of refused 4429.
+#[actix_web::test]
+async fn stalled_socket_is_dropped_and_frees_its_slot() {
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__LIMITS__MAX_CONNECTIONS_PER_USER", "1"),
+        ("SWITCHBOARD__HEARTBEAT__INTERVAL_MS", "200"),
+        ("SWITCHBOARD__HEARTBEAT__TIMEOUT_MS", "1000"),
+    ]);
+    let stalled = slow_subscriber(&hub).await;
+    let cookie = dev_login(&hub, "slow", "42").await;
+    flood_calls(&hub, 2000).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut next = ws_open(&hub, Some(ORIGIN), Some(&cookie)).await;
+        let last_refusal = match next.recv(T).await {
+            Some(Frame::Json(welcome, _)) if welcome["type"] == "welcome" => break,
+            other => other,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "the stalled socket still holds the user's only slot after 20 s: {last_refusal:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = metrics(&hub).await;
+    assert!(
+        metric_value(&m, "switchboard_slow_consumer_disconnects_total") >= 1.0,
+        "the stalled socket was not counted as a slow consumer:\n{m}"
+    );
+    drop(stalled);
+}
