@@ -15,6 +15,8 @@
 //! - [`registry`]: this node's sessions, by topic and by user; fan-out into per-session outboxes.
 //! - [`broker`]: where events come from and go to; [`broker::memory`] (embedded).
 //! - [`session`]: the WebSocket session actor, the only user of `WebsocketContext`.
+//! - [`connection`]: a socket's writer: drives the session's context and writes live events'
+//!   shared, pre-encoded frames straight from the outbox, vectored.
 //! - [`sse`]: the Server-Sent Events fallback transport, same rules as the WebSocket.
 //! - [`subscriptions`]: one connection's subscriptions and exact `since` resume (pure).
 //! - [`handshake`]: the checks a socket passes before its session starts.
@@ -28,6 +30,7 @@ pub mod auth;
 pub mod broker;
 pub mod close;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod handshake;
 pub mod http;

@@ -12,6 +12,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use bytes::Bytes;
 use bytestring::ByteString;
+use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock};
 
 use crate::close::Close;
@@ -27,6 +28,9 @@ pub struct Event {
     /// The event name (`call.status`), for transports that label records (SSE).
     pub name: Box<str>,
     pub payload: Payload,
+    /// The payload as one complete WebSocket frame (header included), written as it is to
+    /// every socket that receives the event.
+    pub ws_frame: Bytes,
     /// `data.call_id` when present: a slow consumer keeps only the newest event per key.
     pub conflation_key: Option<Box<str>>,
     /// When the broker received it, for `switchboard_delivery_seconds`.
@@ -56,12 +60,26 @@ pub enum Control {
     Drain { after_ms: u64 },
 }
 
-/// What the registry needs of a session: its outbox and two mailboxes.
+/// What the registry needs of a session: its outbox, how to wake whoever drains it, and the
+/// session's control mailbox.
 pub struct SessionLink {
     pub conn: ConnId,
     pub outbox: Outbox,
-    pub flush: Recipient<Flush>,
+    /// `Some`: a `Flush` message wakes the drainer (an actor). `None`: the drainer polls the
+    /// outbox itself and registered its task with [`Outbox::register`] (the WebSocket writer),
+    /// so a delivery costs no mailbox message at all.
+    pub flush: Option<Recipient<Flush>>,
     pub control: Recipient<Control>,
+}
+
+impl SessionLink {
+    /// The outbox has frames and nobody was told yet.
+    fn wake(&self) {
+        match &self.flush {
+            Some(flush) => flush.do_send(Flush),
+            None => self.outbox.waker.wake(),
+        }
+    }
 }
 
 /// A session's queue of frames not yet handed to its socket.
@@ -69,6 +87,7 @@ pub struct Outbox {
     state: Mutex<OutboxState>,
     capacity: usize,
     policy: SlowConsumerPolicy,
+    waker: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -99,7 +118,14 @@ impl Outbox {
             state: Mutex::new(OutboxState::default()),
             capacity,
             policy,
+            waker: AtomicWaker::new(),
         }
+    }
+
+    /// Wake this task when frames arrive (for drainers without a `Flush` mailbox). Register
+    /// before draining, so a push between the two is never missed.
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
     }
 
     pub fn push(&self, event: &Arc<Event>) -> Pushed {
@@ -261,7 +287,7 @@ impl Registry {
                 Pushed::Queued => delivered += 1,
                 Pushed::Wake => {
                     delivered += 1;
-                    link.flush.do_send(Flush);
+                    link.wake();
                 }
                 Pushed::Overflow => {
                     metrics().slow_consumer_disconnects.inc();
@@ -356,6 +382,7 @@ mod tests {
             channel,
             id: EventId { ms: 1, seq },
             name: "test".into(),
+            ws_frame: Bytes::new(),
             payload: Payload::Text(ByteString::from(format!("{seq}"))),
             conflation_key: call.map(Into::into),
             received_at: Instant::now(),

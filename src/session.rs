@@ -2,8 +2,9 @@
 //! `WebsocketContext`. It receives the outcome of the handshake checks (admitted, or the close
 //! to send), then speaks the protocol of SPEC section 4: subscriptions (with `since` replay),
 //! client publish and binary streams, app-level ping, the client message budget, and the
-//! heartbeat. Events reach it through its outbox in the [`Registry`]; one [`Flush`] wakes it
-//! for a whole batch, which it writes to the socket in one go.
+//! heartbeat. It decides what the socket wants (subscriptions, replay, closing) in the state
+//! it shares with the socket's writer ([`crate::connection`]), which writes live events from
+//! the outbox without a message through this actor's mailbox.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,23 +13,23 @@ use actix::prelude::*;
 use actix_http::error::PayloadError;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use futures_util::Stream;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use crate::auth::Identity;
 use crate::broker::{EventSender, FetchHistory, Interest, PublishBody, PublishRequest, Replay};
 use crate::close::Close;
+use crate::connection::{self, Shared};
 use crate::limits::TokenBucket;
 use crate::metrics::metrics;
 use crate::protocol::{
     validate_event_name, ChannelKey, ClientMessage, ConnId, ErrorCode, EventId, ServerMessage,
     Topic,
 };
-use crate::registry::{Control, Event, Flush, Outbox, Payload, SessionLink};
+use crate::registry::{Control, Event, Outbox, Payload, SessionLink};
 use crate::server::Hub;
-use crate::subscriptions::Subscriptions;
 
 /// The handshake's verdict, handed to the session before it starts.
 pub enum Admission {
@@ -49,38 +50,20 @@ pub async fn run(hub: Arc<Hub>, admission: Admission, io: TcpStream, early: Byte
     let codec = actix_http::ws::Codec::new().max_size(hub.settings.limits.max_frame_bytes);
     // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
     let write_stall = Duration::from_millis(hub.settings.heartbeat.timeout_ms);
+    let shared = Shared::default();
     let session = WsSession {
         hub,
         admission: Some(admission),
         live: None,
+        shared: shared.clone(),
     };
-    let (read, mut write) = io.into_split();
+    let (read, write) = io.into_split();
     let input = SocketInput {
         read,
         early: Some(early),
     };
-    let mut output = std::pin::pin!(WebsocketContext::with_codec(session, input, codec));
-    while let Some(Ok(frames)) = output.next().await {
-        // Everything the session wrote since the last turn comes as one chunk: one write.
-        let written = match write.try_write(&frames) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-            Err(_) => break,
-        };
-        if written < frames.len() {
-            let rest = &frames[written..];
-            match tokio::time::timeout(write_stall, write.write_all(rest)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => break,
-                Err(_) => {
-                    metrics().slow_consumer_disconnects.inc();
-                    log::info!("closing a socket that accepted nothing for {write_stall:?}");
-                    break;
-                }
-            }
-        }
-    }
-    let _ = write.shutdown().await;
+    let context = WebsocketContext::with_codec(session, input, codec);
+    connection::drive(context, shared, write, write_stall).await;
 }
 
 /// The client's bytes as the WebSocket context wants them. Reads go through a buffer on the
@@ -101,8 +84,9 @@ impl Stream for SocketInput {
         if let Some(early) = self.early.take().filter(|b| !b.is_empty()) {
             return Poll::Ready(Some(Ok(early)));
         }
-        let mut buf = [0u8; 4096];
-        let mut filled = ReadBuf::new(&mut buf);
+        // Uninitialised: this runs on every wake-up of the session, mostly to find nothing.
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut filled = ReadBuf::uninit(&mut buf);
         match std::pin::Pin::new(&mut self.read).poll_read(cx, &mut filled) {
             Poll::Ready(Ok(())) if filled.filled().is_empty() => Poll::Ready(None),
             Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(Bytes::copy_from_slice(filled.filled())))),
@@ -116,6 +100,8 @@ pub struct WsSession {
     hub: Arc<Hub>,
     admission: Option<Admission>,
     live: Option<Live>,
+    /// Subscriptions and the closing flag, shared with the socket's writer.
+    shared: Shared,
 }
 
 /// State of an admitted session.
@@ -124,7 +110,6 @@ struct Live {
     link: Arc<SessionLink>,
     conn_text: String,
     slot: String,
-    subscriptions: Subscriptions,
     /// Where binary frames from the client go, set by `stream`.
     stream_to: Option<Topic>,
     last_heard: Instant,
@@ -132,9 +117,6 @@ struct Live {
     binary_budget: TokenBucket,
     /// Messages refused in a row for the rate limit; past the burst the socket is closed.
     refused_in_row: u32,
-    /// Scratch space for draining the outbox without reallocating.
-    batch: Vec<Arc<Event>>,
-    closing: bool,
 }
 
 impl Actor for WsSession {
@@ -147,7 +129,7 @@ impl Actor for WsSession {
                 conn,
                 slot,
             }) => self.begin(identity, conn, slot, ctx),
-            Some(Admission::Refused(close)) => close_with(ctx, &close),
+            Some(Admission::Refused(close)) => self.close(ctx, &close),
             None => ctx.stop(),
         }
     }
@@ -157,10 +139,11 @@ impl Actor for WsSession {
             return;
         };
         metrics().connections.dec();
+        let shared = self.shared.borrow();
         let emptied = self
             .hub
             .registry
-            .unregister(live.link.conn, live.subscriptions.channels());
+            .unregister(live.link.conn, shared.subscriptions.channels());
         for channel in emptied {
             self.hub.broker.interest.do_send(Interest::Closed(channel));
         }
@@ -187,9 +170,11 @@ impl WsSession {
                 settings.limits.outbound_queue,
                 settings.limits.slow_consumer,
             ),
-            flush: address.clone().recipient(),
+            // The writer drains the outbox itself: no mailbox message per delivery.
+            flush: None,
             control: address.recipient(),
         });
+        self.shared.borrow_mut().link = Some(link.clone());
         self.hub.registry.register(
             link.clone(),
             identity.user_key(),
@@ -214,7 +199,6 @@ impl WsSession {
             link,
             conn_text,
             slot,
-            subscriptions: Subscriptions::default(),
             stream_to: None,
             last_heard: now,
             text_budget: TokenBucket::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
@@ -225,8 +209,6 @@ impl WsSession {
                 now,
             ),
             refused_in_row: 0,
-            batch: Vec::new(),
-            closing: false,
         });
         self.heartbeat(ctx);
     }
@@ -254,14 +236,16 @@ impl WsSession {
         });
     }
 
+    /// Send the close frame (once) and stop; nothing is written after it.
     fn close(&mut self, ctx: &mut WebsocketContext<Self>, close: &Close) {
-        if let Some(live) = self.live.as_mut() {
-            if live.closing {
-                return;
-            }
-            live.closing = true;
+        if std::mem::replace(&mut self.shared.borrow_mut().closing, true) {
+            return;
         }
-        close_with(ctx, close);
+        ctx.close(Some(CloseReason {
+            code: CloseCode::from(close.code()),
+            description: Some(close.reason()),
+        }));
+        ctx.stop();
     }
 
     fn reply_error(ctx: &mut WebsocketContext<Self>, code: ErrorCode, message: &str) {
@@ -359,7 +343,9 @@ impl WsSession {
             }
         };
         let channel = ChannelKey::new(&live.identity.org, &topic);
-        if !live.subscriptions.contains(&channel) && live.subscriptions.len() >= max {
+        if !self.shared.borrow_mut().subscriptions.contains(&channel)
+            && self.shared.borrow_mut().subscriptions.len() >= max
+        {
             return Self::reply_error(
                 ctx,
                 ErrorCode::TooManySubscriptions,
@@ -373,7 +359,7 @@ impl WsSession {
                 .do_send(Interest::Opened(channel.clone()));
         }
         let Some(since) = since else {
-            live.subscriptions.insert_live(channel);
+            self.shared.borrow_mut().subscriptions.insert_live(channel);
             ctx.text(
                 ServerMessage::Subscribed {
                     topic: topic.as_str(),
@@ -384,7 +370,10 @@ impl WsSession {
             return;
         };
         // Live events are already flowing into the outbox; hold them until the replay is out.
-        live.subscriptions.insert_replaying(channel.clone());
+        self.shared
+            .borrow_mut()
+            .subscriptions
+            .insert_replaying(channel.clone());
         let fetch = self.hub.broker.history.send(FetchHistory {
             channel: channel.clone(),
             since,
@@ -412,11 +401,16 @@ impl WsSession {
         replay: Replay,
         ctx: &mut WebsocketContext<Self>,
     ) {
-        let Some(live) = self.live.as_mut() else {
+        if self.live.is_none() {
             return;
-        };
+        }
         // None: unsubscribed (or resubscribed without since) while the history was on its way.
-        let Some(events) = live.subscriptions.finish_replay(channel, replay.events) else {
+        let Some(events) = self
+            .shared
+            .borrow_mut()
+            .subscriptions
+            .finish_replay(channel, replay.events)
+        else {
             return;
         };
         ctx.text(
@@ -441,7 +435,7 @@ impl WsSession {
             Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
         };
         let channel = ChannelKey::new(&live.identity.org, &topic);
-        if live.subscriptions.remove(&channel)
+        if self.shared.borrow_mut().subscriptions.remove(&channel)
             && self.hub.registry.unsubscribe(&channel, live.link.conn)
         {
             self.hub.broker.interest.do_send(Interest::Closed(channel));
@@ -531,14 +525,6 @@ impl WsSession {
     }
 }
 
-fn close_with(ctx: &mut WebsocketContext<WsSession>, close: &Close) {
-    ctx.close(Some(CloseReason {
-        code: CloseCode::from(close.code()),
-        description: Some(close.reason()),
-    }));
-    ctx.stop();
-}
-
 fn write_event(ctx: &mut WebsocketContext<WsSession>, event: &Event) {
     match &event.payload {
         Payload::Text(frame) => ctx.text(frame.clone()),
@@ -559,6 +545,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
+                self.shared.borrow_mut().closing = true;
                 ctx.close(reason);
                 ctx.stop();
             }
@@ -575,32 +562,6 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                 self.close(ctx, &Close::ProtocolError);
             }
         }
-    }
-}
-
-impl Handler<Flush> for WsSession {
-    type Result = ();
-
-    fn handle(&mut self, _: Flush, ctx: &mut Self::Context) {
-        let Some(live) = self.live.as_mut() else {
-            return;
-        };
-        let mut batch = std::mem::take(&mut live.batch);
-        live.link.outbox.drain_into(&mut batch);
-        let now = Instant::now();
-        let mut sent = 0u64;
-        for event in batch.drain(..) {
-            let Some(event) = live.subscriptions.admit_live(event) else {
-                continue;
-            };
-            metrics()
-                .delivery_seconds
-                .observe(now.duration_since(event.received_at).as_secs_f64());
-            write_event(ctx, &event);
-            sent += 1;
-        }
-        live.batch = batch;
-        metrics().messages_delivered.inc_by(sent);
     }
 }
 

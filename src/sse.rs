@@ -275,7 +275,7 @@ impl Actor for SseStream {
                 settings.limits.outbound_queue,
                 settings.limits.slow_consumer,
             ),
-            flush: address.clone().recipient(),
+            flush: Some(address.clone().recipient()),
             control: address.recipient(),
         });
         self.hub.registry.register(

@@ -111,6 +111,7 @@ mod tests {
             channel: channel(),
             id: EventId { ms, seq: 0 },
             name: "e".into(),
+            ws_frame: bytes::Bytes::new(),
             payload: Payload::Text("x".into()),
             conflation_key: None,
             received_at: Instant::now(),

@@ -194,7 +194,9 @@ async fn tampered_cookie_is_closed_4401() {
 /// A session past `auth.session_ttl_s`: 4401 `unauthenticated: session expired`.
 #[actix_web::test]
 async fn expired_session_is_closed_4401() {
-    let hub = Hub::start(&[("SWITCHBOARD__AUTH__SESSION_TTL_S", "1")]);
+    // 2 s, not 1: expiry is in whole seconds, so a 1 s session logged in at x.999 s is
+    // already over when its first socket opens at (x+1).001 s.
+    let hub = Hub::start(&[("SWITCHBOARD__AUTH__SESSION_TTL_S", "2")]);
     let cookie = dev_login(&hub, "u1", "42").await;
     let mut fresh = ws_open(&hub, Some(ORIGIN), Some(&cookie)).await;
     assert_eq!(
@@ -203,8 +205,8 @@ async fn expired_session_is_closed_4401() {
         "the cookie works before it expires"
     );
     fresh.close().await;
-    // Waiting on the clock is the scenario itself: the TTL is 1 s, with whole-second expiry.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Waiting on the clock is the scenario itself: the TTL is 2 s, with whole-second expiry.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let mut ws = ws_open(&hub, Some(ORIGIN), Some(&cookie)).await;
     assert_close(
         ws.expect_only_close(T).await,

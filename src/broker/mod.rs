@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use bytes::Bytes;
+use actix_http::ws::{OpCode, Parser};
+use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -195,12 +196,25 @@ pub fn build_event(
         PublishBody::Json { event, .. } => event.as_str().into(),
         PublishBody::Binary(_) => "binary".into(),
     };
+    let ws_frame = ws_frame(&payload);
     Arc::new(Event {
         channel,
         id,
         name,
         payload,
+        ws_frame,
         conflation_key,
         received_at,
     })
+}
+
+/// The complete server-to-client WebSocket frame of a payload (servers never mask).
+fn ws_frame(payload: &Payload) -> Bytes {
+    let (bytes, op) = match payload {
+        Payload::Text(text) => (text.as_bytes(), OpCode::Text),
+        Payload::Binary(bytes) => (bytes, OpCode::Binary),
+    };
+    let mut frame = BytesMut::with_capacity(bytes.len() + 10);
+    Parser::write_message(&mut frame, &bytes[..], op, true, false);
+    frame.freeze()
 }

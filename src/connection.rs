@@ -1,0 +1,329 @@
+//! One WebSocket connection's writer, after the upgrade: it owns the socket's write half and
+//! drives the session actor's context. Two sources feed the socket, in this order on every
+//! turn: what the session wrote (welcome, replies, replays, pings, the close frame), then the
+//! live events waiting in the session's [`Outbox`]. Events skip the actor: each is already a
+//! complete WebSocket frame, shared by every socket that receives it, so a delivery is a
+//! queue push, one task wake-up and an entry in a vectored write, with no mailbox message
+//! and no re-encoding. All of a socket's waiting frames go out in one `writev`.
+//!
+//! The session decides what the socket wants ([`SessionShared::subscriptions`], the same
+//! bookkeeping that makes `since` replay exact) and when it is closing; this module only
+//! writes. A socket that accepts nothing for the stall timeout is dropped (its cap slot is
+//! released as the session stops). Events stay in the outbox while the socket is blocked,
+//! so a slow consumer conflates there instead of growing this side.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use futures_util::Stream;
+use tokio::io::AsyncWrite;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::time::Sleep;
+
+use crate::metrics::metrics;
+use crate::registry::{Event, Outbox, SessionLink};
+use crate::subscriptions::Subscriptions;
+
+/// What the session actor and its writer share. Both run in the same task on one thread
+/// (the writer polls the actor's context), and never hold a borrow across that poll.
+#[derive(Default)]
+pub struct SessionShared {
+    /// Set when the session is admitted: the outbox the writer drains.
+    pub link: Option<Arc<SessionLink>>,
+    pub subscriptions: Subscriptions,
+    /// The session has written its close frame: no event may follow it.
+    pub closing: bool,
+}
+
+pub type Shared = Rc<RefCell<SessionShared>>;
+
+/// Frames written per `writev` at most (the kernel takes up to 1024; this bounds the stack).
+const MAX_IOV: usize = 64;
+/// Turns of the loop per poll before yielding to other sockets of this worker.
+const MAX_TURNS: usize = 16;
+
+/// Wakes the writer's task and remembers that the session's context asked for it, so turns
+/// woken only by events do not poll the actor at all.
+#[derive(Default)]
+struct ContextWake {
+    wanted: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ContextWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wanted.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+enum Frame {
+    /// Bytes the session's context encoded (one or several frames).
+    Session(Bytes),
+    /// A live event's shared, pre-encoded frame.
+    Event(Arc<Event>),
+}
+
+impl Frame {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Session(bytes) => bytes,
+            Self::Event(event) => &event.ws_frame,
+        }
+    }
+}
+
+/// Run the session's context `session` against the socket until the session ends (its
+/// stream finishes and everything it wrote is out), the peer goes away, or the socket stalls.
+pub async fn drive<S>(session: S, shared: Shared, write: OwnedWriteHalf, stall_after: Duration)
+where
+    S: Stream<Item = Result<Bytes, actix_web::Error>>,
+{
+    let context_wake = Arc::new(ContextWake {
+        wanted: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    Writer {
+        session: Box::pin(session),
+        context_waker: Waker::from(context_wake.clone()),
+        context_wake,
+        session_done: false,
+        shared,
+        outbox: None,
+        write,
+        pending: VecDeque::new(),
+        written_of_first: 0,
+        batch: Vec::new(),
+        stall: None,
+        stall_after,
+    }
+    .await
+}
+
+struct Writer<S> {
+    session: Pin<Box<S>>,
+    context_wake: Arc<ContextWake>,
+    /// The waker the context is polled with (built once: it is an `Arc` of `context_wake`).
+    context_waker: Waker,
+    session_done: bool,
+    shared: Shared,
+    outbox: Option<Arc<SessionLink>>,
+    write: OwnedWriteHalf,
+    /// Frames not yet fully written, oldest first.
+    pending: VecDeque<Frame>,
+    /// Bytes of `pending[0]` already written.
+    written_of_first: usize,
+    /// Scratch for draining the outbox.
+    batch: Vec<Arc<Event>>,
+    /// Armed while the socket takes nothing.
+    stall: Option<Pin<Box<Sleep>>>,
+    stall_after: Duration,
+}
+
+/// Why the writer stops.
+enum End {
+    /// Finished, or the peer is gone: nothing more to do.
+    Done,
+    /// The socket accepted nothing for the stall timeout.
+    Stalled,
+}
+
+enum Flushed {
+    AllOut,
+    Blocked,
+    End(End),
+}
+
+impl<S> Writer<S>
+where
+    S: Stream<Item = Result<Bytes, actix_web::Error>>,
+{
+    /// Let the session run if it asked to; collect what it wrote.
+    fn poll_session(&mut self, cx: &mut Context<'_>) {
+        self.context_wake.task.register(cx.waker());
+        if self.session_done || !self.context_wake.wanted.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let mut context_cx = Context::from_waker(&self.context_waker);
+        loop {
+            match self.session.as_mut().poll_next(&mut context_cx) {
+                Poll::Ready(Some(Ok(bytes))) => self.pending.push_back(Frame::Session(bytes)),
+                Poll::Ready(Some(Err(_)) | None) => {
+                    self.session_done = true;
+                    return;
+                }
+                Poll::Pending => return,
+            }
+        }
+    }
+
+    /// Move the events the socket wants from the outbox to `pending`.
+    fn take_events(&mut self, cx: &mut Context<'_>) {
+        if self.session_done {
+            return;
+        }
+        let shared = &mut *self.shared.borrow_mut();
+        if shared.closing {
+            return;
+        }
+        if self.outbox.is_none() {
+            self.outbox = shared.link.clone();
+        }
+        let Some(link) = &self.outbox else {
+            return;
+        };
+        let outbox: &Outbox = &link.outbox;
+        outbox.register(cx.waker());
+        outbox.drain_into(&mut self.batch);
+        if self.batch.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut sent = 0u64;
+        for event in self.batch.drain(..) {
+            if let Some(event) = shared.subscriptions.admit_live(event) {
+                metrics()
+                    .delivery_seconds
+                    .observe(now.duration_since(event.received_at).as_secs_f64());
+                self.pending.push_back(Frame::Event(event));
+                sent += 1;
+            }
+        }
+        metrics().messages_delivered.inc_by(sent);
+    }
+
+    /// Write as much of `pending` as the socket takes. `Ok(true)`: all of it.
+    fn write_pending(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (i, frame) in self.pending.iter().take(MAX_IOV).enumerate() {
+                let bytes = frame.bytes();
+                let bytes = if i == 0 {
+                    &bytes[self.written_of_first..]
+                } else {
+                    bytes
+                };
+                slices[count] = IoSlice::new(bytes);
+                count += 1;
+            }
+            let written = match Pin::new(&mut self.write).poll_write_vectored(cx, &slices[..count])
+            {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(End::Done),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Pending => return Ok(false),
+            };
+            self.advance(written);
+        }
+        Ok(true)
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        while let Some(first) = self.pending.front() {
+            let left = first.bytes().len() - self.written_of_first;
+            if written < left {
+                self.written_of_first += written;
+                return;
+            }
+            written -= left;
+            self.written_of_first = 0;
+            self.pending.pop_front();
+        }
+        // An idle socket keeps no queue memory after a burst.
+        if self.pending.capacity() > MAX_IOV {
+            self.pending.shrink_to(MAX_IOV);
+        }
+        if self.batch.capacity() > MAX_IOV {
+            self.batch.shrink_to(MAX_IOV);
+        }
+    }
+
+    fn turn(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        for _ in 0..MAX_TURNS {
+            self.poll_session(cx);
+            // Events are taken only once everything before them is out: while the socket is
+            // blocked they wait (and conflate) in the outbox, not here.
+            match self.flush(cx) {
+                Flushed::AllOut => {}
+                Flushed::Blocked => return Poll::Pending,
+                Flushed::End(end) => return Poll::Ready(end),
+            }
+            self.take_events(cx);
+            match self.flush(cx) {
+                Flushed::AllOut => {}
+                Flushed::Blocked => return Poll::Pending,
+                Flushed::End(end) => return Poll::Ready(end),
+            }
+            if self.session_done {
+                return Poll::Ready(End::Done);
+            }
+            // The session may have woken itself while it ran (a timer, its own message).
+            if !self.context_wake.wanted.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Write what is pending; while the socket is blocked, the stall timer runs.
+    fn flush(&mut self, cx: &mut Context<'_>) -> Flushed {
+        match self.write_pending(cx) {
+            Err(end) => Flushed::End(end),
+            Ok(true) => {
+                self.stall = None;
+                Flushed::AllOut
+            }
+            Ok(false) => {
+                let stall_after = self.stall_after;
+                let stall = self
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall_after)));
+                match stall.as_mut().poll(cx) {
+                    Poll::Ready(()) => Flushed::End(End::Stalled),
+                    Poll::Pending => Flushed::Blocked,
+                }
+            }
+        }
+    }
+}
+
+impl<S> Future for Writer<S>
+where
+    S: Stream<Item = Result<Bytes, actix_web::Error>>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match this.turn(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(End::Done) => {
+                let _ = Pin::new(&mut this.write).poll_shutdown(cx);
+                Poll::Ready(())
+            }
+            Poll::Ready(End::Stalled) => {
+                metrics().slow_consumer_disconnects.inc();
+                log::info!(
+                    "dropping a socket that accepted nothing for {:?}",
+                    this.stall_after
+                );
+                Poll::Ready(())
+            }
+        }
+    }
+}
