@@ -21,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{AsyncCommands, Script, Value as RedisValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::{
     build_event, BrokerError, BrokerHealth, EventSender, FetchHistory, Interest, Publish,
@@ -314,7 +314,8 @@ pub struct RedisBroker {
     history: Option<StreamHistory>,
     publish_script: Arc<Script>,
     history_script: Arc<Script>,
-    /// Wakes the subscription reconciler when local interest changes.
+    /// Wakes the subscription reconciler when local interest changes. Each connection gets a
+    /// new one: a wake-up taken by the reconciler of a dead connection would be lost.
     interest_changed: Arc<Notify>,
     /// Last id seen per channel, to give ids to events published without one.
     last_ids: std::collections::HashMap<ChannelKey, EventId>,
@@ -325,8 +326,9 @@ pub struct RedisBroker {
     /// The subscriber has been connected before: the next connection is a reconnect.
     was_connected: bool,
     backoff: Duration,
-    /// Generation of the current subscriber connection; stale reconcilers stop.
-    generation: u64,
+    /// Generation of the current subscriber connection, bumped when it ends or is replaced;
+    /// a reconciler whose generation is no longer current stops.
+    generation: watch::Sender<u64>,
 }
 
 impl RedisBroker {
@@ -353,7 +355,7 @@ impl RedisBroker {
             connected: false,
             was_connected: false,
             backoff: BACKOFF_FIRST,
-            generation: 0,
+            generation: watch::Sender::new(0),
         }
     }
 
@@ -379,7 +381,8 @@ impl RedisBroker {
         stream: redis::aio::PubSubStream,
         ctx: &mut Context<Self>,
     ) {
-        self.generation += 1;
+        self.generation.send_modify(|g| *g += 1);
+        self.interest_changed = Arc::new(Notify::new());
         self.connected = true;
         self.backoff = BACKOFF_FIRST;
         if self.was_connected {
@@ -396,6 +399,7 @@ impl RedisBroker {
             fixed,
             self.registry.clone(),
             self.interest_changed.clone(),
+            self.generation.subscribe(),
         ));
         // Readiness waits for the first canary to come back through the new subscription.
     }
@@ -506,8 +510,26 @@ impl RedisBroker {
     }
 }
 
-/// Keep the subscriber's channel set equal to the registry's, until the connection ends.
+/// Keep the subscriber's channel set equal to the registry's, until the connection ends or
+/// is superseded: a reconciler left behind would hold a dead sink forever.
 async fn reconcile_subscriptions(
+    sink: PubSubSink,
+    fixed: Vec<String>,
+    registry: Arc<Registry>,
+    changed: Arc<Notify>,
+    mut generation: watch::Receiver<u64>,
+) {
+    let mine = *generation.borrow_and_update();
+    tokio::select! {
+        () = keep_subscriptions(sink, fixed, registry, changed) => {}
+        // Also when the broker is gone (sender dropped).
+        _ = generation.wait_for(|current| *current != mine) => {
+            log::debug!("subscriber connection {mine} superseded; its reconciler stops");
+        }
+    }
+}
+
+async fn keep_subscriptions(
     mut sink: PubSubSink,
     fixed: Vec<String>,
     registry: Arc<Registry>,
@@ -563,6 +585,8 @@ impl StreamHandler<redis::Msg> for RedisBroker {
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
+        // Stop the reconciler of this connection now rather than when its sink next fails.
+        self.generation.send_modify(|g| *g += 1);
         self.retry_later("connection closed", ctx);
     }
 }

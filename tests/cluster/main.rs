@@ -223,6 +223,47 @@ async fn redis_outage_keeps_sockets_open_and_recovers() {
     }
 }
 
+/// Redis restarted on the same port: a topic nobody here subscribed before the outage, subscribed afterwards on each pod, gets its events.
+#[actix_web::test]
+async fn topic_first_subscribed_after_redis_restart_gets_events() {
+    let mut redis = Redis::start();
+    let pods = start_pods(&redis.url(), 2, &[]);
+    // Sockets from before the outage: the pods had a reconciler waiting when Redis died.
+    let mut old = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        old.push(subscribed_user(pod, &format!("old{i}"), ORG).await);
+    }
+    redis.wait_numsub(CHANNEL, 2, T).await;
+
+    redis.kill();
+    for pod in &pods {
+        wait_redis_unavailable(pod, Duration::from_secs(6), "Redis killed").await;
+    }
+    redis.restart();
+    for pod in &pods {
+        wait_ready(pod, Duration::from_secs(12)).await;
+    }
+    redis.wait_numsub(CHANNEL, 2, T).await;
+
+    let fresh = "after-outage";
+    let fresh_channel = format!("sb:{ORG}:{fresh}");
+    let mut new = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let (mut ws, _, _) = connect_user(pod, &format!("new{i}"), ORG).await;
+        ws.subscribe(fresh).await;
+        new.push(ws);
+    }
+    redis.wait_numsub(&fresh_channel, 2, T).await;
+    let id = publish_ok(&pods[0], ORG, fresh, "call.status", json!({"n": 1})).await;
+    for (i, ws) in new.iter_mut().enumerate() {
+        let ev = next_event(ws, fresh, &format!("new socket on pod {i}")).await;
+        assert_eq!(ev["id"], id.as_str(), "pod {i}: {ev}");
+    }
+    for ws in old.iter_mut() {
+        ws.assert_alive().await;
+    }
+}
+
 /// A subscriber connection that is up but delivers nothing (Redis itself fine) turns /readyz 503 through the canary; unwedged, the pod is ready and delivers again.
 #[actix_web::test]
 async fn wedged_subscriber_turns_readyz_503() {
