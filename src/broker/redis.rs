@@ -238,7 +238,9 @@ impl RedisCaps {
         }
     }
 
-    /// Extend the leases of every slot this pod holds, in one pipeline.
+    /// Give the lease of every slot this pod holds a fresh expiry, in one pipeline, adding the
+    /// slots Redis no longer has: it may have restarted empty, or an outage longer than the
+    /// lease let another pod prune them, and a live socket must keep counting against the cap.
     pub async fn refresh(&self, slots: &[(String, String)]) {
         if slots.is_empty() {
             return;
@@ -249,7 +251,6 @@ impl RedisCaps {
             let key = Self::key(user_key);
             pipe.cmd("ZADD")
                 .arg(&key)
-                .arg("XX")
                 .arg(expiry)
                 .arg(slot)
                 .ignore()
@@ -261,6 +262,24 @@ impl RedisCaps {
         let mut conn = self.commands.manager();
         if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
             log::warn!("cannot refresh {} cap lease(s): {e}", slots.len());
+        }
+    }
+
+    /// Give back several slots at once, in one pipeline.
+    async fn release_all(&self, slots: &[(String, String)]) {
+        if slots.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for (user_key, slot) in slots {
+            pipe.cmd("ZREM").arg(Self::key(user_key)).arg(slot).ignore();
+        }
+        let mut conn = self.commands.manager();
+        if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
+            log::warn!(
+                "cannot release {} cap slot(s) (their leases will expire): {e}",
+                slots.len()
+            );
         }
     }
 }
@@ -727,13 +746,22 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
     Replay { events, recovered }
 }
 
-/// Periodically extend the cap leases of this pod's sockets: a pod that dies stops doing
-/// this, and its slots expire within `cap_lease_s`.
+/// Periodically re-assert the cap slots of this pod's sockets with fresh leases: a pod that
+/// dies stops doing this, and its slots expire within `cap_lease_s`.
 pub async fn refresh_leases(caps: RedisCaps, registry: Arc<Registry>) {
     let every = caps.lease / 3;
     let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
     loop {
         ticker.tick().await;
-        caps.refresh(&registry.cap_slots()).await;
+        let slots = registry.cap_slots();
+        caps.refresh(&slots).await;
+        // A socket that closed after the snapshot may have released its slot before the
+        // refresh re-added it; it is unregistered before it releases, so it is missing from a
+        // second snapshot taken now, and without this its slot would count until the lease ran
+        // out. (Even a refresh that timed out may have reached Redis.)
+        let live: HashSet<(String, String)> = registry.cap_slots().into_iter().collect();
+        let closed: Vec<(String, String)> =
+            slots.into_iter().filter(|s| !live.contains(s)).collect();
+        caps.release_all(&closed).await;
     }
 }

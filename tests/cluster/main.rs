@@ -430,6 +430,94 @@ async fn cap_counts_sockets_across_pods_and_frees_a_killed_pods_slots() {
     }
 }
 
+/// Limit 2, a user holds 2 sockets, Redis restarts empty: the pod re-asserts both slots, so a third socket gets 4429; a closed socket's slot is not brought back.
+#[actix_web::test]
+async fn cap_slots_survive_redis_restarting_empty() {
+    let mut redis = Redis::start();
+    let mut env: Vec<(&str, &str)> = CAP_ENV
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "SWITCHBOARD__LIMITS__MAX_CONNECTIONS_PER_USER")
+        .collect();
+    env.push(("SWITCHBOARD__LIMITS__MAX_CONNECTIONS_PER_USER", "2"));
+    let pods = start_pods(&redis.url(), 1, &env);
+    let pod = &pods[0];
+    let cookie = dev_login(pod, "holder", ORG).await;
+    let mut held = vec![
+        open_welcomed(pod.addr(), &cookie).await.0,
+        open_welcomed(pod.addr(), &cookie).await.0,
+    ];
+    let key = format!("sb:caps:{ORG}/holder");
+    let slots = |redis: &Redis| -> Vec<(String, f64)> {
+        redis::cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut redis.conn())
+            .expect("ZRANGE caps")
+    };
+    assert_eq!(slots(&redis).len(), 2, "{key} before the outage");
+
+    redis.kill();
+    wait_redis_unavailable(pod, Duration::from_secs(6), "Redis killed").await;
+    redis.restart();
+    wait_ready(pod, Duration::from_secs(12)).await;
+    // The lease refresh, every cap_lease_s / 3, is what must put the slots back.
+    let deadline = Instant::now() + CAP_LEASE + T;
+    while slots(&redis).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{key} = {:?} {:?} after Redis restarted empty: the pod did not re-assert the slots \
+             of its 2 open sockets",
+            slots(&redis),
+            CAP_LEASE + T
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The login session went with Redis's data too; the open sockets do not depend on it.
+    let cookie = dev_login(pod, "holder", ORG).await;
+    let mut third = connect(pod.addr(), Some(ORIGIN), Some(&cookie))
+        .await
+        .unwrap_or_else(|r| panic!("handshake refused before upgrade: {r:?}"));
+    assert_close(
+        third.expect_only_close(T).await,
+        4429,
+        "too many connections (limit 2)",
+        "a third socket with two open from before Redis restarted empty",
+    );
+
+    // Closing one gives its slot back for good: later refreshes re-assert only the open one.
+    held.pop().expect("two held").close().await;
+    let deadline = Instant::now() + T;
+    let lease = loop {
+        match slots(&redis).as_slice() {
+            [(_, lease)] => break *lease,
+            other => assert!(
+                Instant::now() < deadline,
+                "{key} = {other:?} {T:?} after one of the two sockets closed"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let deadline = Instant::now() + CAP_LEASE + T;
+    loop {
+        match slots(&redis).as_slice() {
+            [(_, later)] if *later > lease => break,
+            [_] => assert!(
+                Instant::now() < deadline,
+                "the open socket's lease was not refreshed within {:?}",
+                CAP_LEASE + T
+            ),
+            other => panic!("{key} = {other:?} after a refresh, expected only the open socket"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut second, _) = open_welcomed(pod.addr(), &cookie).await;
+    second.assert_alive().await;
+    held[0].assert_alive().await;
+}
+
 /// Limit 3 with evict_oldest: a fourth socket on pod B is admitted and the oldest, on pod A, is closed with 4409.
 #[actix_web::test]
 async fn evict_oldest_closes_the_oldest_socket_on_another_pod() {
