@@ -21,7 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{AsyncCommands, Script, Value as RedisValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::{
     build_event, BrokerError, BrokerHealth, EventSender, FetchHistory, Interest, Publish,
@@ -238,7 +238,9 @@ impl RedisCaps {
         }
     }
 
-    /// Extend the leases of every slot this pod holds, in one pipeline.
+    /// Give the lease of every slot this pod holds a fresh expiry, in one pipeline, adding the
+    /// slots Redis no longer has: it may have restarted empty, or an outage longer than the
+    /// lease let another pod prune them, and a live socket must keep counting against the cap.
     pub async fn refresh(&self, slots: &[(String, String)]) {
         if slots.is_empty() {
             return;
@@ -249,7 +251,6 @@ impl RedisCaps {
             let key = Self::key(user_key);
             pipe.cmd("ZADD")
                 .arg(&key)
-                .arg("XX")
                 .arg(expiry)
                 .arg(slot)
                 .ignore()
@@ -261,6 +262,24 @@ impl RedisCaps {
         let mut conn = self.commands.manager();
         if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
             log::warn!("cannot refresh {} cap lease(s): {e}", slots.len());
+        }
+    }
+
+    /// Give back several slots at once, in one pipeline.
+    async fn release_all(&self, slots: &[(String, String)]) {
+        if slots.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for (user_key, slot) in slots {
+            pipe.cmd("ZREM").arg(Self::key(user_key)).arg(slot).ignore();
+        }
+        let mut conn = self.commands.manager();
+        if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
+            log::warn!(
+                "cannot release {} cap slot(s) (their leases will expire): {e}",
+                slots.len()
+            );
         }
     }
 }
@@ -314,7 +333,8 @@ pub struct RedisBroker {
     history: Option<StreamHistory>,
     publish_script: Arc<Script>,
     history_script: Arc<Script>,
-    /// Wakes the subscription reconciler when local interest changes.
+    /// Wakes the subscription reconciler when local interest changes. Each connection gets a
+    /// new one: a wake-up taken by the reconciler of a dead connection would be lost.
     interest_changed: Arc<Notify>,
     /// Last id seen per channel, to give ids to events published without one.
     last_ids: std::collections::HashMap<ChannelKey, EventId>,
@@ -325,8 +345,9 @@ pub struct RedisBroker {
     /// The subscriber has been connected before: the next connection is a reconnect.
     was_connected: bool,
     backoff: Duration,
-    /// Generation of the current subscriber connection; stale reconcilers stop.
-    generation: u64,
+    /// Generation of the current subscriber connection, bumped when it ends or is replaced;
+    /// a reconciler whose generation is no longer current stops.
+    generation: watch::Sender<u64>,
 }
 
 impl RedisBroker {
@@ -353,7 +374,7 @@ impl RedisBroker {
             connected: false,
             was_connected: false,
             backoff: BACKOFF_FIRST,
-            generation: 0,
+            generation: watch::Sender::new(0),
         }
     }
 
@@ -379,7 +400,8 @@ impl RedisBroker {
         stream: redis::aio::PubSubStream,
         ctx: &mut Context<Self>,
     ) {
-        self.generation += 1;
+        self.generation.send_modify(|g| *g += 1);
+        self.interest_changed = Arc::new(Notify::new());
         self.connected = true;
         self.backoff = BACKOFF_FIRST;
         if self.was_connected {
@@ -396,6 +418,7 @@ impl RedisBroker {
             fixed,
             self.registry.clone(),
             self.interest_changed.clone(),
+            self.generation.subscribe(),
         ));
         // Readiness waits for the first canary to come back through the new subscription.
     }
@@ -506,8 +529,26 @@ impl RedisBroker {
     }
 }
 
-/// Keep the subscriber's channel set equal to the registry's, until the connection ends.
+/// Keep the subscriber's channel set equal to the registry's, until the connection ends or
+/// is superseded: a reconciler left behind would hold a dead sink forever.
 async fn reconcile_subscriptions(
+    sink: PubSubSink,
+    fixed: Vec<String>,
+    registry: Arc<Registry>,
+    changed: Arc<Notify>,
+    mut generation: watch::Receiver<u64>,
+) {
+    let mine = *generation.borrow_and_update();
+    tokio::select! {
+        () = keep_subscriptions(sink, fixed, registry, changed) => {}
+        // Also when the broker is gone (sender dropped).
+        _ = generation.wait_for(|current| *current != mine) => {
+            log::debug!("subscriber connection {mine} superseded; its reconciler stops");
+        }
+    }
+}
+
+async fn keep_subscriptions(
     mut sink: PubSubSink,
     fixed: Vec<String>,
     registry: Arc<Registry>,
@@ -563,6 +604,8 @@ impl StreamHandler<redis::Msg> for RedisBroker {
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
+        // Stop the reconciler of this connection now rather than when its sink next fails.
+        self.generation.send_modify(|g| *g += 1);
         self.retry_later("connection closed", ctx);
     }
 }
@@ -703,13 +746,22 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
     Replay { events, recovered }
 }
 
-/// Periodically extend the cap leases of this pod's sockets: a pod that dies stops doing
-/// this, and its slots expire within `cap_lease_s`.
+/// Periodically re-assert the cap slots of this pod's sockets with fresh leases: a pod that
+/// dies stops doing this, and its slots expire within `cap_lease_s`.
 pub async fn refresh_leases(caps: RedisCaps, registry: Arc<Registry>) {
     let every = caps.lease / 3;
     let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
     loop {
         ticker.tick().await;
-        caps.refresh(&registry.cap_slots()).await;
+        let slots = registry.cap_slots();
+        caps.refresh(&slots).await;
+        // A socket that closed after the snapshot may have released its slot before the
+        // refresh re-added it; it is unregistered before it releases, so it is missing from a
+        // second snapshot taken now, and without this its slot would count until the lease ran
+        // out. (Even a refresh that timed out may have reached Redis.)
+        let live: HashSet<(String, String)> = registry.cap_slots().into_iter().collect();
+        let closed: Vec<(String, String)> =
+            slots.into_iter().filter(|s| !live.contains(s)).collect();
+        caps.release_all(&closed).await;
     }
 }

@@ -223,6 +223,47 @@ async fn redis_outage_keeps_sockets_open_and_recovers() {
     }
 }
 
+/// Redis restarted on the same port: a topic nobody here subscribed before the outage, subscribed afterwards on each pod, gets its events.
+#[actix_web::test]
+async fn topic_first_subscribed_after_redis_restart_gets_events() {
+    let mut redis = Redis::start();
+    let pods = start_pods(&redis.url(), 2, &[]);
+    // Sockets from before the outage: the pods had a reconciler waiting when Redis died.
+    let mut old = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        old.push(subscribed_user(pod, &format!("old{i}"), ORG).await);
+    }
+    redis.wait_numsub(CHANNEL, 2, T).await;
+
+    redis.kill();
+    for pod in &pods {
+        wait_redis_unavailable(pod, Duration::from_secs(6), "Redis killed").await;
+    }
+    redis.restart();
+    for pod in &pods {
+        wait_ready(pod, Duration::from_secs(12)).await;
+    }
+    redis.wait_numsub(CHANNEL, 2, T).await;
+
+    let fresh = "after-outage";
+    let fresh_channel = format!("sb:{ORG}:{fresh}");
+    let mut new = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        let (mut ws, _, _) = connect_user(pod, &format!("new{i}"), ORG).await;
+        ws.subscribe(fresh).await;
+        new.push(ws);
+    }
+    redis.wait_numsub(&fresh_channel, 2, T).await;
+    let id = publish_ok(&pods[0], ORG, fresh, "call.status", json!({"n": 1})).await;
+    for (i, ws) in new.iter_mut().enumerate() {
+        let ev = next_event(ws, fresh, &format!("new socket on pod {i}")).await;
+        assert_eq!(ev["id"], id.as_str(), "pod {i}: {ev}");
+    }
+    for ws in old.iter_mut() {
+        ws.assert_alive().await;
+    }
+}
+
 /// A subscriber connection that is up but delivers nothing (Redis itself fine) turns /readyz 503 through the canary; unwedged, the pod is ready and delivers again.
 #[actix_web::test]
 async fn wedged_subscriber_turns_readyz_503() {
@@ -387,6 +428,94 @@ async fn cap_counts_sockets_across_pods_and_frees_a_killed_pods_slots() {
             "socket {i} got something unexpected"
         );
     }
+}
+
+/// Limit 2, a user holds 2 sockets, Redis restarts empty: the pod re-asserts both slots, so a third socket gets 4429; a closed socket's slot is not brought back.
+#[actix_web::test]
+async fn cap_slots_survive_redis_restarting_empty() {
+    let mut redis = Redis::start();
+    let mut env: Vec<(&str, &str)> = CAP_ENV
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "SWITCHBOARD__LIMITS__MAX_CONNECTIONS_PER_USER")
+        .collect();
+    env.push(("SWITCHBOARD__LIMITS__MAX_CONNECTIONS_PER_USER", "2"));
+    let pods = start_pods(&redis.url(), 1, &env);
+    let pod = &pods[0];
+    let cookie = dev_login(pod, "holder", ORG).await;
+    let mut held = vec![
+        open_welcomed(pod.addr(), &cookie).await.0,
+        open_welcomed(pod.addr(), &cookie).await.0,
+    ];
+    let key = format!("sb:caps:{ORG}/holder");
+    let slots = |redis: &Redis| -> Vec<(String, f64)> {
+        redis::cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query(&mut redis.conn())
+            .expect("ZRANGE caps")
+    };
+    assert_eq!(slots(&redis).len(), 2, "{key} before the outage");
+
+    redis.kill();
+    wait_redis_unavailable(pod, Duration::from_secs(6), "Redis killed").await;
+    redis.restart();
+    wait_ready(pod, Duration::from_secs(12)).await;
+    // The lease refresh, every cap_lease_s / 3, is what must put the slots back.
+    let deadline = Instant::now() + CAP_LEASE + T;
+    while slots(&redis).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{key} = {:?} {:?} after Redis restarted empty: the pod did not re-assert the slots \
+             of its 2 open sockets",
+            slots(&redis),
+            CAP_LEASE + T
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The login session went with Redis's data too; the open sockets do not depend on it.
+    let cookie = dev_login(pod, "holder", ORG).await;
+    let mut third = connect(pod.addr(), Some(ORIGIN), Some(&cookie))
+        .await
+        .unwrap_or_else(|r| panic!("handshake refused before upgrade: {r:?}"));
+    assert_close(
+        third.expect_only_close(T).await,
+        4429,
+        "too many connections (limit 2)",
+        "a third socket with two open from before Redis restarted empty",
+    );
+
+    // Closing one gives its slot back for good: later refreshes re-assert only the open one.
+    held.pop().expect("two held").close().await;
+    let deadline = Instant::now() + T;
+    let lease = loop {
+        match slots(&redis).as_slice() {
+            [(_, lease)] => break *lease,
+            other => assert!(
+                Instant::now() < deadline,
+                "{key} = {other:?} {T:?} after one of the two sockets closed"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let deadline = Instant::now() + CAP_LEASE + T;
+    loop {
+        match slots(&redis).as_slice() {
+            [(_, later)] if *later > lease => break,
+            [_] => assert!(
+                Instant::now() < deadline,
+                "the open socket's lease was not refreshed within {:?}",
+                CAP_LEASE + T
+            ),
+            other => panic!("{key} = {other:?} after a refresh, expected only the open socket"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut second, _) = open_welcomed(pod.addr(), &cookie).await;
+    second.assert_alive().await;
+    held[0].assert_alive().await;
 }
 
 /// Limit 3 with evict_oldest: a fourth socket on pod B is admitted and the oldest, on pod A, is closed with 4409.
