@@ -49,6 +49,9 @@ pub type Shared = Rc<RefCell<SessionShared>>;
 
 /// Frames written per `writev` at most (the kernel takes up to 1024; this bounds the stack).
 const MAX_IOV: usize = 64;
+/// Queue slots a socket keeps between bursts: enough for the usual one or two frames without
+/// reallocating, little enough that 15,000 idle sockets do not hold megabytes of them.
+const IDLE_QUEUE: usize = 4;
 /// Turns of the loop per poll before yielding to other sockets of this worker.
 const MAX_TURNS: usize = 16;
 
@@ -243,12 +246,12 @@ where
             self.written_of_first = 0;
             self.pending.pop_front();
         }
-        // An idle socket keeps no queue memory after a burst.
-        if self.pending.capacity() > MAX_IOV {
-            self.pending.shrink_to(MAX_IOV);
+        // An idle socket keeps (almost) no queue memory after a burst.
+        if self.pending.capacity() > IDLE_QUEUE {
+            self.pending.shrink_to(IDLE_QUEUE);
         }
-        if self.batch.capacity() > MAX_IOV {
-            self.batch.shrink_to(MAX_IOV);
+        if self.batch.capacity() > IDLE_QUEUE {
+            self.batch.shrink_to(IDLE_QUEUE);
         }
     }
 
