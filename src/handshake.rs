@@ -141,7 +141,10 @@ pub async fn upgrade(
     let FramedParts { io, read_buf, .. } = framed.into_parts();
     let early = Bytes::copy_from_slice(&read_buf);
     drop(read_buf);
-    session::run(hub, admission, io, early).await;
+    // The session gets a task of its own: this future lives inside the HTTP dispatcher's
+    // task, which is sized for a whole actix-web request and would otherwise be held (a few
+    // KiB) for as long as the socket is open.
+    actix::spawn(session::run(hub, admission, io, early));
     Ok(())
 }
 
