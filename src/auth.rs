@@ -178,13 +178,20 @@ pub async fn load_session(
     cookie_headers: impl Iterator<Item = &[u8]>,
 ) -> Result<SessionState, SessionReadError> {
     let name = hub.settings.auth.cookie_name.as_str();
-    // Parsed as actix-web parses cookies: percent-decoded, as the middleware set them.
-    let cookie = cookie_headers
+    // Parsed as actix-web parses cookies: percent-decoded, as the middleware set them. A
+    // cookie of ours that does not even decode (tampered) is there, and invalid.
+    let raw = cookie_headers
         .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|header| header.split(';'))
-        .filter_map(|pair| Cookie::parse_encoded(pair.trim().to_string()).ok())
-        .find(|c| c.name() == name && !c.value().is_empty())
+        .map(str::trim)
+        .find(|pair| {
+            pair.split_once('=')
+                .is_some_and(|(n, v)| n == name && !v.is_empty())
+        })
         .ok_or(SessionReadError::NoCookie)?;
+    let Ok(cookie) = Cookie::parse_encoded(raw.to_string()) else {
+        return Ok(SessionState::new());
+    };
     let mut jar = CookieJar::new();
     jar.add_original(cookie);
     let Some(key) = jar

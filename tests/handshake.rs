@@ -181,6 +181,16 @@ async fn tampered_cookie_is_closed_4401() {
         "unauthenticated: invalid session",
         "tampered cookie",
     );
+    // A tampered percent escape can decode to bytes that are not text: still "invalid",
+    // never "no session cookie".
+    let undecodable = format!("{COOKIE_NAME}=%AF%FFabc");
+    let mut ws = ws_open(&hub, Some(ORIGIN), Some(&undecodable)).await;
+    assert_close(
+        ws.expect_only_close(T).await,
+        4401,
+        "unauthenticated: invalid session",
+        "cookie that does not percent-decode",
+    );
     let forged = format!("{COOKIE_NAME}=eyJ1c2VyIjoiYWRtaW4iLCJvcmciOiI0MyJ9");
     let mut ws = ws_open(&hub, Some(ORIGIN), Some(&forged)).await;
     assert_close(
