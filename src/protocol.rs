@@ -100,8 +100,22 @@ impl fmt::Display for Topic {
 }
 
 /// The Redis channel (and registry key) of one org's topic: `sb:{org}:{topic}`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Eq, PartialOrd, Ord)]
 pub struct ChannelKey(Arc<str>);
+
+impl std::hash::Hash for ChannelKey {
+    /// By content, as equality is (the pointer check there is only a shortcut).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialEq for ChannelKey {
+    /// Keys are shared `Arc`s, so the same pointer usually answers before any byte is read.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
 
 pub const CHANNEL_PREFIX: &str = "sb:";
 

@@ -4,7 +4,6 @@
 //! events the replay already covered are skipped. Shared by both transports (WebSocket
 //! session and SSE stream); pure, no I/O.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::protocol::{ChannelKey, EventId};
@@ -18,9 +17,12 @@ struct Subscription {
     sent_through: Option<EventId>,
 }
 
+/// A connection holds one to a few subscriptions (at most `limits.max_subscriptions`), and
+/// every live event looks its channel up here: a short vector scanned in place beats hashing
+/// the channel name on each delivery.
 #[derive(Default)]
 pub struct Subscriptions {
-    channels: HashMap<ChannelKey, Subscription>,
+    channels: Vec<(ChannelKey, Subscription)>,
 }
 
 impl Subscriptions {
@@ -33,21 +35,38 @@ impl Subscriptions {
     }
 
     pub fn contains(&self, channel: &ChannelKey) -> bool {
-        self.channels.contains_key(channel)
+        self.position(channel).is_some()
     }
 
     pub fn channels(&self) -> impl Iterator<Item = &ChannelKey> {
-        self.channels.keys()
+        self.channels.iter().map(|(channel, _)| channel)
+    }
+
+    fn position(&self, channel: &ChannelKey) -> Option<usize> {
+        self.channels.iter().position(|(c, _)| c == channel)
+    }
+
+    fn get_mut(&mut self, channel: &ChannelKey) -> Option<&mut Subscription> {
+        let i = self.position(channel)?;
+        Some(&mut self.channels[i].1)
+    }
+
+    /// Subscribe (or re-subscribe), replacing any earlier state of the channel.
+    fn insert(&mut self, channel: ChannelKey, subscription: Subscription) {
+        match self.get_mut(&channel) {
+            Some(existing) => *existing = subscription,
+            None => self.channels.push((channel, subscription)),
+        }
     }
 
     /// Subscribe for live events only.
     pub fn insert_live(&mut self, channel: ChannelKey) {
-        self.channels.insert(channel, Subscription::default());
+        self.insert(channel, Subscription::default());
     }
 
     /// Subscribe and hold live events until [`Self::finish_replay`].
     pub fn insert_replaying(&mut self, channel: ChannelKey) {
-        self.channels.insert(
+        self.insert(
             channel,
             Subscription {
                 held: Some(Vec::new()),
@@ -58,13 +77,19 @@ impl Subscriptions {
 
     /// True when the channel was subscribed.
     pub fn remove(&mut self, channel: &ChannelKey) -> bool {
-        self.channels.remove(channel).is_some()
+        match self.position(channel) {
+            Some(i) => {
+                self.channels.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     /// A live event from the outbox: `Some` to send it now; `None` when it is not wanted
     /// (unsubscribed, held for a replay, or already sent by one).
     pub fn admit_live(&mut self, event: Arc<Event>) -> Option<Arc<Event>> {
-        let sub = self.channels.get_mut(&event.channel)?;
+        let sub = self.get_mut(&event.channel)?;
         if let Some(held) = sub.held.as_mut() {
             held.push(event);
             return None;
@@ -82,7 +107,7 @@ impl Subscriptions {
         channel: &ChannelKey,
         replayed: Vec<Arc<Event>>,
     ) -> Option<Vec<Arc<Event>>> {
-        let sub = self.channels.get_mut(channel)?;
+        let sub = self.get_mut(channel)?;
         let held = sub.held.take()?;
         let mut out: Vec<Arc<Event>> = Vec::with_capacity(replayed.len() + held.len());
         for event in replayed.into_iter().chain(held) {
