@@ -287,7 +287,11 @@ pub async fn admit(
     };
 
     if hub.draining.load(Ordering::Acquire) {
-        log::warn!("websocket refused for user {}: draining", identity.user);
+        log::warn!(
+            "websocket refused for user {} (origin {}): draining",
+            identity.user,
+            origin.as_deref().unwrap_or("<missing>")
+        );
         return Admission::Refused(Close::Restarting);
     }
 
@@ -315,14 +319,16 @@ pub async fn admit(
         }
         Ok(CapOutcome::Refused { limit }) => {
             log::warn!(
-                "websocket refused for user {user_key}: too many connections (limit {limit})"
+                "websocket refused for user {user_key} (origin {}): too many connections (limit {limit})",
+                origin.as_deref().unwrap_or("<missing>")
             );
             Admission::Refused(Close::TooManyConnections { limit })
         }
         Err(e) => {
             // Fail closed but retryable: the client reconnects when the store is back.
             log::warn!(
-                "websocket refused for user {user_key}: connection caps unavailable: {}",
+                "websocket refused for user {user_key} (origin {}): connection caps unavailable: {}",
+                origin.as_deref().unwrap_or("<missing>"),
                 e.0
             );
             Admission::Refused(Close::Restarting)

@@ -363,6 +363,43 @@ fn routes(cfg: &mut web::ServiceConfig, hub: &web::Data<Hub>) {
     });
 }
 
+/// How often the heap is looked at, and how many sockets must have gone (from the highest
+/// count since the last trim, and at least half of it) before freed memory is handed back.
+const TRIM_EVERY: Duration = Duration::from_secs(2);
+const TRIM_MIN_GONE: usize = 1000;
+
+/// After a wave of sockets closes, give the freed heap back to the OS. glibc keeps it
+/// otherwise, so a node's RSS would stay at the level of its busiest moment (a reconnect
+/// storm, a churn of short-lived tabs) for the rest of its life.
+async fn trim_after_disconnects(registry: Arc<Registry>) {
+    let mut ticker = tokio::time::interval(TRIM_EVERY);
+    let mut highest = 0usize;
+    loop {
+        ticker.tick().await;
+        let now = registry.session_count();
+        highest = highest.max(now);
+        if highest - now >= TRIM_MIN_GONE && now <= highest / 2 {
+            trim_heap();
+            highest = now;
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    extern "C" {
+        fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+    }
+    // SAFETY: glibc's malloc_trim takes the allocator's own locks and only releases memory
+    // that is already free; it has no preconditions on the caller.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
+
 impl Bound {
     /// Serve until SIGTERM/SIGINT and the drain that follows.
     pub async fn run(self) -> std::io::Result<()> {
@@ -395,6 +432,7 @@ impl Bound {
         if let Some(caps) = self.caps_leases {
             actix::spawn(refresh_leases(caps, hub.registry.clone()));
         }
+        actix::spawn(trim_after_disconnects(hub.registry.clone()));
         let handle = self.server.handle();
         actix::spawn(async move {
             shutdown::signalled().await;

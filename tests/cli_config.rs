@@ -481,3 +481,22 @@ fn port_and_bind_variables_win() {
         hub.logs()
     );
 }
+
+/// The production profile refuses the demo call simulator: made-up calls must never reach a
+/// real board.
+#[test]
+fn production_profile_refuses_the_demo_simulator() {
+    let out = run_cli(
+        &["serve"],
+        &[
+            ("SWITCHBOARD_ENV", "production"),
+            ("SWITCHBOARD__DEMO__SIMULATE_CALLS", "true"),
+        ],
+    );
+    assert_eq!(out.code(), Some(2), "{out}");
+    let errors = config_errors(&out);
+    assert!(
+        errors.iter().any(|l| l.contains("demo.simulate_calls")),
+        "no config error names demo.simulate_calls: {errors:?}\n{out}"
+    );
+}

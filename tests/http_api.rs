@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use serde_json::json;
 
@@ -367,4 +369,44 @@ async fn publish_bearer_scheme_is_case_insensitive() {
     )
     .await;
     assert_eq!(resp.status, 202, "{resp}");
+}
+
+/// `switchboard simulate` (what `scripts/simulate-calls` runs) publishes call-status events
+/// through `/api/publish` that a board of that org receives, shaped as SPEC section 4 says.
+#[actix_web::test]
+async fn simulate_command_feeds_a_board_through_the_api() {
+    let hub = Hub::start(&[]);
+    let (mut board, _, _) = connect_user(&hub, "agent", "77").await;
+    board.subscribe("calls").await;
+    let url = hub.base_url();
+    let simulator = std::thread::spawn(move || {
+        run_cli(
+            &[
+                "simulate",
+                "--url",
+                &url,
+                "--key",
+                PUBLISH_KEY,
+                "--org",
+                "77",
+                "--calls-per-minute",
+                "600",
+                "--duration-s",
+                "4",
+            ],
+            &[],
+        )
+    });
+    let event = board.next_json(Duration::from_secs(10)).await;
+    assert_eq!(event["type"], "event", "{event}");
+    assert_eq!(event["event"], "call.status", "{event}");
+    let data = &event["data"];
+    assert!(data["call_id"].is_string(), "no call_id: {event}");
+    let status = data["status"].as_str().unwrap_or("");
+    assert!(
+        ["queued", "ringing", "in-progress", "forwarding", "ended"].contains(&status),
+        "status {status:?} is not a call status: {event}"
+    );
+    let out = simulator.join().expect("simulator thread");
+    assert_eq!(out.code(), Some(0), "simulate should end by itself: {out}");
 }

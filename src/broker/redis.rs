@@ -336,6 +336,9 @@ pub struct RedisBroker {
     /// Wakes the subscription reconciler when local interest changes. Each connection gets a
     /// new one: a wake-up taken by the reconciler of a dead connection would be lost.
     interest_changed: Arc<Notify>,
+    /// Channels the current subscriber connection has confirmed: a history read for `since`
+    /// waits until its channel is live here, so no event falls between replay and live.
+    live_channels: watch::Sender<HashSet<ChannelKey>>,
     /// Last id seen per channel, to give ids to events published without one.
     last_ids: std::collections::HashMap<ChannelKey, EventId>,
     canary_channel: String,
@@ -368,6 +371,7 @@ impl RedisBroker {
             publish_script: Arc::new(Script::new(PUBLISH_LUA)),
             history_script: Arc::new(Script::new(HISTORY_LUA)),
             interest_changed: Arc::new(Notify::new()),
+            live_channels: watch::Sender::new(HashSet::new()),
             last_ids: std::collections::HashMap::new(),
             canary_channel: format!("sbx:canary:{}", node_id()),
             last_canary_ms: Arc::new(AtomicU64::new(0)),
@@ -402,6 +406,7 @@ impl RedisBroker {
     ) {
         self.generation.send_modify(|g| *g += 1);
         self.interest_changed = Arc::new(Notify::new());
+        self.live_channels.send_replace(HashSet::new());
         self.connected = true;
         self.backoff = BACKOFF_FIRST;
         if self.was_connected {
@@ -418,6 +423,7 @@ impl RedisBroker {
             fixed,
             self.registry.clone(),
             self.interest_changed.clone(),
+            self.live_channels.clone(),
             self.generation.subscribe(),
         ));
         // Readiness waits for the first canary to come back through the new subscription.
@@ -536,11 +542,12 @@ async fn reconcile_subscriptions(
     fixed: Vec<String>,
     registry: Arc<Registry>,
     changed: Arc<Notify>,
+    live: watch::Sender<HashSet<ChannelKey>>,
     mut generation: watch::Receiver<u64>,
 ) {
     let mine = *generation.borrow_and_update();
     tokio::select! {
-        () = keep_subscriptions(sink, fixed, registry, changed) => {}
+        () = keep_subscriptions(sink, fixed, registry, changed, live) => {}
         // Also when the broker is gone (sender dropped).
         _ = generation.wait_for(|current| *current != mine) => {
             log::debug!("subscriber connection {mine} superseded; its reconciler stops");
@@ -553,6 +560,7 @@ async fn keep_subscriptions(
     fixed: Vec<String>,
     registry: Arc<Registry>,
     changed: Arc<Notify>,
+    live: watch::Sender<HashSet<ChannelKey>>,
 ) {
     if let Err(e) = sink.subscribe(&fixed).await {
         log::warn!("cannot subscribe control channels: {e}");
@@ -575,6 +583,8 @@ async fn keep_subscriptions(
                 return;
             }
         }
+        // SUBSCRIBE has been answered: from here on every event of these channels arrives.
+        live.send_replace(wanted.clone());
         subscribed = wanted;
         changed.notified().await;
     }
@@ -680,7 +690,21 @@ impl Handler<FetchHistory> for RedisBroker {
         };
         let mut conn = self.commands.manager();
         let script = self.history_script.clone();
+        let mut live = self.live_channels.subscribe();
         Box::pin(async move {
+            // Read history only once live events flow: an event published between a read
+            // made earlier and the SUBSCRIBE would be in neither. Live events the replay also
+            // holds are dropped by the session's `sent_through`.
+            let confirmed = live.wait_for(|channels| channels.contains(&msg.channel));
+            if tokio::time::timeout(REDIS_TIMEOUT, confirmed)
+                .await
+                .is_err()
+            {
+                return Err(BrokerError::Unavailable(format!(
+                    "{} is not subscribed yet",
+                    msg.channel
+                )));
+            }
             let mut invocation = script.key(format!("{}:log", msg.channel));
             invocation.arg(msg.since.to_string()).arg(history.max_len);
             let answer: Vec<RedisValue> = timed(invocation.invoke_async(&mut conn))
