@@ -130,6 +130,18 @@ impl SseClient {
     }
 }
 
+/// Publish call `c1`'s `n`th status event to org 42's `calls`; returns its id.
+async fn publish_call(hub: &Hub, n: u64) -> String {
+    publish_ok(
+        hub,
+        "42",
+        "calls",
+        "call.status",
+        json!({"call_id": "c1", "n": n}),
+    )
+    .await
+}
+
 /// Events arrive as records naming the event; a client that drops and comes back with
 /// `Last-Event-ID` gets exactly the events it missed, in order.
 #[actix_web::test]
@@ -138,20 +150,10 @@ async fn sse_streams_events_and_resumes_from_last_event_id() {
     let cookie = dev_login(&hub, "u1", "42").await;
     let headers = [("origin", ORIGIN), ("cookie", cookie.as_str())];
     let mut first = stream(open_sse(&hub, "topic=calls", &headers).await);
-    let _welcome = first.next_record().await;
 
     let mut ids = Vec::new();
     for n in 1..=3 {
-        ids.push(
-            publish_ok(
-                &hub,
-                "42",
-                "calls",
-                "call.status",
-                json!({"call_id": "c1", "n": n}),
-            )
-            .await,
-        );
+        ids.push(publish_call(&hub, n).await);
     }
     let mut last_cursor = String::new();
     for id in &ids {
@@ -162,16 +164,7 @@ async fn sse_streams_events_and_resumes_from_last_event_id() {
     drop(first);
 
     for n in 4..=5 {
-        ids.push(
-            publish_ok(
-                &hub,
-                "42",
-                "calls",
-                "call.status",
-                json!({"call_id": "c1", "n": n}),
-            )
-            .await,
-        );
+        ids.push(publish_call(&hub, n).await);
     }
     let resumed_headers = [
         ("origin", ORIGIN),
