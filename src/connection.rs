@@ -1,10 +1,13 @@
-//! One WebSocket connection's writer, after the upgrade: it owns the socket's write half and
-//! drives the session actor's context. Two sources feed the socket, in this order on every
-//! turn: what the session wrote (welcome, replies, replays, pings, the close frame), then the
-//! live events waiting in the session's [`Outbox`]. Events skip the actor: each is already a
-//! complete WebSocket frame, shared by every socket that receives it, so a delivery is a
-//! queue push, one task wake-up and an entry in a vectored write, with no mailbox message
-//! and no re-encoding. All of a socket's waiting frames go out in one `writev`.
+//! One WebSocket connection's output, after the upgrade: the [`Socket`] (write half and the
+//! frames not yet written) and the writer task that drives the session actor's context.
+//! Three sources feed the socket, always in order: what the session wrote (welcome, replies,
+//! replays, pings, the close frame), the live events waiting in the session's [`Outbox`], and
+//! live events the worker's fan-out ([`crate::fanout`]) writes itself. Events skip the actor:
+//! each is already a complete WebSocket frame, shared by every socket that receives it. While
+//! a socket is idle (nothing pending, nothing from its session waiting) the fan-out appends
+//! the event and writes it in the same pass over the topic's sockets, so a delivery costs no
+//! task wake-up at all; otherwise the event waits in the outbox and the writer takes it when
+//! what is ahead of it is out. All of a socket's waiting frames go out in one `writev`.
 //!
 //! The session decides what the socket wants ([`SessionShared::subscriptions`], the same
 //! bookkeeping that makes `since` replay exact) and when it is closing; this module only
@@ -12,10 +15,10 @@
 //! released as the session stops). Events stay in the outbox while the socket is blocked,
 //! so a slow consumer conflates there instead of growing this side.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,8 +29,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use futures_util::Stream;
-use tokio::io::AsyncWrite;
 use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::metrics::metrics;
@@ -90,26 +93,162 @@ impl Frame {
     }
 }
 
+/// One socket's output, shared by its writer task and the worker's fan-out (same thread).
+pub struct Socket {
+    write: OwnedWriteHalf,
+    out: RefCell<Outgoing>,
+    shared: Shared,
+    wake: Arc<ContextWake>,
+    /// False once the writer has ended: nothing more is written here.
+    open: Cell<bool>,
+}
+
+/// Frames not yet written, oldest first.
+#[derive(Default)]
+struct Outgoing {
+    pending: VecDeque<Frame>,
+    /// Bytes of `pending[0]` already written.
+    written_of_first: usize,
+    /// The fan-out appended events in its current pass and will write them at its end.
+    offered: bool,
+}
+
+/// What the fan-out's offer of an event came to.
+pub enum Offer {
+    /// Appended; `first` when it is the first this pass, so the socket must be flushed.
+    Taken { first: bool },
+    /// Not for this socket now (held for a replay, already replayed, unsubscribed, closing).
+    Declined,
+    /// Something is ahead of it: the event must go through the outbox.
+    Busy,
+}
+
+impl Socket {
+    pub fn new(write: OwnedWriteHalf, shared: Shared) -> Rc<Self> {
+        Rc::new(Self {
+            write,
+            out: RefCell::default(),
+            shared,
+            wake: Arc::new(ContextWake {
+                wanted: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
+            open: Cell::new(true),
+        })
+    }
+
+    fn stream(&self) -> &TcpStream {
+        self.write.as_ref()
+    }
+
+    /// Take a live event for writing at the end of the fan-out's pass, if nothing must go
+    /// before it: no frame pending, no event in the outbox, and the session not asking to run
+    /// (it may be about to answer something the client sent first).
+    pub fn offer(&self, event: &Arc<Event>) -> Offer {
+        let Ok(mut out) = self.out.try_borrow_mut() else {
+            return Offer::Busy;
+        };
+        if !out.offered
+            && (!self.open.get()
+                || !out.pending.is_empty()
+                || self.wake.wanted.load(Ordering::Acquire))
+        {
+            return Offer::Busy;
+        }
+        let Ok(mut shared) = self.shared.try_borrow_mut() else {
+            return Offer::Busy;
+        };
+        if shared.closing {
+            return Offer::Declined;
+        }
+        if !out.offered && shared.link.as_ref().is_some_and(|l| !l.outbox.is_empty()) {
+            return Offer::Busy;
+        }
+        match shared.subscriptions.admit_live(event.clone()) {
+            None => Offer::Declined,
+            Some(event) => {
+                out.pending.push_back(Frame::Event(event));
+                let first = !std::mem::replace(&mut out.offered, true);
+                Offer::Taken { first }
+            }
+        }
+    }
+
+    /// Write what the fan-out appended. What the socket does not take now is left to the
+    /// writer task (which waits for the socket and runs the stall timer).
+    pub fn flush_offered(&self) {
+        let mut out = self.out.borrow_mut();
+        out.offered = false;
+        if !matches!(out.write_to(self.stream()), Ok(true)) {
+            self.wake.task.wake();
+        }
+    }
+}
+
+impl Outgoing {
+    /// Write as much as the socket takes without waiting. `Ok(true)`: all of it;
+    /// `Ok(false)`: the socket is full.
+    fn write_to(&mut self, stream: &TcpStream) -> io::Result<bool> {
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (i, frame) in self.pending.iter().take(MAX_IOV).enumerate() {
+                let bytes = frame.bytes();
+                let bytes = if i == 0 {
+                    &bytes[self.written_of_first..]
+                } else {
+                    bytes
+                };
+                slices[count] = IoSlice::new(bytes);
+                count += 1;
+            }
+            // One frame (the usual case at low rates) goes through plain send(): cheaper in
+            // the kernel than writev's iovec import and file-position locking.
+            let written = if count == 1 {
+                stream.try_write(&slices[0])
+            } else {
+                stream.try_write_vectored(&slices[..count])
+            };
+            match written {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        while let Some(first) = self.pending.front() {
+            let left = first.bytes().len() - self.written_of_first;
+            if written < left {
+                self.written_of_first += written;
+                return;
+            }
+            written -= left;
+            self.written_of_first = 0;
+            self.pending.pop_front();
+        }
+        // An idle socket keeps (almost) no queue memory after a burst.
+        if self.pending.capacity() > IDLE_QUEUE {
+            self.pending.shrink_to(IDLE_QUEUE);
+        }
+    }
+}
+
 /// Run the session's context `session` against the socket until the session ends (its
 /// stream finishes and everything it wrote is out), the peer goes away, or the socket stalls.
-pub async fn drive<S>(session: S, shared: Shared, write: OwnedWriteHalf, stall_after: Duration)
+pub async fn drive<S>(session: S, socket: Rc<Socket>, stall_after: Duration)
 where
     S: Stream<Item = Result<Bytes, actix_web::Error>>,
 {
-    let context_wake = Arc::new(ContextWake {
-        wanted: AtomicBool::new(true),
-        task: AtomicWaker::new(),
-    });
     Writer {
         session: Box::pin(session),
-        context_waker: Waker::from(context_wake.clone()),
-        context_wake,
+        context_waker: Waker::from(socket.wake.clone()),
         session_done: false,
-        shared,
         outbox: None,
-        write,
-        pending: VecDeque::new(),
-        written_of_first: 0,
+        socket,
         batch: Vec::new(),
         stall: None,
         stall_after,
@@ -119,22 +258,24 @@ where
 
 struct Writer<S> {
     session: Pin<Box<S>>,
-    context_wake: Arc<ContextWake>,
-    /// The waker the context is polled with (built once: it is an `Arc` of `context_wake`).
+    /// The waker the context is polled with (built once: it is an `Arc` of the socket's
+    /// `ContextWake`).
     context_waker: Waker,
     session_done: bool,
-    shared: Shared,
     outbox: Option<Arc<SessionLink>>,
-    write: OwnedWriteHalf,
-    /// Frames not yet fully written, oldest first.
-    pending: VecDeque<Frame>,
-    /// Bytes of `pending[0]` already written.
-    written_of_first: usize,
+    socket: Rc<Socket>,
     /// Scratch for draining the outbox.
     batch: Vec<Arc<Event>>,
     /// Armed while the socket takes nothing.
     stall: Option<Pin<Box<Sleep>>>,
     stall_after: Duration,
+}
+
+impl<S> Drop for Writer<S> {
+    fn drop(&mut self) {
+        self.socket.open.set(false);
+        self.socket.out.borrow_mut().pending.clear();
+    }
 }
 
 /// Why the writer stops.
@@ -157,14 +298,20 @@ where
 {
     /// Let the session run if it asked to; collect what it wrote.
     fn poll_session(&mut self, cx: &mut Context<'_>) {
-        self.context_wake.task.register(cx.waker());
-        if self.session_done || !self.context_wake.wanted.swap(false, Ordering::AcqRel) {
+        let wake = &self.socket.wake;
+        wake.task.register(cx.waker());
+        if self.session_done || !wake.wanted.swap(false, Ordering::AcqRel) {
             return;
         }
         let mut context_cx = Context::from_waker(&self.context_waker);
         loop {
             match self.session.as_mut().poll_next(&mut context_cx) {
-                Poll::Ready(Some(Ok(bytes))) => self.pending.push_back(Frame::Session(bytes)),
+                Poll::Ready(Some(Ok(bytes))) => self
+                    .socket
+                    .out
+                    .borrow_mut()
+                    .pending
+                    .push_back(Frame::Session(bytes)),
                 Poll::Ready(Some(Err(_)) | None) => {
                     self.session_done = true;
                     return;
@@ -179,7 +326,7 @@ where
         if self.session_done {
             return;
         }
-        let shared = &mut *self.shared.borrow_mut();
+        let shared = &mut *self.socket.shared.borrow_mut();
         if shared.closing {
             return;
         }
@@ -197,67 +344,36 @@ where
         }
         let now = Instant::now();
         let mut sent = 0u64;
+        let out = &mut *self.socket.out.borrow_mut();
         for event in self.batch.drain(..) {
             if let Some(event) = shared.subscriptions.admit_live(event) {
                 metrics()
                     .delivery_seconds
                     .observe(now.duration_since(event.received_at).as_secs_f64());
-                self.pending.push_back(Frame::Event(event));
+                out.pending.push_back(Frame::Event(event));
                 sent += 1;
             }
         }
         metrics().messages_delivered.inc_by(sent);
-    }
-
-    /// Write as much of `pending` as the socket takes. `Ok(true)`: all of it.
-    fn write_pending(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
-        while !self.pending.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for (i, frame) in self.pending.iter().take(MAX_IOV).enumerate() {
-                let bytes = frame.bytes();
-                let bytes = if i == 0 {
-                    &bytes[self.written_of_first..]
-                } else {
-                    bytes
-                };
-                slices[count] = IoSlice::new(bytes);
-                count += 1;
-            }
-            // One frame (the usual case at low rates) goes through plain send(): cheaper in
-            // the kernel than writev's iovec import and file-position locking.
-            let socket = Pin::new(&mut self.write);
-            let written = match if count == 1 {
-                socket.poll_write(cx, &slices[0])
-            } else {
-                socket.poll_write_vectored(cx, &slices[..count])
-            } {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(End::Done),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Pending => return Ok(false),
-            };
-            self.advance(written);
-        }
-        Ok(true)
-    }
-
-    fn advance(&mut self, mut written: usize) {
-        while let Some(first) = self.pending.front() {
-            let left = first.bytes().len() - self.written_of_first;
-            if written < left {
-                self.written_of_first += written;
-                return;
-            }
-            written -= left;
-            self.written_of_first = 0;
-            self.pending.pop_front();
-        }
-        // An idle socket keeps (almost) no queue memory after a burst.
-        if self.pending.capacity() > IDLE_QUEUE {
-            self.pending.shrink_to(IDLE_QUEUE);
-        }
         if self.batch.capacity() > IDLE_QUEUE {
             self.batch.shrink_to(IDLE_QUEUE);
+        }
+    }
+
+    /// Write as much of what is pending as the socket takes. `Ok(true)`: all of it.
+    fn write_pending(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        let stream = self.socket.stream();
+        loop {
+            match self.socket.out.borrow_mut().write_to(stream) {
+                Ok(true) => return Ok(true),
+                Err(_) => return Err(End::Done),
+                Ok(false) => {}
+            }
+            match stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return Err(End::Done),
+                Poll::Pending => return Ok(false),
+            }
         }
     }
 
@@ -281,7 +397,7 @@ where
                 return Poll::Ready(End::Done);
             }
             // The session may have woken itself while it ran (a timer, its own message).
-            if !self.context_wake.wanted.load(Ordering::Acquire) {
+            if !self.socket.wake.wanted.load(Ordering::Acquire) {
                 return Poll::Pending;
             }
         }
@@ -322,7 +438,8 @@ where
         match this.turn(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(End::Done) => {
-                let _ = Pin::new(&mut this.write).poll_shutdown(cx);
+                let _ = socket2::SockRef::from(this.socket.stream())
+                    .shutdown(std::net::Shutdown::Write);
                 Poll::Ready(())
             }
             Poll::Ready(End::Stalled) => {

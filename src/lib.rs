@@ -12,11 +12,12 @@
 //! - [`close`]: every close code with its reason and reconnect advice.
 //! - [`auth`]: session cookie, JWT exchange, dev login, revocation.
 //! - [`limits`]: token buckets, per-IP handshake limits, per-user connection caps.
-//! - [`registry`]: this node's sessions, by topic and by user; fan-out into per-session outboxes.
+//! - [`registry`]: this node's sessions, by user and by channel (which workers want it); outboxes.
+//! - [`fanout`]: each worker thread's subscribers, written in one pass per event.
 //! - [`broker`]: where events come from and go to; [`broker::memory`] (embedded).
 //! - [`session`]: the WebSocket session actor, the only user of `WebsocketContext`.
 //! - [`connection`]: a socket's writer: drives the session's context and writes live events'
-//!   shared, pre-encoded frames straight from the outbox, vectored.
+//!   shared, pre-encoded frames, vectored; the fan-out writes idle sockets directly.
 //! - [`sse`]: the Server-Sent Events fallback transport, same rules as the WebSocket.
 //! - [`subscriptions`]: one connection's subscriptions and exact `since` resume (pure).
 //! - [`handshake`]: the checks a socket passes before its session starts.
@@ -32,6 +33,7 @@ pub mod close;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod fanout;
 pub mod handshake;
 pub mod http;
 pub mod limits;

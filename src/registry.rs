@@ -1,11 +1,14 @@
 //! This node's live sessions: by connection (for logout, eviction and drain), and by channel
-//! (for fan-out). Fan-out pushes a shared, already-encoded [`Event`] into each subscriber's
-//! bounded [`Outbox`] and wakes the session at most once per batch, so a burst of events costs
-//! one mailbox message per socket, not one per event, and a socket that cannot keep up never
-//! grows the server's memory: its outbox conflates or closes it (SPEC section 6). The session
-//! actor drains its outbox into the WebSocket; brokers call [`Registry::deliver`].
+//! (for fan-out). Brokers call [`Registry::deliver`] with a shared, already-encoded
+//! [`Event`]; the registry knows which worker threads have subscribers of its channel and
+//! hands it once to each ([`crate::fanout`] walks that worker's sockets). A subscriber that
+//! is not ready to write it at once gets it in its bounded [`Outbox`], woken at most once per
+//! batch, and a socket that cannot keep up never grows the server's memory: its outbox
+//! conflates or closes it (SPEC section 6).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,9 +17,12 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::close::Close;
 use crate::config::SlowConsumerPolicy;
+use crate::connection::Socket;
+use crate::fanout::{self, Subscriber};
 use crate::metrics::metrics;
 use crate::protocol::{ChannelKey, ConnId, EventId};
 
@@ -74,7 +80,7 @@ pub struct SessionLink {
 
 impl SessionLink {
     /// The outbox has frames and nobody was told yet.
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         match &self.flush {
             Some(flush) => flush.do_send(Flush),
             None => self.outbox.waker.wake(),
@@ -198,11 +204,6 @@ fn conflate(queue: &mut VecDeque<Arc<Event>>) -> usize {
     before - queue.len()
 }
 
-struct Subscriber {
-    link: Arc<SessionLink>,
-    binary: bool,
-}
-
 struct SessionEntry {
     link: Arc<SessionLink>,
     /// `org/user`, for caps and logs.
@@ -213,11 +214,27 @@ struct SessionEntry {
     sid: String,
 }
 
-/// This node's sessions, by channel and by connection.
-#[derive(Default)]
+/// This node's sessions, by connection, and which workers have subscribers of each channel.
 pub struct Registry {
-    channels: RwLock<HashMap<ChannelKey, HashMap<ConnId, Subscriber>>>,
+    /// Tells this registry's worker fan-outs from another registry's (tests build several).
+    id: usize,
+    /// Per channel, how many subscribers each worker has (indexed like `workers`).
+    channels: RwLock<HashMap<ChannelKey, Vec<u32>>>,
+    /// Each worker's event queue, in the order the workers enlisted.
+    workers: RwLock<Vec<UnboundedSender<Arc<Event>>>>,
     sessions: Mutex<HashMap<ConnId, SessionEntry>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            channels: RwLock::default(),
+            workers: RwLock::default(),
+            sessions: Mutex::default(),
+        }
+    }
 }
 
 impl Registry {
@@ -234,69 +251,87 @@ impl Registry {
     }
 
     /// Forget a session and its subscriptions; returns the channels nobody here wants any more.
+    /// Runs on the session's worker thread, like [`Self::subscribe`].
     pub fn unregister<'a>(
         &self,
         conn: ConnId,
         channels: impl Iterator<Item = &'a ChannelKey>,
     ) -> Vec<ChannelKey> {
         self.sessions.lock().remove(&conn);
-        let mut emptied = Vec::new();
-        let mut map = self.channels.write();
-        for channel in channels {
-            if remove_subscriber(&mut map, channel, conn) {
-                emptied.push(channel.clone());
-            }
-        }
-        emptied
+        channels
+            .filter(|channel| self.unsubscribe(channel, conn))
+            .cloned()
+            .collect()
     }
 
-    /// Add a subscriber; true when this node had no subscriber of the channel before.
-    pub fn subscribe(&self, channel: &ChannelKey, link: &Arc<SessionLink>, binary: bool) -> bool {
+    /// Add a subscriber of this worker thread; true when this node had no subscriber of the
+    /// channel before. `socket`: the WebSocket's output, which the fan-out may write directly.
+    pub fn subscribe(
+        &self,
+        channel: &ChannelKey,
+        link: &Arc<SessionLink>,
+        binary: bool,
+        socket: Option<Rc<Socket>>,
+    ) -> bool {
+        let worker = fanout::current(self.id, |queue| {
+            let mut workers = self.workers.write();
+            workers.push(queue);
+            workers.len() - 1
+        });
+        let subscriber = Subscriber {
+            link: link.clone(),
+            binary,
+            socket,
+        };
+        if !worker.add(channel, subscriber) {
+            return false;
+        }
         let mut map = self.channels.write();
-        let subscribers = map.entry(channel.clone()).or_default();
-        let first = subscribers.is_empty();
-        subscribers.insert(
-            link.conn,
-            Subscriber {
-                link: link.clone(),
-                binary,
-            },
-        );
+        let counts = map.entry(channel.clone()).or_default();
+        let first = counts.iter().all(|&n| n == 0);
+        if counts.len() <= worker.index {
+            counts.resize(worker.index + 1, 0);
+        }
+        counts[worker.index] += 1;
         first
     }
 
-    /// Remove a subscriber; true when the channel has no subscriber left here.
+    /// Remove a subscriber of this worker thread; true when the channel has no subscriber
+    /// left on this node.
     pub fn unsubscribe(&self, channel: &ChannelKey, conn: ConnId) -> bool {
-        remove_subscriber(&mut self.channels.write(), channel, conn)
+        let Some(worker) = fanout::existing(self.id) else {
+            return false;
+        };
+        if !worker.remove(channel, conn) {
+            return false;
+        }
+        let mut map = self.channels.write();
+        let Some(counts) = map.get_mut(channel) else {
+            return false;
+        };
+        if let Some(n) = counts.get_mut(worker.index) {
+            *n = n.saturating_sub(1);
+        }
+        if counts.iter().all(|&n| n == 0) {
+            map.remove(channel);
+            true
+        } else {
+            false
+        }
     }
 
-    /// Hand an event to every local subscriber of its channel. Returns how many took it.
-    pub fn deliver(&self, event: &Arc<Event>) -> usize {
+    /// Hand an event to every worker with a subscriber of its channel (callable from any
+    /// thread); each worker delivers it to its own sockets.
+    pub fn deliver(&self, event: &Arc<Event>) {
         let map = self.channels.read();
-        let Some(subscribers) = map.get(&event.channel) else {
-            return 0;
+        let Some(counts) = map.get(&event.channel) else {
+            return;
         };
-        let binary = matches!(event.payload, Payload::Binary(_));
-        let mut delivered = 0;
-        for subscriber in subscribers.values() {
-            if binary && !subscriber.binary {
-                continue;
-            }
-            let link = &subscriber.link;
-            match link.outbox.push(event) {
-                Pushed::Queued => delivered += 1,
-                Pushed::Wake => {
-                    delivered += 1;
-                    link.wake();
-                }
-                Pushed::Overflow => {
-                    metrics().slow_consumer_disconnects.inc();
-                    link.control.do_send(Control::Close(Close::SlowConsumer));
-                }
-                Pushed::Dropped => {}
-            }
+        let workers = self.workers.read();
+        for (queue, _) in workers.iter().zip(counts).filter(|(_, &n)| n > 0) {
+            // A worker's queue closes only when its thread ends, at shutdown.
+            let _ = queue.send(event.clone());
         }
-        delivered
     }
 
     /// Close every local socket of login session `sid`; returns how many.
@@ -349,25 +384,6 @@ impl Registry {
             .values()
             .map(|e| (e.user_key.clone(), e.slot.clone()))
             .collect()
-    }
-}
-
-fn remove_subscriber(
-    map: &mut HashMap<ChannelKey, HashMap<ConnId, Subscriber>>,
-    channel: &ChannelKey,
-    conn: ConnId,
-) -> bool {
-    let Some(subscribers) = map.get_mut(channel) else {
-        return false;
-    };
-    if subscribers.remove(&conn).is_none() {
-        return false;
-    }
-    if subscribers.is_empty() {
-        map.remove(channel);
-        true
-    } else {
-        false
     }
 }
 

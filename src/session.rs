@@ -6,6 +6,7 @@
 //! it shares with the socket's writer ([`crate::connection`]), which writes live events from
 //! the outbox without a message through this actor's mailbox.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use tokio::net::TcpStream;
 use crate::auth::Identity;
 use crate::broker::{EventSender, FetchHistory, Interest, PublishBody, PublishRequest, Replay};
 use crate::close::Close;
-use crate::connection::{self, Shared};
+use crate::connection::{self, Shared, Socket};
 use crate::limits::TokenBucket;
 use crate::metrics::metrics;
 use crate::protocol::{
@@ -51,19 +52,21 @@ pub async fn run(hub: Arc<Hub>, admission: Admission, io: TcpStream, early: Byte
     // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
     let write_stall = Duration::from_millis(hub.settings.heartbeat.timeout_ms);
     let shared = Shared::default();
+    let (read, write) = io.into_split();
+    let socket = Socket::new(write, shared.clone());
     let session = WsSession {
         hub,
         admission: Some(admission),
         live: None,
-        shared: shared.clone(),
+        shared,
+        socket: socket.clone(),
     };
-    let (read, write) = io.into_split();
     let input = SocketInput {
         read,
         early: Some(early),
     };
     let context = WebsocketContext::with_codec(session, input, codec);
-    connection::drive(context, shared, write, write_stall).await;
+    connection::drive(context, socket, write_stall).await;
 }
 
 /// The client's bytes as the WebSocket context wants them. Reads go through a buffer on the
@@ -102,6 +105,8 @@ pub struct WsSession {
     live: Option<Live>,
     /// Subscriptions and the closing flag, shared with the socket's writer.
     shared: Shared,
+    /// The socket's output, which the worker's fan-out writes live events to.
+    socket: Rc<Socket>,
 }
 
 /// State of an admitted session.
@@ -352,7 +357,12 @@ impl WsSession {
                 &format!("at most {max} subscriptions per connection"),
             );
         }
-        if self.hub.registry.subscribe(&channel, &live.link, binary) {
+        let socket = Some(self.socket.clone());
+        if self
+            .hub
+            .registry
+            .subscribe(&channel, &live.link, binary, socket)
+        {
             self.hub
                 .broker
                 .interest

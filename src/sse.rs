@@ -216,7 +216,7 @@ impl SseStream {
         };
         for topic in self.topics.clone() {
             let channel = ChannelKey::new(&self.identity.org, &topic);
-            if self.hub.registry.subscribe(&channel, &link, false) {
+            if self.hub.registry.subscribe(&channel, &link, false, None) {
                 self.hub
                     .broker
                     .interest

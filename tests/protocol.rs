@@ -396,6 +396,57 @@ async fn fan_out_delivers_exactly_the_entitled_events() {
     }
 }
 
+/// A burst published concurrently reaches every socket (they sit on both worker threads, and
+/// some fall behind and queue while others are written at once) complete and in id order.
+#[actix_web::test]
+async fn concurrent_burst_arrives_complete_and_in_order_on_every_socket() {
+    let hub = Hub::start(&[]);
+    // Logins first, then the sockets back to back: connections are handed to the workers in
+    // turn, so the sockets alternate between them.
+    let mut cookies = Vec::new();
+    for i in 0..6 {
+        cookies.push(dev_login(&hub, &format!("u{i}"), "42").await);
+    }
+    let mut sockets = Vec::new();
+    for cookie in &cookies {
+        sockets.push(ws_open(&hub, Some(ORIGIN), Some(cookie)).await);
+    }
+    for ws in &mut sockets {
+        assert_eq!(ws.next_json(T).await["type"], "welcome");
+        ws.subscribe("calls").await;
+    }
+    let publishes = (0..200).map(|n| {
+        let hub = &hub;
+        async move { publish_ok(hub, "42", "calls", "call.status", json!({ "n": n })).await }
+    });
+    let mut want = publishes_in_waves(publishes, 16).await;
+    let order = |id: &str| -> (u64, u64) {
+        let (ms, seq) = id.split_once('-').unwrap_or(("0", "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    };
+    want.sort_by_key(|id| order(id));
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let ev: Value = ws.next_json(T).await;
+            got.push(ev["id"].as_str().unwrap_or("?").to_string());
+        }
+        assert_eq!(got, want, "socket {i} lost, repeated or reordered events");
+    }
+}
+
+/// Run `futures` with at most `width` in flight; their answers, in completion order.
+async fn publishes_in_waves<F: std::future::Future<Output = String>>(
+    futures: impl Iterator<Item = F>,
+    width: usize,
+) -> Vec<String> {
+    use futures_util::stream::StreamExt;
+    futures_util::stream::iter(futures)
+        .buffer_unordered(width)
+        .collect()
+        .await
+}
+
 /// Without history (embedded default), `since` is answered `recovered:false` and live events follow.
 #[actix_web::test]
 async fn since_without_history_is_not_recovered() {
