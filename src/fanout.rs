@@ -25,10 +25,15 @@ use crate::protocol::{ChannelKey, ConnId};
 use crate::registry::{Control, Event, Payload, Pushed, SessionLink};
 
 /// Events taken from the worker's queue per pass at most: a burst is written with one write
-/// per socket per pass, and a pass stays short enough not to starve the worker's sockets.
-const MAX_PASS: usize = 256;
+/// per socket per pass (up to this many frames in it).
+const MAX_PASS: usize = 32;
+/// Offers, or socket writes, between two yields to the worker's other tasks: a pass over a
+/// big topic takes milliseconds, and publishes, handshakes and heartbeats on this worker
+/// must not wait for all of it.
+const SLICE: usize = 256;
 
 /// One local subscriber of a channel.
+#[derive(Clone)]
 pub struct Subscriber {
     pub link: Arc<SessionLink>,
     pub binary: bool,
@@ -40,7 +45,9 @@ pub struct Subscriber {
 pub struct WorkerFanout {
     /// The worker's index in the registry's list of worker queues.
     pub index: usize,
-    channels: RefCell<HashMap<ChannelKey, Vec<Subscriber>>>,
+    /// A pass holds a channel's list while it yields; a change meanwhile copies the list, so
+    /// the pass walks the subscribers as they were when the event came.
+    channels: RefCell<HashMap<ChannelKey, Rc<Vec<Subscriber>>>>,
 }
 
 thread_local! {
@@ -82,7 +89,7 @@ async fn run(mut events: UnboundedReceiver<Arc<Event>>, worker: Rc<WorkerFanout>
     let mut pass = Vec::with_capacity(MAX_PASS);
     let mut flush = Vec::new();
     while events.recv_many(&mut pass, MAX_PASS).await > 0 {
-        worker.fan_out(&pass, &mut flush);
+        worker.fan_out(&pass, &mut flush).await;
         pass.clear();
     }
 }
@@ -91,7 +98,7 @@ impl WorkerFanout {
     /// Add (or replace) a subscriber; true when `conn` was not subscribed here before.
     pub fn add(&self, channel: &ChannelKey, subscriber: Subscriber) -> bool {
         let mut channels = self.channels.borrow_mut();
-        let subscribers = channels.entry(channel.clone()).or_default();
+        let subscribers = Rc::make_mut(channels.entry(channel.clone()).or_default());
         let conn = subscriber.link.conn;
         match subscribers.iter_mut().find(|s| s.link.conn == conn) {
             Some(existing) => {
@@ -114,28 +121,34 @@ impl WorkerFanout {
         let Some(i) = subscribers.iter().position(|s| s.link.conn == conn) else {
             return false;
         };
-        subscribers.swap_remove(i);
+        Rc::make_mut(subscribers).swap_remove(i);
         if subscribers.is_empty() {
             channels.remove(channel);
         }
         true
     }
 
-    /// Deliver a pass of events to this worker's subscribers, in order per socket.
-    fn fan_out(&self, pass: &[Arc<Event>], flush: &mut Vec<Rc<Socket>>) {
-        let channels = self.channels.borrow();
+    /// Deliver a pass of events to this worker's subscribers, in order per socket, then write
+    /// every socket that took some (once each). Yields every [`SLICE`] offers or writes.
+    async fn fan_out(&self, pass: &[Arc<Event>], flush: &mut Vec<Rc<Socket>>) {
         let latency = metrics().delivery_seconds.local();
         let mut written = 0u64;
+        let mut since_yield = 0;
         let now = Instant::now();
         for event in pass {
-            let Some(subscribers) = channels.get(&event.channel) else {
+            let Some(subscribers) = self.channels.borrow().get(&event.channel).cloned() else {
                 continue;
             };
             let binary = matches!(event.payload, Payload::Binary(_));
             let waited = now.duration_since(event.received_at).as_secs_f64();
-            for subscriber in subscribers {
+            for subscriber in subscribers.iter() {
                 if binary && !subscriber.binary {
                     continue;
+                }
+                since_yield += 1;
+                if since_yield == SLICE {
+                    since_yield = 0;
+                    tokio::task::yield_now().await;
                 }
                 let Some(socket) = &subscriber.socket else {
                     through_outbox(&subscriber.link, event);
@@ -154,12 +167,14 @@ impl WorkerFanout {
                 }
             }
         }
-        drop(channels);
-        for socket in flush.drain(..) {
-            socket.flush_offered();
-        }
         metrics().messages_delivered.inc_by(written);
         latency.flush();
+        for (i, socket) in flush.drain(..).enumerate() {
+            if i > 0 && i % SLICE == 0 {
+                tokio::task::yield_now().await;
+            }
+            socket.flush_offered();
+        }
     }
 }
 
