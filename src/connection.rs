@@ -137,6 +137,11 @@ impl Socket {
         })
     }
 
+    /// What the session and its writer share (subscriptions, closing).
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     fn stream(&self) -> &TcpStream {
         self.write.as_ref()
     }

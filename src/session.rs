@@ -3,8 +3,8 @@
 //! to send), then speaks the protocol of SPEC section 4: subscriptions (with `since` replay),
 //! client publish and binary streams, app-level ping, the client message budget, and the
 //! heartbeat. It decides what the socket wants (subscriptions, replay, closing) in the state
-//! it shares with the socket's writer ([`crate::connection`]), which writes live events from
-//! the outbox without a message through this actor's mailbox.
+//! it shares with the socket's writer ([`crate::connection`]); live events reach the socket
+//! without a message through this actor's mailbox (see [`crate::fanout`]).
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -51,14 +51,12 @@ pub async fn run(hub: Arc<Hub>, admission: Admission, io: TcpStream, early: Byte
     let codec = actix_http::ws::Codec::new().max_size(hub.settings.limits.max_frame_bytes);
     // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
     let write_stall = Duration::from_millis(hub.settings.heartbeat.timeout_ms);
-    let shared = Shared::default();
     let (read, write) = io.into_split();
-    let socket = Socket::new(write, shared.clone());
+    let socket = Socket::new(write, Shared::default());
     let session = WsSession {
         hub,
         admission: Some(admission),
         live: None,
-        shared,
         socket: socket.clone(),
     };
     let input = SocketInput {
@@ -103,9 +101,8 @@ pub struct WsSession {
     hub: Arc<Hub>,
     admission: Option<Admission>,
     live: Option<Live>,
-    /// Subscriptions and the closing flag, shared with the socket's writer.
-    shared: Shared,
-    /// The socket's output, which the worker's fan-out writes live events to.
+    /// The socket's output, which the worker's fan-out writes live events to; it holds the
+    /// subscriptions and the closing flag this session shares with the socket's writer.
     socket: Rc<Socket>,
 }
 
@@ -144,7 +141,7 @@ impl Actor for WsSession {
             return;
         };
         metrics().connections.dec();
-        let shared = self.shared.borrow();
+        let shared = self.socket.shared().borrow();
         let emptied = self
             .hub
             .registry
@@ -179,7 +176,7 @@ impl WsSession {
             flush: None,
             control: address.recipient(),
         });
-        self.shared.borrow_mut().link = Some(link.clone());
+        self.socket.shared().borrow_mut().link = Some(link.clone());
         self.hub.registry.register(
             link.clone(),
             identity.user_key(),
@@ -243,7 +240,7 @@ impl WsSession {
 
     /// Send the close frame (once) and stop; nothing is written after it.
     fn close(&mut self, ctx: &mut WebsocketContext<Self>, close: &Close) {
-        if std::mem::replace(&mut self.shared.borrow_mut().closing, true) {
+        if std::mem::replace(&mut self.socket.shared().borrow_mut().closing, true) {
             return;
         }
         ctx.close(Some(CloseReason {
@@ -348,8 +345,13 @@ impl WsSession {
             }
         };
         let channel = ChannelKey::new(&live.identity.org, &topic);
-        if !self.shared.borrow_mut().subscriptions.contains(&channel)
-            && self.shared.borrow_mut().subscriptions.len() >= max
+        if !self
+            .socket
+            .shared()
+            .borrow_mut()
+            .subscriptions
+            .contains(&channel)
+            && self.socket.shared().borrow_mut().subscriptions.len() >= max
         {
             return Self::reply_error(
                 ctx,
@@ -369,7 +371,11 @@ impl WsSession {
                 .do_send(Interest::Opened(channel.clone()));
         }
         let Some(since) = since else {
-            self.shared.borrow_mut().subscriptions.insert_live(channel);
+            self.socket
+                .shared()
+                .borrow_mut()
+                .subscriptions
+                .insert_live(channel);
             ctx.text(
                 ServerMessage::Subscribed {
                     topic: topic.as_str(),
@@ -380,7 +386,8 @@ impl WsSession {
             return;
         };
         // Live events are already flowing into the outbox; hold them until the replay is out.
-        self.shared
+        self.socket
+            .shared()
             .borrow_mut()
             .subscriptions
             .insert_replaying(channel.clone());
@@ -416,7 +423,8 @@ impl WsSession {
         }
         // None: unsubscribed (or resubscribed without since) while the history was on its way.
         let Some(events) = self
-            .shared
+            .socket
+            .shared()
             .borrow_mut()
             .subscriptions
             .finish_replay(channel, replay.events)
@@ -445,7 +453,12 @@ impl WsSession {
             Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
         };
         let channel = ChannelKey::new(&live.identity.org, &topic);
-        if self.shared.borrow_mut().subscriptions.remove(&channel)
+        if self
+            .socket
+            .shared()
+            .borrow_mut()
+            .subscriptions
+            .remove(&channel)
             && self.hub.registry.unsubscribe(&channel, live.link.conn)
         {
             self.hub.broker.interest.do_send(Interest::Closed(channel));
@@ -555,7 +568,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
-                self.shared.borrow_mut().closing = true;
+                self.socket.shared().borrow_mut().closing = true;
                 ctx.close(reason);
                 ctx.stop();
             }

@@ -420,11 +420,7 @@ async fn concurrent_burst_arrives_complete_and_in_order_on_every_socket() {
         async move { publish_ok(hub, "42", "calls", "call.status", json!({ "n": n })).await }
     });
     let mut want = publishes_in_waves(publishes, 16).await;
-    let order = |id: &str| -> (u64, u64) {
-        let (ms, seq) = id.split_once('-').unwrap_or(("0", "0"));
-        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-    };
-    want.sort_by_key(|id| order(id));
+    want.sort_by_key(|id| parse_event_id(id));
     for (i, ws) in sockets.iter_mut().enumerate() {
         let mut got = Vec::new();
         for _ in 0..want.len() {
