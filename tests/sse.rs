@@ -119,7 +119,14 @@ async fn sse_refusals_are_http_errors() {
 }
 
 impl SseClient {
-    /// The next `call.status` record (the stream opens with a `welcome` record).
+    /// Wait for the `welcome` record: the stream is subscribed once it is sent, so an event
+    /// published after this returns is this stream's to receive.
+    async fn expect_welcome(&mut self) {
+        let record = self.next_record().await;
+        assert_eq!(record.event.as_deref(), Some("welcome"), "{record:?}");
+    }
+
+    /// The next `call.status` record (skipping the `welcome` record the stream opens with).
     async fn next_event(&mut self) -> Record {
         loop {
             let record = self.next_record().await;
@@ -150,6 +157,7 @@ async fn sse_streams_events_and_resumes_from_last_event_id() {
     let cookie = dev_login(&hub, "u1", "42").await;
     let headers = [("origin", ORIGIN), ("cookie", cookie.as_str())];
     let mut first = stream(open_sse(&hub, "topic=calls", &headers).await);
+    first.expect_welcome().await;
 
     let mut ids = Vec::new();
     for n in 1..=3 {
