@@ -24,7 +24,7 @@ use actix_web::{web, App, HttpResponse};
 use serde_json::json;
 
 use crate::auth::{self, Revocations, SessionBackend};
-use crate::broker::memory::{HistoryLimits, MemoryBroker};
+use crate::broker::memory::{EventLog, HistoryLimits, MemoryBroker};
 use crate::broker::redis::{refresh_leases, RedisBroker, RedisCaps, RedisCommands, StreamHistory};
 use crate::broker::{BrokerHandle, BrokerHealth};
 use crate::config::Settings;
@@ -175,7 +175,8 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
     metrics::init();
     let registry = Arc::new(Registry::default());
     let health = Arc::new(BrokerHealth::default());
-    // The broker gets a thread of its own so fan-out never stalls an HTTP worker.
+    // The broker actor gets a thread of its own, so its work (Redis I/O when clustered) never
+    // stalls an HTTP worker.
     let broker_thread = Arbiter::new();
     let limits = settings.limits.clone();
     let (broker, caps, revocations, redis, sessions) = match settings.redis.url.clone() {
@@ -184,12 +185,13 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
                 max_len: settings.history.max_len,
                 ttl: Duration::from_secs(settings.history.ttl_s),
             });
-            let broker_registry = registry.clone();
+            let log = Arc::new(EventLog::new(registry.clone(), history));
+            let broker_log = log.clone();
             let addr = MemoryBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
-                MemoryBroker::new(broker_registry, history)
+                MemoryBroker::new(broker_log)
             });
             (
-                BrokerHandle::of(&addr, health),
+                BrokerHandle::embedded(&addr, log, health),
                 ConnectionCaps::in_memory(limits.max_connections_per_user, limits.cap_policy),
                 Revocations::Memory(Default::default()),
                 None,

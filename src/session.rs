@@ -538,12 +538,7 @@ impl WsSession {
             return;
         }
         if let Some(request) = self.request(topic, PublishBody::Binary(bytes)) {
-            if self.hub.broker.health.is_ready() {
-                self.hub
-                    .broker
-                    .publish
-                    .do_send(crate::broker::Publish { request });
-            }
+            self.hub.broker.publish_detached(request);
         }
     }
 }

@@ -1,14 +1,19 @@
-//! The embedded broker: an actor on its own thread that gives each event its id, keeps recent
-//! history when `history.enabled`, and fans it out through the [`Registry`]. One node only;
-//! nothing leaves the process.
+//! The embedded broker: gives each event its id, keeps recent history when
+//! `history.enabled`, and hands the event to the [`Registry`]. One node only; nothing leaves
+//! the process. The state lives in an [`EventLog`] that a publisher takes on its own thread
+//! (an HTTP publish costs no hop to another thread and back); the [`MemoryBroker`] actor
+//! answers the broker messages from the same log and forgets idle channels.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use parking_lot::Mutex;
 
-use super::{build_event, BrokerError, FetchHistory, Interest, Publish, PublishBody, Replay};
+use super::{
+    build_event, BrokerError, FetchHistory, Interest, Publish, PublishBody, PublishRequest, Replay,
+};
 use crate::metrics::metrics;
 use crate::protocol::{unix_ms, ChannelKey, EventId};
 use crate::registry::{Event, Registry};
@@ -20,10 +25,13 @@ pub struct HistoryLimits {
     pub ttl: Duration,
 }
 
-pub struct MemoryBroker {
+/// Every channel's last id and retained events. One lock orders them: an event is numbered,
+/// logged and handed to the registry under it, so ids rise in the order sockets receive
+/// them, and a replay sees either all of an event's effects or none.
+pub struct EventLog {
     registry: Arc<Registry>,
     history: Option<HistoryLimits>,
-    channels: HashMap<ChannelKey, ChannelState>,
+    channels: Mutex<HashMap<ChannelKey, ChannelState>>,
 }
 
 #[derive(Default)]
@@ -38,57 +46,36 @@ struct ChannelState {
     last_activity: Option<Instant>,
 }
 
-impl MemoryBroker {
-    pub fn new(registry: Arc<Registry>, history: Option<HistoryLimits>) -> Self {
-        Self {
-            registry,
-            history,
-            channels: HashMap::new(),
-        }
-    }
-
-    fn trim(state: &mut ChannelState, limits: HistoryLimits, now: Instant) {
-        while state.log.len() > limits.max_len
-            || state
+impl ChannelState {
+    fn trim(&mut self, limits: HistoryLimits, now: Instant) {
+        while self.log.len() > limits.max_len
+            || self
                 .log
                 .front()
                 .is_some_and(|e| now.duration_since(e.received_at) > limits.ttl)
         {
-            if let Some(old) = state.log.pop_front() {
-                state.last_trimmed = Some(old.id);
+            if let Some(old) = self.log.pop_front() {
+                self.last_trimmed = Some(old.id);
             }
         }
     }
 }
 
-impl Actor for MemoryBroker {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        // Forget idle channels so a long-running hub does not keep every topic ever used.
-        ctx.run_interval(Duration::from_secs(30), |this, _| {
-            let now = Instant::now();
-            let ttl = this.history.map(|h| h.ttl).unwrap_or(Duration::ZERO);
-            this.channels.retain(|_, state| {
-                if let Some(limits) = this.history {
-                    Self::trim(state, limits, now);
-                }
-                state
-                    .last_activity
-                    .is_some_and(|t| now.duration_since(t) <= ttl.max(Duration::from_secs(60)))
-            });
-        });
+impl EventLog {
+    pub fn new(registry: Arc<Registry>, history: Option<HistoryLimits>) -> Self {
+        Self {
+            registry,
+            history,
+            channels: Mutex::default(),
+        }
     }
-}
 
-impl Handler<Publish> for MemoryBroker {
-    type Result = Result<EventId, BrokerError>;
-
-    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+    /// Number, log and deliver one event; embedded publishing cannot fail.
+    pub fn publish(&self, request: &PublishRequest) -> EventId {
         let now = Instant::now();
-        let request = msg.request;
         let channel = request.channel();
-        let state = self.channels.entry(channel.clone()).or_default();
+        let mut channels = self.channels.lock();
+        let state = channels.entry(channel.clone()).or_default();
         let id = EventId::next_after(state.last_id, unix_ms());
         state.last_id = id;
         state.first_id.get_or_insert(id);
@@ -98,10 +85,68 @@ impl Handler<Publish> for MemoryBroker {
         let keep = matches!(request.body, PublishBody::Json { .. });
         if let (Some(limits), true) = (self.history, keep) {
             state.log.push_back(event.clone());
-            Self::trim(state, limits, now);
+            state.trim(limits, now);
         }
         self.registry.deliver(&event);
-        Ok(id)
+        id
+    }
+
+    /// The retained events of `channel` after `since`.
+    pub fn replay(&self, channel: &ChannelKey, since: EventId) -> Replay {
+        let mut channels = self.channels.lock();
+        let (Some(limits), Some(state)) = (self.history, channels.get_mut(channel)) else {
+            return Replay::default();
+        };
+        state.trim(limits, Instant::now());
+        let reaches_back = state.first_id.is_some_and(|first| since >= first)
+            && state.last_trimmed.is_none_or(|trimmed| since >= trimmed)
+            && since <= state.last_id;
+        let events = state.log.iter().filter(|e| e.id > since).cloned().collect();
+        Replay {
+            events,
+            recovered: reaches_back,
+        }
+    }
+
+    /// Forget channels with no event for longer than history keeps them (at least a minute),
+    /// so a long-running hub does not keep every topic ever used.
+    fn forget_idle(&self) {
+        let now = Instant::now();
+        let ttl = self.history.map(|h| h.ttl).unwrap_or(Duration::ZERO);
+        self.channels.lock().retain(|_, state| {
+            if let Some(limits) = self.history {
+                state.trim(limits, now);
+            }
+            state
+                .last_activity
+                .is_some_and(|t| now.duration_since(t) <= ttl.max(Duration::from_secs(60)))
+        });
+    }
+}
+
+pub struct MemoryBroker {
+    log: Arc<EventLog>,
+}
+
+impl MemoryBroker {
+    pub fn new(log: Arc<EventLog>) -> Self {
+        Self { log }
+    }
+}
+
+impl Actor for MemoryBroker {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(Duration::from_secs(30), |this, _| this.log.forget_idle());
+    }
+}
+
+impl Handler<Publish> for MemoryBroker {
+    type Result = Result<EventId, BrokerError>;
+
+    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
+        Ok(self.log.publish(&msg.request))
     }
 }
 
@@ -109,7 +154,7 @@ impl Handler<Interest> for MemoryBroker {
     type Result = ();
 
     fn handle(&mut self, _: Interest, _: &mut Self::Context) {
-        // Every event passes through this actor anyway; nothing to subscribe to.
+        // Every event passes through the log anyway; nothing to subscribe to.
     }
 }
 
@@ -117,19 +162,6 @@ impl Handler<FetchHistory> for MemoryBroker {
     type Result = Result<Replay, BrokerError>;
 
     fn handle(&mut self, msg: FetchHistory, _: &mut Self::Context) -> Self::Result {
-        let (Some(limits), Some(state)) = (self.history, self.channels.get_mut(&msg.channel))
-        else {
-            return Ok(Replay::default());
-        };
-        Self::trim(state, limits, Instant::now());
-        let since = msg.since;
-        let reaches_back = state.first_id.is_some_and(|first| since >= first)
-            && state.last_trimmed.is_none_or(|trimmed| since >= trimmed)
-            && since <= state.last_id;
-        let events = state.log.iter().filter(|e| e.id > since).cloned().collect();
-        Ok(Replay {
-            events,
-            recovered: reaches_back,
-        })
+        Ok(self.log.replay(&msg.channel, msg.since))
     }
 }

@@ -1,7 +1,8 @@
 //! The broker: where events enter the hub and how they reach the [`Registry`]. Two actors
 //! implement the same messages: [`memory::MemoryBroker`] (embedded, one node) and the Redis
-//! broker (clustered). The rest of the hub holds a [`BrokerHandle`] of recipients and never
-//! knows which one runs. This module also owns turning a publish request into the one shared,
+//! broker (clustered). The rest of the hub holds a [`BrokerHandle`] and never knows which one
+//! runs; embedded publishes skip the actor's mailbox and go straight to its
+//! [`memory::EventLog`]. This module also owns turning a publish request into the one shared,
 //! encoded [`Event`], so both brokers encode identically.
 
 pub mod memory;
@@ -130,10 +131,21 @@ impl BrokerHealth {
 /// What the rest of the hub holds: one recipient per broker message, whichever broker runs.
 #[derive(Clone)]
 pub struct BrokerHandle {
-    pub publish: Recipient<Publish>,
+    publish: PublishPath,
     pub interest: Recipient<Interest>,
     pub history: Recipient<FetchHistory>,
     pub health: Arc<BrokerHealth>,
+}
+
+/// How a publish reaches the broker.
+#[derive(Clone)]
+enum PublishPath {
+    /// A message to the broker actor, answered when the event is accepted (clustered: once
+    /// Redis took the PUBLISH).
+    Mailbox(Recipient<Publish>),
+    /// Embedded: the publisher numbers and delivers the event on its own thread, sparing
+    /// every HTTP publish two cross-thread wake-ups.
+    Direct(Arc<memory::EventLog>),
 }
 
 impl BrokerHandle {
@@ -145,10 +157,23 @@ impl BrokerHandle {
             + Handler<FetchHistory>,
     {
         Self {
-            publish: addr.clone().recipient(),
+            publish: PublishPath::Mailbox(addr.clone().recipient()),
             interest: addr.clone().recipient(),
             history: addr.clone().recipient(),
             health,
+        }
+    }
+
+    /// The embedded broker: its actor answers interest and history, publishes go straight to
+    /// the log both share.
+    pub fn embedded(
+        addr: &Addr<memory::MemoryBroker>,
+        log: Arc<memory::EventLog>,
+        health: Arc<BrokerHealth>,
+    ) -> Self {
+        Self {
+            publish: PublishPath::Direct(log),
+            ..Self::of(addr, health)
         }
     }
 
@@ -157,10 +182,27 @@ impl BrokerHandle {
         if !self.health.is_ready() {
             return Err(BrokerError::Unavailable(self.health.reason()));
         }
-        self.publish
-            .send(Publish { request })
-            .await
-            .map_err(|e| BrokerError::Unavailable(format!("broker mailbox: {e}")))?
+        match &self.publish {
+            PublishPath::Direct(log) => Ok(log.publish(&request)),
+            PublishPath::Mailbox(broker) => broker
+                .send(Publish { request })
+                .await
+                .map_err(|e| BrokerError::Unavailable(format!("broker mailbox: {e}")))?,
+        }
+    }
+
+    /// Publish without waiting for the answer (a browser's binary stream frames): dropped
+    /// when the broker cannot take events.
+    pub fn publish_detached(&self, request: PublishRequest) {
+        if !self.health.is_ready() {
+            return;
+        }
+        match &self.publish {
+            PublishPath::Direct(log) => {
+                log.publish(&request);
+            }
+            PublishPath::Mailbox(broker) => broker.do_send(Publish { request }),
+        }
     }
 }
 
