@@ -16,11 +16,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Hub, PUBLISH_KEY, T};
+use common::{terminate, Hub, PUBLISH_KEY, T};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// Backstop for one run of the browser script (which bounds itself at 60 s).
@@ -84,23 +84,6 @@ fn collect<R: Read + Send + 'static>(
     })
 }
 
-/// SIGTERM first (playwright then closes its Chromium), SIGKILL if that is not enough.
-fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// Run `node tests/browser/dashboard.mjs <hub> <scenario> <out dir>`; panics with its output
 /// (and the hub's) unless it exits 0 and reports PASS. Returns the screenshot directory.
 fn run_browser(hub: &Hub, scenario: &str) -> PathBuf {
@@ -133,7 +116,7 @@ fn run_browser(hub: &Hub, scenario: &str) -> PathBuf {
             break Some(status);
         }
         if Instant::now() >= deadline {
-            stop(&mut child);
+            terminate(&mut child, Duration::from_secs(5));
             break None;
         }
         std::thread::sleep(Duration::from_millis(50));

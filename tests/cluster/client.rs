@@ -14,13 +14,12 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::common::{client, Frame, HttpRefusal, HttpResp, ORIGIN, PUBLISH_KEY, T};
+use crate::common::{
+    client, ws_handshake, Frame, HttpRefusal, HttpResp, TestSocket, WsOpts, ORIGIN, PUBLISH_KEY, T,
+};
 
 // ---------------------------------------------------------------------------------------------
 // HTTP to any URL
@@ -117,47 +116,7 @@ pub async fn connect(
     origin: Option<&str>,
     cookie: Option<&str>,
 ) -> Result<Client, HttpRefusal> {
-    let mut req = format!("ws://{addr}/ws")
-        .into_client_request()
-        .expect("ws request");
-    if let Some(o) = origin {
-        req.headers_mut()
-            .insert("origin", HeaderValue::from_str(o).expect("origin value"));
-    }
-    if let Some(c) = cookie {
-        req.headers_mut()
-            .insert("cookie", HeaderValue::from_str(c).expect("cookie value"));
-    }
-    let handshake = async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| HttpRefusal {
-            status: 0,
-            body: format!("TCP connect to {addr}: {e}"),
-        })?;
-        match tokio_tungstenite::client_async(req, stream).await {
-            Ok((ws, _)) => Ok(ws),
-            Err(tungstenite::Error::Http(resp)) => Err(HttpRefusal {
-                status: resp.status().as_u16(),
-                body: resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default(),
-            }),
-            Err(e) => Err(HttpRefusal {
-                status: 0,
-                body: format!("handshake failed: {e}"),
-            }),
-        }
-    };
-    let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(HttpRefusal {
-                status: 0,
-                body: "handshake did not finish within 10 s".into(),
-            })
-        }
-    };
+    let ws = ws_handshake(addr, &WsOpts::new(origin, cookie)).await?;
     let (out, out_rx) = mpsc::unbounded_channel();
     let (frames_tx, frames) = mpsc::unbounded_channel();
     actix_web::rt::spawn(pump(ws, out_rx, frames_tx));
@@ -195,23 +154,8 @@ async fn pump(
     loop {
         tokio::select! {
             next = ws.next() => {
-                let frame = match next {
-                    None => Frame::Ended("stream ended".into()),
-                    Some(Err(e)) => Frame::Ended(format!("{e}")),
-                    Some(Ok(Message::Text(t))) => {
-                        let t = t.to_string();
-                        match serde_json::from_str::<Value>(&t) {
-                            Ok(v) => Frame::Json(v, t),
-                            Err(_) => Frame::Text(t),
-                        }
-                    }
-                    Some(Ok(Message::Binary(b))) => Frame::Binary(b.to_vec()),
-                    // tungstenite queues the pong and sends it on the next read.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Close(cf))) => match cf {
-                        Some(CloseFrame { code, reason }) => Frame::Close(u16::from(code), reason.to_string()),
-                        None => Frame::Close(1005, String::new()),
-                    },
+                let Some(frame) = Frame::read(next) else {
+                    continue;
                 };
                 let ended = matches!(frame, Frame::Close(..) | Frame::Ended(_));
                 if frames.send(frame).is_err() {
@@ -238,31 +182,6 @@ async fn pump(
 }
 
 impl Client {
-    /// The next frame other than ping/pong, or None if nothing came within `timeout`.
-    pub async fn recv(&mut self, timeout: Duration) -> Option<Frame> {
-        if self.closed {
-            return Some(Frame::Ended("connection already closed".into()));
-        }
-        let frame = match tokio::time::timeout(timeout, self.frames.recv()).await {
-            Err(_) => return None,
-            Ok(None) => Frame::Ended("reader task ended".into()),
-            Ok(Some(frame)) => frame,
-        };
-        if matches!(frame, Frame::Close(..) | Frame::Ended(_)) {
-            self.closed = true;
-        }
-        Some(frame)
-    }
-
-    /// The next text frame as JSON; panics on timeout, close or anything else.
-    pub async fn next_json(&mut self, timeout: Duration) -> Value {
-        match self.recv(timeout).await {
-            Some(Frame::Json(v, _)) => v,
-            None => panic!("no frame within {timeout:?} (expected a JSON text frame)"),
-            Some(other) => panic!("expected a JSON text frame, got {other:?}"),
-        }
-    }
-
     /// Read until the close frame (skipping data frames); returns its code and reason. A
     /// connection that ends without one reads as 1006.
     pub async fn expect_close(&mut self, timeout: Duration) -> (u16, String) {
@@ -280,45 +199,6 @@ impl Client {
         }
     }
 
-    /// The very next frame must be a close; returns its code and reason.
-    pub async fn expect_only_close(&mut self, timeout: Duration) -> (u16, String) {
-        match self.recv(timeout).await {
-            Some(Frame::Close(code, reason)) => (code, reason),
-            Some(Frame::Ended(why)) => {
-                (1006, format!("connection ended without close frame: {why}"))
-            }
-            None => panic!("socket still open after {timeout:?} (expected only a close frame)"),
-            Some(other) => panic!("expected only a close frame, got {other:?} first"),
-        }
-    }
-
-    pub fn send_json(&mut self, v: &Value) {
-        self.out
-            .send(Message::text(v.to_string()))
-            .unwrap_or_else(|_| panic!("socket already gone; cannot send {v}"));
-    }
-
-    /// Send `v` and return the next JSON frame.
-    pub async fn request(&mut self, v: &Value) -> Value {
-        self.send_json(v);
-        self.next_json(T).await
-    }
-
-    /// Subscribe to `topic` and insist on `subscribed`.
-    pub async fn subscribe(&mut self, topic: &str) {
-        let reply = self
-            .request(&json!({"type": "subscribe", "topic": topic}))
-            .await;
-        assert_eq!(reply["type"], "subscribed", "subscribe {topic}: {reply}");
-        assert_eq!(reply["topic"], topic, "subscribe {topic}: {reply}");
-    }
-
-    /// App-level ping/pong round trip: proves the socket is open and served.
-    pub async fn assert_alive(&mut self) {
-        let reply = self.request(&json!({"type": "ping"})).await;
-        assert_eq!(reply, json!({"type": "pong"}), "app ping");
-    }
-
     /// Close from the client side and wait (bounded) for the server's close.
     pub async fn close(&mut self) {
         if self.closed {
@@ -326,6 +206,39 @@ impl Client {
         }
         let _ = self.out.send(Message::Close(None));
         let _ = self.expect_close(T).await;
+    }
+}
+
+impl TestSocket for Client {
+    /// The next frame other than ping/pong, or None if nothing came within `timeout`.
+    async fn recv(&mut self, timeout: Duration) -> Option<Frame> {
+        if self.closed {
+            return Some(Frame::Ended("connection already closed".into()));
+        }
+        let frame = match tokio::time::timeout(timeout, self.frames.recv()).await {
+            Err(_) => return None,
+            Ok(None) => Frame::Ended("reader task ended".into()),
+            Ok(Some(frame)) => frame,
+        };
+        if matches!(frame, Frame::Close(..) | Frame::Ended(_)) {
+            self.closed = true;
+        }
+        Some(frame)
+    }
+
+    /// The next text frame as JSON; panics on timeout, close or anything else.
+    async fn next_json(&mut self, timeout: Duration) -> Value {
+        match self.recv(timeout).await {
+            Some(Frame::Json(v, _)) => v,
+            None => panic!("no frame within {timeout:?} (expected a JSON text frame)"),
+            Some(other) => panic!("expected a JSON text frame, got {other:?}"),
+        }
+    }
+
+    async fn send_json(&mut self, v: &Value) {
+        self.out
+            .send(Message::text(v.to_string()))
+            .unwrap_or_else(|_| panic!("socket already gone; cannot send {v}"));
     }
 }
 

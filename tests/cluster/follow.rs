@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::client::{connect, event_id, Client};
-use crate::common::{Frame, ORIGIN, T};
+use crate::common::{Frame, TestSocket, ORIGIN, T};
 
 /// What happened to one follower.
 #[derive(Debug, Default)]
@@ -61,7 +61,7 @@ pub async fn follow(
         if let Some(id) = &since {
             subscribe["since"] = json!(id);
         }
-        ws.send_json(&subscribe);
+        ws.send_json(&subscribe).await;
         match ws.recv(T).await {
             Some(Frame::Json(reply, _)) if reply["type"] == "subscribed" => {
                 if since.is_some() {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::Hub;
+use crate::common::{terminate, Hub};
 
 /// How CI (and a developer) gets the tools these tests need.
 pub const INSTALL_HINT: &str = "apt-get install -y redis-server nginx";
@@ -451,19 +451,7 @@ impl Drop for Nginx {
         };
         // SIGTERM: the master stops its workers too (SIGKILL would orphan them, still
         // listening on the port).
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        terminate(&mut child, Duration::from_secs(5));
     }
 }
 

@@ -288,17 +288,37 @@ impl Hub {
         if let Some(status) = self.exit {
             return Some(status);
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.exit = Some(status);
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        self.exit = wait_child(&mut self.child, timeout);
+        self.exit
+    }
+}
+
+/// Wait for `child` to exit, at most `timeout`. The OS offers no exit-with-timeout wait on a
+/// `Child`, so this polls `try_wait` every 10 ms.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Stop a helper process the way it expects (SIGTERM, so it can stop its own children, such
+/// as nginx's workers or playwright's Chromium), and SIGKILL it if it is still there after
+/// `grace`.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    if wait_child(child, grace).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -872,6 +892,78 @@ pub enum Frame {
     Ended(String),
 }
 
+impl Frame {
+    /// What a test sees of the next item of a WebSocket stream (`None`: the stream ended);
+    /// `None` for protocol ping/pong, which tungstenite answers itself on its next read or
+    /// write.
+    pub fn read(next: Option<Result<Message, tungstenite::Error>>) -> Option<Frame> {
+        Some(match next {
+            None => Frame::Ended("stream ended".into()),
+            Some(Err(e)) => Frame::Ended(format!("{e}")),
+            Some(Ok(Message::Text(t))) => {
+                let t = t.to_string();
+                match serde_json::from_str::<Value>(&t) {
+                    Ok(v) => Frame::Json(v, t),
+                    Err(_) => Frame::Text(t),
+                }
+            }
+            Some(Ok(Message::Binary(b))) => Frame::Binary(b.to_vec()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => return None,
+            Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
+                Frame::Close(u16::from(code), reason.to_string())
+            }
+            Some(Ok(Message::Close(None))) => Frame::Close(1005, String::new()),
+        })
+    }
+}
+
+/// What the tests' WebSocket clients share: [`Ws`] here, read in place, and the cluster tests'
+/// client with a background reader. Each says how it receives and sends; the checks built on
+/// those are written once.
+#[allow(async_fn_in_trait)]
+pub trait TestSocket {
+    /// The next frame other than ping/pong, or None if nothing came within `timeout`.
+    async fn recv(&mut self, timeout: Duration) -> Option<Frame>;
+
+    /// The next text frame as JSON; panics on timeout, binary, close or non-JSON.
+    async fn next_json(&mut self, timeout: Duration) -> Value;
+
+    async fn send_json(&mut self, v: &Value);
+
+    /// The very next frame must be a close; returns its code and reason.
+    async fn expect_only_close(&mut self, timeout: Duration) -> (u16, String) {
+        match self.recv(timeout).await {
+            Some(Frame::Close(code, reason)) => (code, reason),
+            Some(Frame::Ended(why)) => {
+                (1006, format!("connection ended without close frame: {why}"))
+            }
+            None => panic!("socket still open after {timeout:?} (expected only a close frame)"),
+            Some(other) => panic!("expected only a close frame, got {other:?} first"),
+        }
+    }
+
+    /// Send `v` and return the next JSON frame.
+    async fn request(&mut self, v: &Value) -> Value {
+        self.send_json(v).await;
+        self.next_json(T).await
+    }
+
+    /// Subscribe to `topic` and insist on `{"type":"subscribed","topic":topic}`.
+    async fn subscribe(&mut self, topic: &str) {
+        let reply = self
+            .request(&json!({"type": "subscribe", "topic": topic}))
+            .await;
+        assert_eq!(reply["type"], "subscribed", "subscribe {topic}: {reply}");
+        assert_eq!(reply["topic"], topic, "subscribe {topic}: {reply}");
+    }
+
+    /// App-level ping/pong round trip: proves the socket is open and served.
+    async fn assert_alive(&mut self) {
+        let reply = self.request(&json!({"type": "ping"})).await;
+        assert_eq!(reply, json!({"type": "pong"}), "app ping");
+    }
+}
+
 /// A client WebSocket.
 pub struct Ws {
     inner: WebSocketStream<TcpStream>,
@@ -894,7 +986,23 @@ pub async fn ws_connect(
 }
 
 pub async fn ws_connect_with(hub: &Hub, opts: WsOpts) -> Result<Ws, HttpRefusal> {
-    match tokio::time::timeout(Duration::from_secs(10), ws_connect_inner(hub, opts)).await {
+    let inner = ws_handshake(hub.addr(), &opts).await?;
+    Ok(Ws {
+        inner,
+        pings_seen: 0,
+        last_text: String::new(),
+        skipped: Vec::new(),
+        closed: false,
+    })
+}
+
+/// The client side of a WebSocket handshake with `/ws` at `addr` (a hub, or nginx in front of
+/// several), bounded to 10 s; a refusal carries the HTTP status and body.
+pub async fn ws_handshake(
+    addr: SocketAddr,
+    opts: &WsOpts,
+) -> Result<WebSocketStream<TcpStream>, HttpRefusal> {
+    match tokio::time::timeout(Duration::from_secs(10), ws_handshake_unbounded(addr, opts)).await {
         Ok(r) => r,
         Err(_) => Err(HttpRefusal {
             status: 0,
@@ -903,8 +1011,13 @@ pub async fn ws_connect_with(hub: &Hub, opts: WsOpts) -> Result<Ws, HttpRefusal>
     }
 }
 
-async fn ws_connect_inner(hub: &Hub, opts: WsOpts) -> Result<Ws, HttpRefusal> {
-    let mut req = hub.ws_url().into_client_request().expect("ws request");
+async fn ws_handshake_unbounded(
+    addr: SocketAddr,
+    opts: &WsOpts,
+) -> Result<WebSocketStream<TcpStream>, HttpRefusal> {
+    let mut req = format!("ws://{addr}/ws")
+        .into_client_request()
+        .expect("ws request");
     {
         let h = req.headers_mut();
         if let Some(o) = &opts.origin {
@@ -930,18 +1043,12 @@ async fn ws_connect_inner(hub: &Hub, opts: WsOpts) -> Result<Ws, HttpRefusal> {
     if let Some(size) = opts.recv_buffer {
         socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
     }
-    let stream = socket.connect(hub.addr()).await.map_err(|e| HttpRefusal {
+    let stream = socket.connect(addr).await.map_err(|e| HttpRefusal {
         status: 0,
-        body: format!("TCP connect to {}: {e}", hub.addr()),
+        body: format!("TCP connect to {addr}: {e}"),
     })?;
     match tokio_tungstenite::client_async(req, stream).await {
-        Ok((inner, _resp)) => Ok(Ws {
-            inner,
-            pings_seen: 0,
-            last_text: String::new(),
-            skipped: Vec::new(),
-            closed: false,
-        }),
+        Ok((inner, _resp)) => Ok(inner),
         Err(tungstenite::Error::Http(resp)) => Err(HttpRefusal {
             status: resp.status().as_u16(),
             body: resp
@@ -978,61 +1085,6 @@ pub async fn connect_user(hub: &Hub, user: &str, org: &str) -> (Ws, Value, Strin
 }
 
 impl Ws {
-    /// The next frame other than ping/pong, or None if nothing came within `timeout`.
-    pub async fn recv(&mut self, timeout: Duration) -> Option<Frame> {
-        if self.closed {
-            return Some(Frame::Ended("connection already closed".into()));
-        }
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let next = match tokio::time::timeout_at(deadline, self.inner.next()).await {
-                Err(_) => return None,
-                Ok(n) => n,
-            };
-            let frame = match next {
-                None => Frame::Ended("stream ended".into()),
-                Some(Err(e)) => Frame::Ended(format!("{e}")),
-                Some(Ok(Message::Text(t))) => {
-                    let t = t.to_string();
-                    match serde_json::from_str::<Value>(&t) {
-                        Ok(v) => Frame::Json(v, t),
-                        Err(_) => Frame::Text(t),
-                    }
-                }
-                Some(Ok(Message::Binary(b))) => Frame::Binary(b.to_vec()),
-                Some(Ok(Message::Ping(_))) => {
-                    self.pings_seen += 1;
-                    continue;
-                }
-                Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => continue,
-                Some(Ok(Message::Close(cf))) => match cf {
-                    Some(CloseFrame { code, reason }) => {
-                        Frame::Close(u16::from(code), reason.to_string())
-                    }
-                    None => Frame::Close(1005, String::new()),
-                },
-            };
-            if matches!(frame, Frame::Close(..) | Frame::Ended(_)) {
-                self.closed = true;
-                // Let tungstenite finish the closing handshake; ignore how it ends.
-                let _ = tokio::time::timeout(Duration::from_millis(200), self.inner.next()).await;
-            }
-            return Some(frame);
-        }
-    }
-
-    /// The next text frame as JSON; panics on timeout, binary, close or non-JSON.
-    pub async fn next_json(&mut self, timeout: Duration) -> Value {
-        match self.recv(timeout).await {
-            Some(Frame::Json(v, raw)) => {
-                self.last_text = raw;
-                v
-            }
-            None => panic!("no frame within {timeout:?} (expected a JSON text frame)"),
-            Some(other) => panic!("expected a JSON text frame, got {other:?}"),
-        }
-    }
-
     /// The next frame, which must be binary.
     pub async fn next_binary(&mut self, timeout: Duration) -> Vec<u8> {
         match self.recv(timeout).await {
@@ -1061,18 +1113,6 @@ impl Ws {
         }
     }
 
-    /// The very next frame must be a close; returns its code and reason.
-    pub async fn expect_only_close(&mut self, timeout: Duration) -> (u16, String) {
-        match self.recv(timeout).await {
-            Some(Frame::Close(code, reason)) => (code, reason),
-            Some(Frame::Ended(why)) => {
-                (1006, format!("connection ended without close frame: {why}"))
-            }
-            None => panic!("socket still open after {timeout:?} (expected only a close frame)"),
-            Some(other) => panic!("expected only a close frame, got {other:?} first"),
-        }
-    }
-
     /// Keep reading (and so answering pings) for `d`; panics if any frame but ping/pong comes.
     pub async fn expect_silence(&mut self, d: Duration) {
         if let Some(frame) = self.recv(d).await {
@@ -1092,35 +1132,10 @@ impl Ws {
             .unwrap_or_else(|e| panic!("sending text frame: {e}"));
     }
 
-    pub async fn send_json(&mut self, v: &Value) {
-        self.send_text(&v.to_string()).await;
-    }
-
     pub async fn send_binary(&mut self, bytes: &[u8]) {
         self.try_send(Message::binary(bytes.to_vec()))
             .await
             .unwrap_or_else(|e| panic!("sending binary frame: {e}"));
-    }
-
-    /// Send `v` and return the next JSON frame.
-    pub async fn request(&mut self, v: &Value) -> Value {
-        self.send_json(v).await;
-        self.next_json(T).await
-    }
-
-    /// Subscribe to `topic` and insist on `{"type":"subscribed","topic":topic}`.
-    pub async fn subscribe(&mut self, topic: &str) {
-        let reply = self
-            .request(&json!({"type": "subscribe", "topic": topic}))
-            .await;
-        assert_eq!(reply["type"], "subscribed", "subscribe {topic}: {reply}");
-        assert_eq!(reply["topic"], topic, "subscribe {topic}: {reply}");
-    }
-
-    /// App-level ping/pong round trip: proves the socket is open and served.
-    pub async fn assert_alive(&mut self) {
-        let reply = self.request(&json!({"type": "ping"})).await;
-        assert_eq!(reply, json!({"type": "pong"}), "app ping");
     }
 
     /// Close from the client side and wait (bounded) for the server's answer.
@@ -1132,6 +1147,50 @@ impl Ws {
         let deadline = tokio::time::Instant::now() + T;
         while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, self.inner.next()).await {}
         self.closed = true;
+    }
+}
+
+impl TestSocket for Ws {
+    /// The next frame other than ping/pong, or None if nothing came within `timeout`.
+    async fn recv(&mut self, timeout: Duration) -> Option<Frame> {
+        if self.closed {
+            return Some(Frame::Ended("connection already closed".into()));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = match tokio::time::timeout_at(deadline, self.inner.next()).await {
+                Err(_) => return None,
+                Ok(n) => n,
+            };
+            if let Some(Ok(Message::Ping(_))) = next {
+                self.pings_seen += 1;
+            }
+            let Some(frame) = Frame::read(next) else {
+                continue;
+            };
+            if matches!(frame, Frame::Close(..) | Frame::Ended(_)) {
+                self.closed = true;
+                // Let tungstenite finish the closing handshake; ignore how it ends.
+                let _ = tokio::time::timeout(Duration::from_millis(200), self.inner.next()).await;
+            }
+            return Some(frame);
+        }
+    }
+
+    /// The next text frame as JSON; panics on timeout, binary, close or non-JSON.
+    async fn next_json(&mut self, timeout: Duration) -> Value {
+        match self.recv(timeout).await {
+            Some(Frame::Json(v, raw)) => {
+                self.last_text = raw;
+                v
+            }
+            None => panic!("no frame within {timeout:?} (expected a JSON text frame)"),
+            Some(other) => panic!("expected a JSON text frame, got {other:?}"),
+        }
+    }
+
+    async fn send_json(&mut self, v: &Value) {
+        self.send_text(&v.to_string()).await;
     }
 }
 
