@@ -3,6 +3,7 @@
 //! the actix `App` with its routes and middleware (one origin policy for WebSocket, CORS and
 //! the `/api` and `/auth` guard), and runs it until the shutdown sequence ends it.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use actix_web::http::header;
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse};
 use serde_json::json;
+use tokio::sync::watch;
 
 use crate::auth::{self, Revocations, SessionBackend};
 use crate::broker::memory::{EventLog, HistoryLimits, MemoryBroker};
@@ -212,6 +214,8 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
             let broker_registry = registry.clone();
             let broker_commands = commands.clone();
             let broker_health = health.clone();
+            let live_channels = watch::Sender::new(HashSet::new());
+            let live = live_channels.subscribe();
             let addr = RedisBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
                 RedisBroker::new(
                     url,
@@ -219,11 +223,12 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
                     broker_commands,
                     broker_health,
                     history,
+                    live_channels,
                 )
             });
             let caps = RedisCaps::new(commands.clone(), Duration::from_secs(limits.cap_lease_s));
             (
-                BrokerHandle::of(&addr, health),
+                BrokerHandle::of(&addr, health).confirming_subscriptions(live),
                 ConnectionCaps::redis(limits.max_connections_per_user, limits.cap_policy, caps),
                 Revocations::Redis(commands.clone()),
                 Some(commands),
@@ -443,3 +448,4 @@ impl Bound {
         self.server.await
     }
 }
+

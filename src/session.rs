@@ -32,6 +32,10 @@ use crate::protocol::{
 use crate::registry::{Control, Event, Outbox, Payload, SessionLink};
 use crate::server::Hub;
 
+/// How long a subscribe waits for Redis to confirm a channel new to this node before it is
+/// acknowledged anyway (Redis away: the subscription takes effect when it is back).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The handshake's verdict, handed to the session before it starts.
 pub enum Admission {
     /// Checks passed; the cap `slot` for `conn` is held.
@@ -371,18 +375,38 @@ impl WsSession {
                 .do_send(Interest::Opened(channel.clone()));
         }
         let Some(since) = since else {
+            if self.hub.broker.is_live(&channel) {
+                self.socket
+                    .shared()
+                    .borrow_mut()
+                    .subscriptions
+                    .insert_live(channel);
+                ctx.text(
+                    ServerMessage::Subscribed {
+                        topic: topic.as_str(),
+                        recovered: None,
+                    }
+                    .encode(),
+                );
+                return;
+            }
+            // Clustered, and this node is not yet subscribed to the channel in Redis: an event
+            // published right after an early `subscribed` would be missed. Acknowledge once
+            // events flow, holding any that arrive before the acknowledgement.
             self.socket
                 .shared()
                 .borrow_mut()
                 .subscriptions
-                .insert_live(channel);
-            ctx.text(
-                ServerMessage::Subscribed {
-                    topic: topic.as_str(),
-                    recovered: None,
+                .insert_replaying(channel.clone());
+            let confirmed = self.hub.broker.until_live(channel.clone(), CONFIRM_TIMEOUT);
+            ctx.spawn(confirmed.into_actor(self).map(move |confirmed, this, ctx| {
+                if !confirmed {
+                    log::warn!(
+                        "{channel}: Redis has not confirmed the subscription within {CONFIRM_TIMEOUT:?}; acknowledged anyway, its events flow once Redis is back"
+                    );
                 }
-                .encode(),
-            );
+                this.finish_replay(&channel, &topic, Vec::new(), None, ctx);
+            }));
             return;
         };
         // Live events are already flowing into the outbox; hold them until the replay is out.
@@ -407,15 +431,19 @@ impl WsSession {
                     Replay::default()
                 }
             };
-            this.finish_replay(&channel, &topic, replay, ctx);
+            let recovered = Some(replay.recovered);
+            this.finish_replay(&channel, &topic, replay.events, recovered, ctx);
         }));
     }
 
+    /// Acknowledge a subscription that held its live events back: `subscribed` (with
+    /// `recovered` when it resumed), the replayed events, then the held ones.
     fn finish_replay(
         &mut self,
         channel: &ChannelKey,
         topic: &Topic,
-        replay: Replay,
+        replayed: Vec<Arc<Event>>,
+        recovered: Option<bool>,
         ctx: &mut WebsocketContext<Self>,
     ) {
         if self.live.is_none() {
@@ -427,14 +455,14 @@ impl WsSession {
             .shared()
             .borrow_mut()
             .subscriptions
-            .finish_replay(channel, replay.events)
+            .finish_replay(channel, replayed)
         else {
             return;
         };
         ctx.text(
             ServerMessage::Subscribed {
                 topic: topic.as_str(),
-                recovered: Some(replay.recovered),
+                recovered,
             }
             .encode(),
         );

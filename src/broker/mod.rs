@@ -8,9 +8,11 @@
 pub mod memory;
 pub mod redis;
 
+use std::collections::HashSet;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::ws::{OpCode, Parser};
@@ -18,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use parking_lot::Mutex;
 use serde_json::Value;
+use tokio::sync::watch;
 
 use crate::protocol::{encode_event, ChannelKey, EventId, OrgId, Sender, Topic};
 use crate::registry::{Event, Payload};
@@ -135,6 +138,9 @@ pub struct BrokerHandle {
     pub interest: Recipient<Interest>,
     pub history: Recipient<FetchHistory>,
     pub health: Arc<BrokerHealth>,
+    /// Clustered: the channels the Redis subscriber has confirmed, so events of them reach
+    /// this node. None (embedded): every channel is live as soon as it is subscribed.
+    live: Option<watch::Receiver<HashSet<ChannelKey>>>,
 }
 
 /// How a publish reaches the broker.
@@ -161,6 +167,41 @@ impl BrokerHandle {
             interest: addr.clone().recipient(),
             history: addr.clone().recipient(),
             health,
+            live: None,
+        }
+    }
+
+    /// Subscriptions count as made only once `live` holds their channel (the Redis broker's
+    /// confirmed SUBSCRIBEs).
+    pub fn confirming_subscriptions(self, live: watch::Receiver<HashSet<ChannelKey>>) -> Self {
+        Self {
+            live: Some(live),
+            ..self
+        }
+    }
+
+    /// Whether events of `channel` reach this node now.
+    pub fn is_live(&self, channel: &ChannelKey) -> bool {
+        self.live
+            .as_ref()
+            .is_none_or(|live| live.borrow().contains(channel))
+    }
+
+    /// Wait until events of `channel` reach this node, at most `timeout`; false when that
+    /// did not happen in time (Redis away: the subscription takes effect once it is back).
+    pub fn until_live(
+        &self,
+        channel: ChannelKey,
+        timeout: Duration,
+    ) -> impl Future<Output = bool> + 'static {
+        let live = self.live.clone();
+        async move {
+            let Some(mut live) = live else {
+                return true;
+            };
+            let confirmed = live.wait_for(|channels| channels.contains(&channel));
+            let in_time = matches!(tokio::time::timeout(timeout, confirmed).await, Ok(Ok(_)));
+            in_time
         }
     }
 

@@ -337,7 +337,9 @@ pub struct RedisBroker {
     /// new one: a wake-up taken by the reconciler of a dead connection would be lost.
     interest_changed: Arc<Notify>,
     /// Channels the current subscriber connection has confirmed: a history read for `since`
-    /// waits until its channel is live here, so no event falls between replay and live.
+    /// waits until its channel is live here, so no event falls between replay and live, and
+    /// a plain subscribe is acknowledged only then (the receiving end is the hub's
+    /// [`super::BrokerHandle`]).
     live_channels: watch::Sender<HashSet<ChannelKey>>,
     /// Last id seen per channel, to give ids to events published without one.
     last_ids: std::collections::HashMap<ChannelKey, EventId>,
@@ -360,6 +362,7 @@ impl RedisBroker {
         commands: RedisCommands,
         health: Arc<BrokerHealth>,
         history: Option<StreamHistory>,
+        live_channels: watch::Sender<HashSet<ChannelKey>>,
     ) -> Self {
         health.set_unavailable("connecting to Redis");
         Self {
@@ -371,7 +374,7 @@ impl RedisBroker {
             publish_script: Arc::new(Script::new(PUBLISH_LUA)),
             history_script: Arc::new(Script::new(HISTORY_LUA)),
             interest_changed: Arc::new(Notify::new()),
-            live_channels: watch::Sender::new(HashSet::new()),
+            live_channels,
             last_ids: std::collections::HashMap::new(),
             canary_channel: format!("sbx:canary:{}", node_id()),
             last_canary_ms: Arc::new(AtomicU64::new(0)),

@@ -312,6 +312,37 @@ async fn wedged_subscriber_turns_readyz_503() {
     }
 }
 
+/// `subscribed` for a channel new to the pod comes only once Redis has confirmed the pod's
+/// SUBSCRIBE, so an event published right after it cannot be missed: with Redis's answers to
+/// the subscriber held back, the acknowledgement waits; released, it comes, and the next
+/// event arrives.
+#[actix_web::test]
+async fn subscribed_waits_for_redis_to_confirm_the_subscription() {
+    let redis = Redis::start();
+    let proxy = WedgeProxy::start(redis.port());
+    let pods = start_pods(&proxy.url(), 1, &[]);
+    let pod = &pods[0];
+    wait_ready(pod, Duration::from_secs(10)).await;
+    let (mut ws, _, _) = connect_user(pod, "u1", ORG).await;
+
+    proxy.wedge();
+    ws.send_json(&json!({"type": "subscribe", "topic": "fresh"}))
+        .await;
+    // Redis has the SUBSCRIBE, but its answer is held back: the pod must not claim the
+    // subscription yet.
+    ws.expect_silence(Duration::from_millis(500)).await;
+
+    proxy.unwedge();
+    let reply = ws.next_json(T).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(reply["topic"], "fresh", "{reply}");
+    let id = publish_ok(pod, ORG, "fresh", "call.status", json!({"n": 1})).await;
+    assert_eq!(
+        next_event(&mut ws, "fresh", "right after subscribed").await["id"],
+        id.as_str()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // sessions and caps across pods
 // ---------------------------------------------------------------------------------------------
