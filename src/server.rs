@@ -370,25 +370,66 @@ fn routes(cfg: &mut web::ServiceConfig, hub: &web::Data<Hub>) {
     });
 }
 
-/// How often the heap is looked at, and how many sockets must have gone (from the highest
-/// count since the last trim, and at least half of it) before freed memory is handed back.
+/// How often the heap is looked at.
 const TRIM_EVERY: Duration = Duration::from_secs(2);
+/// Sockets that must have gone (from the highest count since the last trim, and at least half
+/// of it) for a disconnect wave.
 const TRIM_MIN_GONE: usize = 1000;
+/// Work since the last trim that makes a busy spell: sockets opened, or frames delivered.
+const TRIM_AFTER_OPENED: u64 = 1000;
+const TRIM_AFTER_DELIVERED: u64 = 100_000;
+/// At most this much work in one look counts as quiet.
+const QUIET_OPENED: u64 = 50;
+const QUIET_DELIVERED: u64 = 1000;
 
-/// After a wave of sockets closes, give the freed heap back to the OS. glibc keeps it
+/// Give the freed heap back to the OS after a wave of sockets closes, and when a busy spell
+/// (a wave of handshakes, a burst of traffic) has gone quiet. glibc keeps freed memory
 /// otherwise, so a node's RSS would stay at the level of its busiest moment (a reconnect
-/// storm, a churn of short-lived tabs) for the rest of its life.
-async fn trim_after_disconnects(registry: Arc<Registry>) {
+/// storm, a churn of short-lived tabs, a backlog of frames) for the rest of its life.
+async fn trim_when_quiet(registry: Arc<Registry>) {
     let mut ticker = tokio::time::interval(TRIM_EVERY);
-    let mut highest = 0usize;
+    let mut policy = TrimPolicy::default();
     loop {
         ticker.tick().await;
-        let now = registry.session_count();
-        highest = highest.max(now);
-        if highest - now >= TRIM_MIN_GONE && now <= highest / 2 {
+        let delivered = metrics::metrics().messages_delivered.get();
+        if policy.observe(registry.session_count(), delivered) {
             trim_heap();
-            highest = now;
         }
+    }
+}
+
+/// When to trim, from what the node did between two looks. Trims happen only when sockets
+/// just left or nothing much is going on, so no delivery waits behind one.
+#[derive(Default)]
+struct TrimPolicy {
+    highest_sessions: usize,
+    last_sessions: usize,
+    last_delivered: u64,
+    opened_since_trim: u64,
+    delivered_since_trim: u64,
+}
+
+impl TrimPolicy {
+    /// Take one look (open sockets now, frames delivered in all); true: trim now.
+    fn observe(&mut self, sessions: usize, delivered: u64) -> bool {
+        let opened = sessions.saturating_sub(self.last_sessions) as u64;
+        let sent = delivered.saturating_sub(self.last_delivered);
+        (self.last_sessions, self.last_delivered) = (sessions, delivered);
+        self.opened_since_trim += opened;
+        self.delivered_since_trim += sent;
+        self.highest_sessions = self.highest_sessions.max(sessions);
+        let gone = self.highest_sessions - sessions;
+        let wave_gone = gone >= TRIM_MIN_GONE && sessions <= self.highest_sessions / 2;
+        let busy_spell_over = (self.opened_since_trim >= TRIM_AFTER_OPENED
+            || self.delivered_since_trim >= TRIM_AFTER_DELIVERED)
+            && opened <= QUIET_OPENED
+            && sent <= QUIET_DELIVERED;
+        if !(wave_gone || busy_spell_over) {
+            return false;
+        }
+        self.highest_sessions = sessions;
+        (self.opened_since_trim, self.delivered_since_trim) = (0, 0);
+        true
     }
 }
 
@@ -439,7 +480,7 @@ impl Bound {
         if let Some(caps) = self.caps_leases {
             actix::spawn(refresh_leases(caps, hub.registry.clone()));
         }
-        actix::spawn(trim_after_disconnects(hub.registry.clone()));
+        actix::spawn(trim_when_quiet(hub.registry.clone()));
         let handle = self.server.handle();
         actix::spawn(async move {
             shutdown::signalled().await;
@@ -449,3 +490,46 @@ impl Bound {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::TrimPolicy;
+
+    #[test]
+    fn trims_once_a_wave_of_handshakes_goes_quiet_and_not_while_it_lasts() {
+        let mut policy = TrimPolicy::default();
+        assert!(!policy.observe(3_000, 0), "still connecting");
+        assert!(!policy.observe(5_000, 0), "still connecting");
+        assert!(policy.observe(5_000, 0), "connected and quiet");
+        assert!(!policy.observe(5_000, 0), "nothing freed since");
+    }
+
+    #[test]
+    fn trims_after_a_burst_of_traffic_not_during_steady_traffic() {
+        let mut policy = TrimPolicy::default();
+        policy.observe(100, 0);
+        policy.observe(100, 0);
+        let mut delivered = 0;
+        for _ in 0..10 {
+            delivered += 200_000;
+            assert!(!policy.observe(100, delivered), "traffic is flowing");
+        }
+        assert!(policy.observe(100, delivered + 10), "the burst is over");
+        assert!(!policy.observe(100, delivered + 20), "nothing new since");
+    }
+
+    #[test]
+    fn trims_when_most_sockets_leave_even_while_the_rest_are_busy() {
+        let mut policy = TrimPolicy::default();
+        policy.observe(4_000, 0);
+        policy.observe(4_000, 0);
+        assert!(policy.observe(1_500, 1_000_000), "2,500 of 4,000 gone");
+    }
+
+    #[test]
+    fn a_small_node_going_quiet_is_left_alone() {
+        let mut policy = TrimPolicy::default();
+        for n in [10, 20, 30, 30, 20, 30] {
+            assert!(!policy.observe(n, n as u64 * 10));
+        }
+    }
+}
