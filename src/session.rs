@@ -393,7 +393,8 @@ impl WsSession {
             // Clustered, and this node is not yet subscribed to the channel in Redis: an event
             // published right after an early `subscribed` would be missed. Acknowledge once
             // events flow, holding any that arrive before the acknowledgement.
-            self.socket
+            let hold = self
+                .socket
                 .shared()
                 .borrow_mut()
                 .subscriptions
@@ -405,12 +406,13 @@ impl WsSession {
                         "{channel}: Redis has not confirmed the subscription within {CONFIRM_TIMEOUT:?}; acknowledged anyway, its events flow once Redis is back"
                     );
                 }
-                this.finish_replay(&channel, &topic, Vec::new(), None, ctx);
+                this.finish_replay(&channel, &topic, hold, Vec::new(), None, ctx);
             }));
             return;
         };
         // Live events are already flowing into the outbox; hold them until the replay is out.
-        self.socket
+        let hold = self
+            .socket
             .shared()
             .borrow_mut()
             .subscriptions
@@ -432,7 +434,7 @@ impl WsSession {
                 }
             };
             let recovered = Some(replay.recovered);
-            this.finish_replay(&channel, &topic, replay.events, recovered, ctx);
+            this.finish_replay(&channel, &topic, hold, replay.events, recovered, ctx);
         }));
     }
 
@@ -442,6 +444,7 @@ impl WsSession {
         &mut self,
         channel: &ChannelKey,
         topic: &Topic,
+        hold: u64,
         replayed: Vec<Arc<Event>>,
         recovered: Option<bool>,
         ctx: &mut WebsocketContext<Self>,
@@ -455,7 +458,7 @@ impl WsSession {
             .shared()
             .borrow_mut()
             .subscriptions
-            .finish_replay(channel, replayed)
+            .finish_replay(channel, hold, replayed)
         else {
             return;
         };

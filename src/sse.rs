@@ -227,7 +227,7 @@ impl SseStream {
                 continue;
             };
             self.cursor.topics.insert(topic.to_string(), since);
-            self.subscriptions.insert_replaying(channel.clone());
+            let hold = self.subscriptions.insert_replaying(channel.clone());
             let fetch = self.hub.broker.history.send(FetchHistory {
                 channel: channel.clone(),
                 since,
@@ -250,7 +250,10 @@ impl SseStream {
                         return;
                     }
                 }
-                if let Some(events) = this.subscriptions.finish_replay(&channel, replay.events) {
+                if let Some(events) =
+                    this.subscriptions
+                        .finish_replay(&channel, hold, replay.events)
+                {
                     for event in &events {
                         if !this.send_event(event, ctx) {
                             return;

@@ -11,8 +11,12 @@ use crate::registry::Event;
 
 #[derive(Default)]
 struct Subscription {
-    /// Live events held back while history is being replayed.
+    /// Live events held back while history is being replayed (or, clustered, until Redis
+    /// confirms the channel).
     held: Option<Vec<Arc<Event>>>,
+    /// Which request holds them: only its completion may release them, so a second
+    /// subscribe to the channel while the first still waits cannot take or drop its events.
+    hold: u64,
     /// Events up to this id were already sent (by the replay); later duplicates are skipped.
     sent_through: Option<EventId>,
 }
@@ -23,6 +27,7 @@ struct Subscription {
 #[derive(Default)]
 pub struct Subscriptions {
     channels: Vec<(ChannelKey, Subscription)>,
+    holds_issued: u64,
 }
 
 impl Subscriptions {
@@ -64,15 +69,23 @@ impl Subscriptions {
         self.insert(channel, Subscription::default());
     }
 
-    /// Subscribe and hold live events until [`Self::finish_replay`].
-    pub fn insert_replaying(&mut self, channel: ChannelKey) {
-        self.insert(
-            channel,
-            Subscription {
-                held: Some(Vec::new()),
-                sent_through: None,
-            },
-        );
+    /// Subscribe and hold live events until [`Self::finish_replay`] with the returned hold.
+    /// Events already held for an earlier request stay held, for this one to release.
+    pub fn insert_replaying(&mut self, channel: ChannelKey) -> u64 {
+        self.holds_issued += 1;
+        let hold = self.holds_issued;
+        match self.get_mut(&channel) {
+            Some(existing) if existing.held.is_some() => existing.hold = hold,
+            _ => self.insert(
+                channel,
+                Subscription {
+                    held: Some(Vec::new()),
+                    hold,
+                    sent_through: None,
+                },
+            ),
+        }
+        hold
     }
 
     /// True when the channel was subscribed.
@@ -100,15 +113,22 @@ impl Subscriptions {
         Some(event)
     }
 
-    /// History for `channel` arrived: the events to send, in order, without duplicates.
-    /// `None` when the channel is no longer replaying (unsubscribed meanwhile).
+    /// History for `channel` arrived (empty: none was asked for): the events to send, in
+    /// order, without duplicates. `None` when `hold` no longer holds the channel
+    /// (unsubscribed, or subscribed again, meanwhile).
     pub fn finish_replay(
         &mut self,
         channel: &ChannelKey,
+        hold: u64,
         replayed: Vec<Arc<Event>>,
     ) -> Option<Vec<Arc<Event>>> {
-        let sub = self.get_mut(channel)?;
+        let sub = self.get_mut(channel).filter(|sub| sub.hold == hold)?;
         let held = sub.held.take()?;
+        if replayed.is_empty() {
+            // Nothing to overlap with: the held live events go out as they came (ids of
+            // binary and JSON events need not rise together).
+            return Some(held);
+        }
         let mut out: Vec<Arc<Event>> = Vec::with_capacity(replayed.len() + held.len());
         for event in replayed.into_iter().chain(held) {
             if out.last().is_none_or(|last| event.id > last.id) {
@@ -151,11 +171,11 @@ mod tests {
     #[test]
     fn replay_then_held_without_duplicates() {
         let mut subs = Subscriptions::default();
-        subs.insert_replaying(channel());
+        let hold = subs.insert_replaying(channel());
         assert!(subs.admit_live(event(4)).is_none());
         assert!(subs.admit_live(event(5)).is_none());
         let out = subs
-            .finish_replay(&channel(), vec![event(2), event(3), event(4)])
+            .finish_replay(&channel(), hold, vec![event(2), event(3), event(4)])
             .unwrap();
         assert_eq!(ids(&out), vec![2, 3, 4, 5]);
         // A live event the replay already covered (still queued) is skipped; newer ones pass.
@@ -168,8 +188,40 @@ mod tests {
     fn unsubscribed_channels() {
         let mut subs = Subscriptions::default();
         assert!(subs.admit_live(event(1)).is_none());
-        subs.insert_replaying(channel());
+        let hold = subs.insert_replaying(channel());
         assert!(subs.remove(&channel()));
-        assert!(subs.finish_replay(&channel(), vec![event(1)]).is_none());
+        assert!(subs
+            .finish_replay(&channel(), hold, vec![event(1)])
+            .is_none());
+    }
+
+    /// A second subscribe while the first still waits: only the second's completion
+    /// releases the held events, and none of them is lost.
+    #[test]
+    fn a_second_subscribe_takes_over_the_held_events() {
+        let mut subs = Subscriptions::default();
+        let first = subs.insert_replaying(channel());
+        assert!(subs.admit_live(event(4)).is_none());
+        let second = subs.insert_replaying(channel());
+        assert!(subs.admit_live(event(5)).is_none());
+        assert!(subs.finish_replay(&channel(), first, Vec::new()).is_none());
+        let out = subs
+            .finish_replay(&channel(), second, vec![event(3)])
+            .unwrap();
+        assert_eq!(ids(&out), vec![3, 4, 5]);
+    }
+
+    /// Without a replay, held events go out as they came, even when their ids do not rise
+    /// (binary and JSON events are numbered apart), and nothing later is skipped.
+    #[test]
+    fn held_events_without_a_replay_pass_unfiltered() {
+        let mut subs = Subscriptions::default();
+        let hold = subs.insert_replaying(channel());
+        assert!(subs.admit_live(event(7)).is_none());
+        assert!(subs.admit_live(event(7)).is_none());
+        assert!(subs.admit_live(event(6)).is_none());
+        let out = subs.finish_replay(&channel(), hold, Vec::new()).unwrap();
+        assert_eq!(ids(&out), vec![7, 7, 6]);
+        assert_eq!(subs.admit_live(event(5)).map(|e| e.id.ms), Some(5));
     }
 }
