@@ -574,11 +574,22 @@ async fn keep_subscriptions(
         let wanted: HashSet<ChannelKey> = registry.active_channels().into_iter().collect();
         let add: Vec<&str> = wanted.difference(&subscribed).map(|c| c.as_str()).collect();
         let remove: Vec<&str> = subscribed.difference(&wanted).map(|c| c.as_str()).collect();
+        if !remove.is_empty() {
+            // No longer live from now: a subscribe arriving while the UNSUBSCRIBE is on its
+            // way must wait for the next SUBSCRIBE, not be acknowledged on the old one.
+            live.send_modify(|channels| {
+                for channel in subscribed.difference(&wanted) {
+                    channels.remove(channel);
+                }
+            });
+        }
         if !add.is_empty() {
             if let Err(e) = sink.subscribe(&add).await {
                 log::debug!("subscriber gone while subscribing: {e}");
                 return;
             }
+            // Live as soon as Redis answered, not only after the UNSUBSCRIBE below.
+            live.send_modify(|channels| channels.extend(wanted.difference(&subscribed).cloned()));
         }
         if !remove.is_empty() {
             if let Err(e) = sink.unsubscribe(&remove).await {
