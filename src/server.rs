@@ -378,9 +378,14 @@ const TRIM_MIN_GONE: usize = 1000;
 /// Work since the last trim that makes a busy spell: sockets opened, or frames delivered.
 const TRIM_AFTER_OPENED: u64 = 1000;
 const TRIM_AFTER_DELIVERED: u64 = 100_000;
-/// At most this much work in one look counts as quiet.
+/// At most this much work in one look counts as quiet; a busy spell is over after two quiet
+/// looks in a row.
 const QUIET_OPENED: u64 = 50;
 const QUIET_DELIVERED: u64 = 1000;
+const QUIET_LOOKS: u32 = 2;
+/// Looks between two trims for busy spells (30 s), so traffic that comes in bursts (one
+/// broadcast every few seconds) does not trim after each of them.
+const BUSY_TRIM_SPACING_LOOKS: u32 = 15;
 
 /// Give the freed heap back to the OS after a wave of sockets closes, and when a busy spell
 /// (a wave of handshakes, a burst of traffic) has gone quiet. glibc keeps freed memory
@@ -398,8 +403,10 @@ async fn trim_when_quiet(registry: Arc<Registry>) {
     }
 }
 
-/// When to trim, from what the node did between two looks. Trims happen only when sockets
-/// just left or nothing much is going on, so no delivery waits behind one.
+/// When to trim, from what the node did between two looks. Trims happen when sockets just
+/// left, or after a busy spell once the node has been quiet for two looks (and at most every
+/// 30 s for those), so deliveries rarely meet one. Sockets opened are counted as growth in
+/// the count, so churn at a steady count is not a busy spell (its disconnect waves are).
 #[derive(Default)]
 struct TrimPolicy {
     highest_sessions: usize,
@@ -407,6 +414,8 @@ struct TrimPolicy {
     last_delivered: u64,
     opened_since_trim: u64,
     delivered_since_trim: u64,
+    quiet_looks: u32,
+    busy_trim_allowed_in: u32,
 }
 
 impl TrimPolicy {
@@ -420,15 +429,19 @@ impl TrimPolicy {
         self.highest_sessions = self.highest_sessions.max(sessions);
         let gone = self.highest_sessions - sessions;
         let wave_gone = gone >= TRIM_MIN_GONE && sessions <= self.highest_sessions / 2;
+        let quiet = opened <= QUIET_OPENED && sent <= QUIET_DELIVERED;
+        self.quiet_looks = if quiet { self.quiet_looks + 1 } else { 0 };
+        self.busy_trim_allowed_in = self.busy_trim_allowed_in.saturating_sub(1);
         let busy_spell_over = (self.opened_since_trim >= TRIM_AFTER_OPENED
             || self.delivered_since_trim >= TRIM_AFTER_DELIVERED)
-            && opened <= QUIET_OPENED
-            && sent <= QUIET_DELIVERED;
+            && self.quiet_looks >= QUIET_LOOKS
+            && self.busy_trim_allowed_in == 0;
         if !(wave_gone || busy_spell_over) {
             return false;
         }
         self.highest_sessions = sessions;
         (self.opened_since_trim, self.delivered_since_trim) = (0, 0);
+        self.busy_trim_allowed_in = BUSY_TRIM_SPACING_LOOKS;
         true
     }
 }
@@ -499,6 +512,7 @@ mod tests {
         let mut policy = TrimPolicy::default();
         assert!(!policy.observe(3_000, 0), "still connecting");
         assert!(!policy.observe(5_000, 0), "still connecting");
+        assert!(!policy.observe(5_000, 0), "quiet for one look only");
         assert!(policy.observe(5_000, 0), "connected and quiet");
         assert!(!policy.observe(5_000, 0), "nothing freed since");
     }
@@ -507,29 +521,50 @@ mod tests {
     fn trims_after_a_burst_of_traffic_not_during_steady_traffic() {
         let mut policy = TrimPolicy::default();
         policy.observe(100, 0);
-        policy.observe(100, 0);
         let mut delivered = 0;
-        for _ in 0..10 {
+        for _ in 0..20 {
             delivered += 200_000;
             assert!(!policy.observe(100, delivered), "traffic is flowing");
         }
-        assert!(policy.observe(100, delivered + 10), "the burst is over");
-        assert!(!policy.observe(100, delivered + 20), "nothing new since");
+        assert!(
+            !policy.observe(100, delivered + 10),
+            "quiet for one look only"
+        );
+        assert!(policy.observe(100, delivered + 20), "the burst is over");
+        assert!(!policy.observe(100, delivered + 30), "nothing new since");
+    }
+
+    #[test]
+    fn bursts_every_few_seconds_trim_at_most_every_30_s() {
+        let mut policy = TrimPolicy::default();
+        let mut delivered = 0;
+        let mut trims = 0;
+        // A broadcast to 200,000 sockets every 10 s (one look in five), for 5 minutes.
+        for look in 0..150 {
+            if look % 5 == 0 {
+                delivered += 200_000;
+            }
+            trims += usize::from(policy.observe(200_000, delivered));
+        }
+        assert!((1..=11).contains(&trims), "{trims} trims in 5 minutes");
     }
 
     #[test]
     fn trims_when_most_sockets_leave_even_while_the_rest_are_busy() {
         let mut policy = TrimPolicy::default();
-        policy.observe(4_000, 0);
-        policy.observe(4_000, 0);
+        for _ in 0..3 {
+            policy.observe(4_000, 0);
+        }
         assert!(policy.observe(1_500, 1_000_000), "2,500 of 4,000 gone");
     }
 
     #[test]
     fn a_small_node_going_quiet_is_left_alone() {
         let mut policy = TrimPolicy::default();
-        for n in [10, 20, 30, 30, 20, 30] {
-            assert!(!policy.observe(n, n as u64 * 10));
+        let mut delivered = 0;
+        for n in [10, 20, 30, 30, 20, 30, 30, 30] {
+            delivered += 100;
+            assert!(!policy.observe(n, delivered));
         }
     }
 }
