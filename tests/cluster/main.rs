@@ -71,6 +71,16 @@ async fn next_event(ws: &mut Ws, topic: &str, what: &str) -> Value {
     v
 }
 
+/// Redis, the wedging proxy in front of it, and one pod that reaches Redis through the
+/// proxy, ready.
+async fn pod_behind_wedge_proxy() -> (Redis, WedgeProxy, Vec<Hub>) {
+    let redis = Redis::start();
+    let proxy = WedgeProxy::start(redis.port());
+    let pods = start_pods(&proxy.url(), 1, &[]);
+    wait_ready(&pods[0], Duration::from_secs(10)).await;
+    (redis, proxy, pods)
+}
+
 /// Log `user` in through `hub`, open a socket there and subscribe it to `TOPIC`.
 async fn subscribed_user(hub: &Hub, user: &str, org: &str) -> Ws {
     let (mut ws, _, _) = connect_user(hub, user, org).await;
@@ -267,11 +277,8 @@ async fn topic_first_subscribed_after_redis_restart_gets_events() {
 /// A subscriber connection that is up but delivers nothing (Redis itself fine) turns /readyz 503 through the canary; unwedged, the pod is ready and delivers again.
 #[actix_web::test]
 async fn wedged_subscriber_turns_readyz_503() {
-    let redis = Redis::start();
-    let proxy = WedgeProxy::start(redis.port());
-    let pods = start_pods(&proxy.url(), 1, &[]);
+    let (redis, proxy, pods) = pod_behind_wedge_proxy().await;
     let pod = &pods[0];
-    wait_ready(pod, Duration::from_secs(10)).await;
     let mut ws = subscribed_user(pod, "u1", ORG).await;
     redis.wait_numsub(CHANNEL, 1, T).await;
     let id = publish_ok(pod, ORG, TOPIC, "call.status", json!({"n": 1})).await;
@@ -318,11 +325,8 @@ async fn wedged_subscriber_turns_readyz_503() {
 /// event arrives.
 #[actix_web::test]
 async fn subscribed_waits_for_redis_to_confirm_the_subscription() {
-    let redis = Redis::start();
-    let proxy = WedgeProxy::start(redis.port());
-    let pods = start_pods(&proxy.url(), 1, &[]);
+    let (_redis, proxy, pods) = pod_behind_wedge_proxy().await;
     let pod = &pods[0];
-    wait_ready(pod, Duration::from_secs(10)).await;
     let (mut ws, _, _) = connect_user(pod, "u1", ORG).await;
 
     proxy.wedge();
