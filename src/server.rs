@@ -378,11 +378,9 @@ const TRIM_MIN_GONE: usize = 1000;
 /// Work since the last trim that makes a busy spell: sockets opened, or frames delivered.
 const TRIM_AFTER_OPENED: u64 = 1000;
 const TRIM_AFTER_DELIVERED: u64 = 100_000;
-/// At most this much work in one look counts as quiet; a busy spell is over after two quiet
-/// looks in a row.
+/// At most this much work in one look counts as quiet: the busy spell is over.
 const QUIET_OPENED: u64 = 50;
 const QUIET_DELIVERED: u64 = 1000;
-const QUIET_LOOKS: u32 = 2;
 /// Looks between two trims for busy spells (30 s), so traffic that comes in bursts (one
 /// broadcast every few seconds) does not trim after each of them.
 const BUSY_TRIM_SPACING_LOOKS: u32 = 15;
@@ -404,8 +402,8 @@ async fn trim_when_quiet(registry: Arc<Registry>) {
 }
 
 /// When to trim, from what the node did between two looks. Trims happen when sockets just
-/// left, or after a busy spell once the node has been quiet for two looks (and at most every
-/// 30 s for those), so deliveries rarely meet one. Sockets opened are counted as growth in
+/// left, or after a busy spell once a look was quiet (at most every 30 s for those), so
+/// deliveries rarely meet one. Sockets opened are counted as growth in
 /// the count, so churn at a steady count is not a busy spell (its disconnect waves are).
 #[derive(Default)]
 struct TrimPolicy {
@@ -414,7 +412,6 @@ struct TrimPolicy {
     last_delivered: u64,
     opened_since_trim: u64,
     delivered_since_trim: u64,
-    quiet_looks: u32,
     busy_trim_allowed_in: u32,
 }
 
@@ -430,11 +427,10 @@ impl TrimPolicy {
         let gone = self.highest_sessions - sessions;
         let wave_gone = gone >= TRIM_MIN_GONE && sessions <= self.highest_sessions / 2;
         let quiet = opened <= QUIET_OPENED && sent <= QUIET_DELIVERED;
-        self.quiet_looks = if quiet { self.quiet_looks + 1 } else { 0 };
         self.busy_trim_allowed_in = self.busy_trim_allowed_in.saturating_sub(1);
         let busy_spell_over = (self.opened_since_trim >= TRIM_AFTER_OPENED
             || self.delivered_since_trim >= TRIM_AFTER_DELIVERED)
-            && self.quiet_looks >= QUIET_LOOKS
+            && quiet
             && self.busy_trim_allowed_in == 0;
         if !(wave_gone || busy_spell_over) {
             return false;
@@ -512,7 +508,6 @@ mod tests {
         let mut policy = TrimPolicy::default();
         assert!(!policy.observe(3_000, 0), "still connecting");
         assert!(!policy.observe(5_000, 0), "still connecting");
-        assert!(!policy.observe(5_000, 0), "quiet for one look only");
         assert!(policy.observe(5_000, 0), "connected and quiet");
         assert!(!policy.observe(5_000, 0), "nothing freed since");
     }
@@ -526,12 +521,8 @@ mod tests {
             delivered += 200_000;
             assert!(!policy.observe(100, delivered), "traffic is flowing");
         }
-        assert!(
-            !policy.observe(100, delivered + 10),
-            "quiet for one look only"
-        );
-        assert!(policy.observe(100, delivered + 20), "the burst is over");
-        assert!(!policy.observe(100, delivered + 30), "nothing new since");
+        assert!(policy.observe(100, delivered + 10), "the burst is over");
+        assert!(!policy.observe(100, delivered + 20), "nothing new since");
     }
 
     #[test]
