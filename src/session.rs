@@ -374,31 +374,31 @@ impl WsSession {
                 .interest
                 .do_send(Interest::Opened(channel.clone()));
         }
-        let Some(since) = since else {
-            if self.hub.broker.is_live(&channel) {
-                self.socket
-                    .shared()
-                    .borrow_mut()
-                    .subscriptions
-                    .insert_live(channel);
-                ctx.text(
-                    ServerMessage::Subscribed {
-                        topic: topic.as_str(),
-                        recovered: None,
-                    }
-                    .encode(),
-                );
-                return;
-            }
-            // Clustered, and this node is not yet subscribed to the channel in Redis: an event
-            // published right after an early `subscribed` would be missed. Acknowledge once
-            // events flow, holding any that arrive before the acknowledgement.
-            let hold = self
-                .socket
+        if since.is_none() && self.hub.broker.is_live(&channel) {
+            self.socket
                 .shared()
                 .borrow_mut()
                 .subscriptions
-                .insert_replaying(channel.clone());
+                .insert_live(channel);
+            ctx.text(
+                ServerMessage::Subscribed {
+                    topic: topic.as_str(),
+                    recovered: None,
+                }
+                .encode(),
+            );
+            return;
+        }
+        // Live events are already flowing into the outbox; hold them until the replay is out,
+        // or (clustered, a channel this node has not subscribed to in Redis yet) until events
+        // flow: an event published right after an early `subscribed` would be missed.
+        let hold = self
+            .socket
+            .shared()
+            .borrow_mut()
+            .subscriptions
+            .insert_replaying(channel.clone());
+        let Some(since) = since else {
             let confirmed = self.hub.broker.until_live(channel.clone(), CONFIRM_TIMEOUT);
             ctx.spawn(confirmed.into_actor(self).map(move |confirmed, this, ctx| {
                 if !confirmed {
@@ -410,13 +410,6 @@ impl WsSession {
             }));
             return;
         };
-        // Live events are already flowing into the outbox; hold them until the replay is out.
-        let hold = self
-            .socket
-            .shared()
-            .borrow_mut()
-            .subscriptions
-            .insert_replaying(channel.clone());
         let fetch = self.hub.broker.history.send(FetchHistory {
             channel: channel.clone(),
             since,
