@@ -216,9 +216,6 @@ impl Hub {
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
-    pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
-    }
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url())
     }
