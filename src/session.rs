@@ -20,7 +20,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use crate::auth::Identity;
-use crate::broker::{EventSender, FetchHistory, Interest, PublishBody, PublishRequest, Replay};
+use crate::broker::{EventSender, Interest, PublishBody, PublishRequest, CONFIRM_TIMEOUT};
 use crate::close::Close;
 use crate::connection::{self, Shared, Socket};
 use crate::limits::TokenBucket;
@@ -31,10 +31,6 @@ use crate::protocol::{
 };
 use crate::registry::{Control, Event, Outbox, Payload, SessionLink};
 use crate::server::Hub;
-
-/// How long a subscribe waits for Redis to confirm a channel new to this node before it is
-/// acknowledged anyway (Redis away: the subscription takes effect when it is back).
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The handshake's verdict, handed to the session before it starts.
 pub enum Admission {
@@ -410,22 +406,8 @@ impl WsSession {
             }));
             return;
         };
-        let fetch = self.hub.broker.history.send(FetchHistory {
-            channel: channel.clone(),
-            since,
-        });
-        ctx.spawn(fetch.into_actor(self).map(move |answer, this, ctx| {
-            let replay = match answer {
-                Ok(Ok(replay)) => replay,
-                Ok(Err(e)) => {
-                    log::warn!("history of {channel} unavailable: {e}");
-                    Replay::default()
-                }
-                Err(e) => {
-                    log::warn!("history of {channel} unavailable: {e}");
-                    Replay::default()
-                }
-            };
+        let fetch = self.hub.broker.replay_since(channel.clone(), since);
+        ctx.spawn(fetch.into_actor(self).map(move |replay, this, ctx| {
             let recovered = Some(replay.recovered);
             this.finish_replay(&channel, &topic, hold, replay.events, recovered, ctx);
         }));

@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::auth::Identity;
-use crate::broker::{FetchHistory, Interest, Replay};
+use crate::broker::{Interest, CONFIRM_TIMEOUT};
 use crate::close::Close;
 use crate::handshake::{admit, over_handshake_budget, request_identity, HttpRefusal};
 use crate::metrics::metrics;
@@ -210,10 +210,17 @@ impl SseStream {
         ctx.stop();
     }
 
-    fn subscribe_all(&mut self, ctx: &mut Context<Self>) {
+    /// Subscribe every topic of the stream, then send `welcome`, its only sign of being
+    /// subscribed. Clustered, a channel new to this node counts as subscribed once Redis has
+    /// confirmed the node's SUBSCRIBE (at most [`CONFIRM_TIMEOUT`]): an event published right
+    /// after `welcome` would otherwise be missed. Live events arriving meanwhile are held and
+    /// follow `welcome` (and a resumed topic's replay).
+    fn subscribe_all(&mut self, welcome: String, ctx: &mut Context<Self>) {
         let Some(link) = self.link.clone() else {
             return;
         };
+        let mut held = Vec::with_capacity(self.topics.len());
+        let mut confirmations = Vec::new();
         for topic in self.topics.clone() {
             let channel = ChannelKey::new(&self.identity.org, &topic);
             if self.hub.registry.subscribe(&channel, &link, false, None) {
@@ -222,46 +229,78 @@ impl SseStream {
                     .interest
                     .do_send(Interest::Opened(channel.clone()));
             }
-            let Some(since) = self.resume.as_ref().and_then(|c| c.since(topic.as_str())) else {
-                self.subscriptions.insert_live(channel);
-                continue;
-            };
-            self.cursor.topics.insert(topic.to_string(), since);
+            if !self.hub.broker.is_live(&channel) {
+                confirmations.push(self.hub.broker.until_live(channel.clone(), CONFIRM_TIMEOUT));
+            }
             let hold = self.subscriptions.insert_replaying(channel.clone());
-            let fetch = self.hub.broker.history.send(FetchHistory {
-                channel: channel.clone(),
-                since,
-            });
-            ctx.spawn(fetch.into_actor(self).map(move |answer, this, ctx| {
-                let replay = match answer {
-                    Ok(Ok(replay)) => replay,
-                    _ => Replay::default(),
-                };
-                if !replay.recovered {
-                    let notice = format!(
-                        "event: resync\ndata: {}\n\n",
-                        ServerMessage::Subscribed {
-                            topic: topic.as_str(),
-                            recovered: Some(false),
-                        }
-                        .encode()
-                    );
-                    if !this.send(notice, ctx) {
-                        return;
-                    }
-                }
-                if let Some(events) =
-                    this.subscriptions
-                        .finish_replay(&channel, hold, replay.events)
-                {
-                    for event in &events {
-                        if !this.send_event(event, ctx) {
+            let since = self.resume.as_ref().and_then(|c| c.since(topic.as_str()));
+            if let Some(since) = since {
+                // Every record's cursor names the resumed topics, replayed yet or not.
+                self.cursor.topics.insert(topic.to_string(), since);
+            }
+            held.push((topic, channel, hold, since));
+        }
+        let confirmed = futures_util::future::join_all(confirmations);
+        ctx.spawn(confirmed.into_actor(self).map(move |confirmed, this, ctx| {
+            if confirmed.contains(&false) {
+                log::warn!(
+                    "SSE stream {}: Redis has not confirmed every subscription within {CONFIRM_TIMEOUT:?}; welcomed anyway, those events flow once Redis is back",
+                    this.conn
+                );
+            }
+            if !this.send(welcome, ctx) {
+                return;
+            }
+            for (topic, channel, hold, since) in held {
+                match since {
+                    Some(since) => this.replay(topic, channel, hold, since, ctx),
+                    None => {
+                        let events = this.subscriptions.finish_replay(&channel, hold, Vec::new());
+                        if !this.send_all(events.unwrap_or_default(), ctx) {
                             return;
                         }
                     }
                 }
-            }));
-        }
+            }
+        }));
+    }
+
+    /// Send `topic`'s events after `since` from history, then the live ones held meanwhile.
+    fn replay(
+        &mut self,
+        topic: Topic,
+        channel: ChannelKey,
+        hold: u64,
+        since: EventId,
+        ctx: &mut Context<Self>,
+    ) {
+        let fetch = self.hub.broker.replay_since(channel.clone(), since);
+        ctx.spawn(fetch.into_actor(self).map(move |replay, this, ctx| {
+            if !replay.recovered {
+                let notice = format!(
+                    "event: resync\ndata: {}\n\n",
+                    ServerMessage::Subscribed {
+                        topic: topic.as_str(),
+                        recovered: Some(false),
+                    }
+                    .encode()
+                );
+                if !this.send(notice, ctx) {
+                    return;
+                }
+            }
+            if let Some(events) = this
+                .subscriptions
+                .finish_replay(&channel, hold, replay.events)
+            {
+                this.send_all(events, ctx);
+            }
+        }));
+    }
+
+    /// Send events in order; false once the stream has ended.
+    fn send_all(&mut self, events: Vec<Arc<Event>>, ctx: &mut Context<Self>) -> bool {
+        events.iter().all(|event| self.send_event(event, ctx))
     }
 }
 
@@ -299,10 +338,7 @@ impl Actor for SseStream {
             }
             .encode()
         );
-        if !self.send(welcome, ctx) {
-            return;
-        }
-        self.subscribe_all(ctx);
+        self.subscribe_all(welcome, ctx);
         // A comment line keeps proxies from timing the stream out and tells us when the
         // client has gone (the body channel closes).
         let interval = Duration::from_millis(settings.heartbeat.interval_ms);

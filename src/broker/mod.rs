@@ -131,6 +131,10 @@ impl BrokerHealth {
     }
 }
 
+/// How long a subscription waits for Redis to confirm a channel new to this node before it
+/// is acknowledged anyway (Redis away: the subscription takes effect when it is back).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the rest of the hub holds: one recipient per broker message, whichever broker runs.
 #[derive(Clone)]
 pub struct BrokerHandle {
@@ -202,6 +206,35 @@ impl BrokerHandle {
             let confirmed = live.wait_for(|channels| channels.contains(&channel));
             let in_time = matches!(tokio::time::timeout(timeout, confirmed).await, Ok(Ok(_)));
             in_time
+        }
+    }
+
+    /// The retained events of `channel` after `since`. History that cannot be read counts as
+    /// not recovered (the client reloads state), and is logged.
+    pub fn replay_since(
+        &self,
+        channel: ChannelKey,
+        since: EventId,
+    ) -> impl Future<Output = Replay> + 'static {
+        let history = self.history.clone();
+        async move {
+            let answer = history
+                .send(FetchHistory {
+                    channel: channel.clone(),
+                    since,
+                })
+                .await;
+            match answer {
+                Ok(Ok(replay)) => replay,
+                Ok(Err(e)) => {
+                    log::warn!("history of {channel} unavailable: {e}");
+                    Replay::default()
+                }
+                Err(e) => {
+                    log::warn!("history of {channel} unavailable: {e}");
+                    Replay::default()
+                }
+            }
         }
     }
 

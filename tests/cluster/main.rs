@@ -347,6 +347,32 @@ async fn subscribed_waits_for_redis_to_confirm_the_subscription() {
     );
 }
 
+/// An SSE stream's `welcome` is its only sign of being subscribed, so on a pod new to the
+/// channel it too waits for Redis to confirm the pod's SUBSCRIBE: with Redis's answers held
+/// back, no `welcome`; released, it comes, and an event published right after it arrives.
+#[actix_web::test]
+async fn sse_welcome_waits_for_redis_to_confirm_the_subscription() {
+    let redis = Redis::start();
+    let proxy = WedgeProxy::start(redis.port());
+    let pods = start_pods(&proxy.url(), 1, &[]);
+    let pod = &pods[0];
+    wait_ready(pod, Duration::from_secs(10)).await;
+    let cookie = dev_login(pod, "u1", ORG).await;
+    let headers = [("origin", ORIGIN), ("cookie", cookie.as_str())];
+
+    proxy.wedge();
+    let mut sse = sse_stream(open_sse(pod, "topic=fresh", &headers).await);
+    if let Some(record) = sse.record_within(Duration::from_millis(500)).await {
+        panic!("welcomed before Redis confirmed the subscription: {record:?}");
+    }
+
+    proxy.unwedge();
+    sse.expect_welcome().await;
+    let id = publish_ok(pod, ORG, "fresh", "call.status", json!({"n": 1})).await;
+    let record = sse.next_event().await;
+    assert_eq!(record.data["id"], id.as_str(), "{record:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // sessions and caps across pods
 // ---------------------------------------------------------------------------------------------
