@@ -201,11 +201,22 @@ pub async fn load_session(
     else {
         return Ok(SessionState::new());
     };
-    let loaded = match &hub.sessions {
-        SessionBackend::Cookie => CookieSessionStore::default().load(&key).await,
-        SessionBackend::Redis(store) => store.load(&key).await,
-    };
-    match loaded {
+    match (&hub.sessions, &hub.redis) {
+        // Clustered, read over this worker's own Redis connection (the store's is shared).
+        (SessionBackend::Redis(_), Some(redis)) => redis
+            .load_session(key.as_ref())
+            .await
+            .map(Option::unwrap_or_default)
+            .map_err(SessionReadError::StoreUnavailable),
+        (SessionBackend::Redis(store), None) => loaded(store.load(&key).await),
+        (SessionBackend::Cookie, _) => loaded(CookieSessionStore::default().load(&key).await),
+    }
+}
+
+fn loaded(
+    result: Result<Option<SessionState>, LoadError>,
+) -> Result<SessionState, SessionReadError> {
+    match result {
         Ok(state) => Ok(state.unwrap_or_default()),
         Err(LoadError::Deserialization(_)) => Ok(SessionState::new()),
         Err(LoadError::Other(e)) => Err(SessionReadError::StoreUnavailable(e.to_string())),

@@ -27,7 +27,9 @@ use tokio::sync::watch;
 
 use crate::auth::{self, Revocations, SessionBackend};
 use crate::broker::memory::{EventLog, HistoryLimits, MemoryBroker};
-use crate::broker::redis::{refresh_leases, RedisBroker, RedisCaps, RedisCommands, StreamHistory};
+use crate::broker::redis::{
+    refresh_leases, session_cache_key, RedisBroker, RedisCaps, RedisCommands, StreamHistory,
+};
 use crate::broker::{BrokerHandle, BrokerHealth};
 use crate::config::Settings;
 use crate::limits::{ConnectionCaps, HandshakeLimiter, IpMatcher};
@@ -203,7 +205,7 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
         Some(url) => {
             let commands = RedisCommands::connect(&url).await.map_err(StartError)?;
             let store = RedisSessionStore::builder(url.clone())
-                .cache_keygen(|key| format!("sb:session:{key}"))
+                .cache_keygen(session_cache_key)
                 .build()
                 .await
                 .map_err(|e| StartError(format!("cannot open the Redis session store: {e}")))?;

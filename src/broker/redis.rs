@@ -27,6 +27,7 @@ use super::{
     build_event, BrokerError, BrokerHealth, EventSender, FetchHistory, Interest, Publish,
     PublishBody, Replay,
 };
+use crate::auth::SessionState;
 use crate::close::{AuthFailure, Close};
 use crate::config::CapPolicy;
 use crate::limits::{CapOutcome, CapsUnavailable};
@@ -72,9 +73,35 @@ enum ControlMessage {
 }
 
 /// Everything needed to talk to Redis for commands (not the subscriber).
+///
+/// Each thread that sends commands (HTTP workers, the broker's thread) gets a connection of
+/// its own, opened on first use: a redis-rs connection is driven by a task on the thread
+/// that opened it, so a shared one would cost every command two cross-thread wake-ups (to
+/// the driver and back), which profiling showed as a third of a clustered handshake's CPU.
+/// Until a thread's own connection is up, it uses the shared one.
 #[derive(Clone)]
 pub struct RedisCommands {
     conn: ConnectionManager,
+    opener: Arc<Opener>,
+}
+
+/// What a thread needs to open its own connection.
+struct Opener {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Tells apart the hubs of one process (tests) in [`THREAD_CONNECTIONS`].
+    id: u64,
+}
+
+thread_local! {
+    /// This thread's own command connections, by [`Opener::id`]; `None` while opening.
+    static THREAD_CONNECTIONS: std::cell::RefCell<Vec<(u64, Option<ConnectionManager>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The Redis key of a login session (actix-session's store and the handshake both use it).
+pub fn session_cache_key(session_key: &str) -> String {
+    format!("sb:session:{session_key}")
 }
 
 impl RedisCommands {
@@ -89,7 +116,18 @@ impl RedisCommands {
         let mut delay = BACKOFF_FIRST;
         loop {
             match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
-                Ok(conn) => return Ok(Self { conn }),
+                Ok(conn) => {
+                    static IDS: AtomicU64 = AtomicU64::new(0);
+                    let opener = Opener {
+                        client,
+                        config,
+                        id: IDS.fetch_add(1, Ordering::Relaxed),
+                    };
+                    return Ok(Self {
+                        conn,
+                        opener: Arc::new(opener),
+                    });
+                }
                 Err(e) => {
                     log::warn!(
                         "waiting for Redis at {}: {e}; retrying in {delay:?}",
@@ -102,13 +140,79 @@ impl RedisCommands {
         }
     }
 
+    /// The connection shared by the whole process.
     pub fn manager(&self) -> ConnectionManager {
         self.conn.clone()
     }
 
+    /// This thread's own connection, or the shared one while it is being opened (or on a
+    /// thread whose runtime is not single-threaded, where a task may finish on another thread).
+    fn thread_connection(&self) -> ConnectionManager {
+        THREAD_CONNECTIONS.with(|connections| {
+            let mut connections = connections.borrow_mut();
+            match connections.iter().find(|(id, _)| *id == self.opener.id) {
+                Some((_, Some(own))) => return own.clone(),
+                Some((_, None)) => return self.manager(),
+                None => {}
+            }
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return self.manager();
+            };
+            if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+                return self.manager();
+            }
+            let id = self.opener.id;
+            connections.push((id, None));
+            let (client, config) = (self.opener.client.clone(), self.opener.config.clone());
+            runtime.spawn(async move {
+                let opened = ConnectionManager::new_with_config(client, config).await;
+                THREAD_CONNECTIONS.with(|connections| {
+                    let mut connections = connections.borrow_mut();
+                    connections.retain(|(other, _)| *other != id);
+                    match opened {
+                        Ok(own) => connections.push((id, Some(own))),
+                        // Stay on the shared connection; the next command tries again.
+                        Err(e) => log::debug!("cannot open this thread's Redis connection: {e}"),
+                    }
+                });
+            });
+            self.manager()
+        })
+    }
+
+    /// Run an idempotent command of the handshake's (or a socket's close) on this thread's
+    /// connection. Such a connection may sit idle for a while, so after Redis restarts its
+    /// first command finds the old socket dead; the connection manager reconnects and the
+    /// command is sent once more, as actix-session's store does.
+    async fn run_idempotent<T, F, Fut>(&self, command: F) -> Result<T, String>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(REDIS_TIMEOUT, command(self.thread_connection())).await {
+            Ok(Err(e)) if e.is_connection_dropped() => {
+                timed(command(self.thread_connection())).await
+            }
+            first => answered(first),
+        }
+    }
+
+    /// A login session's state, read as actix-session's Redis store reads it (`GET` of its
+    /// JSON). State that does not parse is empty.
+    pub async fn load_session(&self, session_key: &str) -> Result<Option<SessionState>, String> {
+        let key = session_cache_key(session_key);
+        let raw: Option<String> = self
+            .run_idempotent(|mut conn| {
+                let key = key.clone();
+                async move { conn.get(key).await }
+            })
+            .await?;
+        Ok(raw.map(|raw| serde_json::from_str(&raw).unwrap_or_default()))
+    }
+
     async fn publish_control(&self, message: &ControlMessage) -> Result<(), String> {
         let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.manager();
         timed(conn.publish::<_, _, ()>(CONTROL_CHANNEL, text)).await
     }
 
@@ -129,20 +233,30 @@ impl RedisCommands {
     }
 
     pub async fn revoke(&self, sid: &str, ttl_s: u64) -> Result<(), String> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.manager();
         timed(conn.set_ex::<_, _, ()>(format!("sb:revoked:{sid}"), 1, ttl_s.max(1))).await
     }
 
     pub async fn is_revoked(&self, sid: &str) -> Result<bool, String> {
-        let mut conn = self.conn.clone();
-        timed(conn.exists::<_, bool>(format!("sb:revoked:{sid}"))).await
+        let key = format!("sb:revoked:{sid}");
+        self.run_idempotent(|mut conn| {
+            let key = key.clone();
+            async move { conn.exists(key).await }
+        })
+        .await
     }
 }
 
 async fn timed<T>(
     fut: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, String> {
-    match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
+    answered(tokio::time::timeout(REDIS_TIMEOUT, fut).await)
+}
+
+fn answered<T>(
+    answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+) -> Result<T, String> {
+    match answer {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer from Redis within {REDIS_TIMEOUT:?}")),
@@ -164,6 +278,11 @@ local now = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+-- Sent again after a dropped connection: the slot is already granted.
+if redis.call('ZSCORE', KEYS[1], ARGV[5]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
+  return {1}
+end
 local held = redis.call('ZRANGE', KEYS[1], 0, -1)
 local evicted = {}
 if #held >= limit then
@@ -204,19 +323,24 @@ impl RedisCaps {
         limit: u32,
         policy: CapPolicy,
     ) -> Result<CapOutcome, CapsUnavailable> {
-        let mut conn = self.commands.manager();
         let policy = match policy {
             CapPolicy::RejectNew => "reject_new",
             CapPolicy::EvictOldest => "evict_oldest",
         };
-        let mut invocation = self.acquire.key(Self::key(user_key));
-        invocation
-            .arg(unix_ms())
-            .arg(self.lease.as_millis() as u64)
-            .arg(limit)
-            .arg(policy)
-            .arg(slot);
-        let answer: Vec<RedisValue> = timed(invocation.invoke_async(&mut conn))
+        let key = Self::key(user_key);
+        let now = unix_ms();
+        let answer: Vec<RedisValue> = self
+            .commands
+            .run_idempotent(|mut conn| {
+                let mut invocation = self.acquire.key(&key);
+                invocation
+                    .arg(now)
+                    .arg(self.lease.as_millis() as u64)
+                    .arg(limit)
+                    .arg(policy)
+                    .arg(slot);
+                async move { invocation.invoke_async(&mut conn).await }
+            })
             .await
             .map_err(CapsUnavailable)?;
         let admitted = matches!(answer.first(), Some(RedisValue::Int(1)));
@@ -232,8 +356,15 @@ impl RedisCaps {
     }
 
     pub async fn release(&self, user_key: &str, slot: &str) {
-        let mut conn = self.commands.manager();
-        if let Err(e) = timed(conn.zrem::<_, _, ()>(Self::key(user_key), slot)).await {
+        let key = Self::key(user_key);
+        let released = self
+            .commands
+            .run_idempotent(|mut conn| {
+                let key = key.clone();
+                async move { conn.zrem::<_, _, ()>(key, slot).await }
+            })
+            .await;
+        if let Err(e) = released {
             log::warn!("cannot release cap slot of {user_key} (its lease will expire): {e}");
         }
     }
