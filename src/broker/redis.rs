@@ -7,7 +7,8 @@
 //! backoff, resubscribes and carries on; sockets stay open throughout.
 //!
 //! Keys and channels (SPEC section 7): events `sb:{org}:{topic}`, history `sb:{org}:{topic}:log`,
-//! control `sbx:control`, canary `sbx:canary:{node}`, caps `sb:caps:{org}/{user}`,
+//! control `sbx:control`, canary `sbx:canary:{node}`, caps `sb:caps:{org}/{user}` (and, for a
+//! minute after a cap request evicted sockets, `sb:caps:{org}/{user}:evicted:{slot}`),
 //! revoked sessions `sb:revoked:{sid}`.
 
 use std::collections::HashSet;
@@ -85,17 +86,18 @@ pub struct RedisCommands {
     opener: Arc<Opener>,
 }
 
-/// What a thread needs to open its own connection.
+/// What a thread needs to open its own connection; one per hub, shared by its clones.
 struct Opener {
     client: redis::Client,
     config: ConnectionManagerConfig,
-    /// Tells apart the hubs of one process (tests) in [`THREAD_CONNECTIONS`].
-    id: u64,
 }
 
+/// A thread's own connection for one hub's [`Opener`] (a process may hold several hubs, as
+/// tests do); `None` while it is being opened. Gone once that hub is.
+type ThreadConnection = (std::sync::Weak<Opener>, Option<ConnectionManager>);
+
 thread_local! {
-    /// This thread's own command connections, by [`Opener::id`]; `None` while opening.
-    static THREAD_CONNECTIONS: std::cell::RefCell<Vec<(u64, Option<ConnectionManager>)>> =
+    static THREAD_CONNECTIONS: std::cell::RefCell<Vec<ThreadConnection>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -117,16 +119,10 @@ impl RedisCommands {
         loop {
             match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
                 Ok(conn) => {
-                    static IDS: AtomicU64 = AtomicU64::new(0);
-                    let opener = Opener {
-                        client,
-                        config,
-                        id: IDS.fetch_add(1, Ordering::Relaxed),
-                    };
                     return Ok(Self {
                         conn,
-                        opener: Arc::new(opener),
-                    });
+                        opener: Arc::new(Opener { client, config }),
+                    })
                 }
                 Err(e) => {
                     log::warn!(
@@ -150,7 +146,10 @@ impl RedisCommands {
     fn thread_connection(&self) -> ConnectionManager {
         THREAD_CONNECTIONS.with(|connections| {
             let mut connections = connections.borrow_mut();
-            match connections.iter().find(|(id, _)| *id == self.opener.id) {
+            connections.retain(|(opener, _)| opener.strong_count() > 0);
+            let ours =
+                |opener: &std::sync::Weak<Opener>| opener.as_ptr() == Arc::as_ptr(&self.opener);
+            match connections.iter().find(|(opener, _)| ours(opener)) {
                 Some((_, Some(own))) => return own.clone(),
                 Some((_, None)) => return self.manager(),
                 None => {}
@@ -161,16 +160,16 @@ impl RedisCommands {
             if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
                 return self.manager();
             }
-            let id = self.opener.id;
-            connections.push((id, None));
+            let opener = Arc::downgrade(&self.opener);
+            connections.push((opener.clone(), None));
             let (client, config) = (self.opener.client.clone(), self.opener.config.clone());
             runtime.spawn(async move {
                 let opened = ConnectionManager::new_with_config(client, config).await;
                 THREAD_CONNECTIONS.with(|connections| {
                     let mut connections = connections.borrow_mut();
-                    connections.retain(|(other, _)| *other != id);
+                    connections.retain(|(other, _)| !other.ptr_eq(&opener));
                     match opened {
-                        Ok(own) => connections.push((id, Some(own))),
+                        Ok(own) => connections.push((opener, Some(own))),
                         // Stay on the shared connection; the next command tries again.
                         Err(e) => log::debug!("cannot open this thread's Redis connection: {e}"),
                     }
@@ -272,16 +271,20 @@ pub struct RedisCaps {
     acquire: Arc<Script>,
 }
 
-/// Members are `<created-ms, 15 digits>|<conn id>` so sorting them sorts by age.
+/// Members are `<created-ms, 15 digits>|<conn id>` so sorting them sorts by age. KEYS[2]
+/// remembers for a while whom the request evicted, so that the same request sent again (its
+/// answer lost with a dropped connection) gets the same answer, evictions included.
 const ACQUIRE_LUA: &str = r#"
 local now = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
--- Sent again after a dropped connection: the slot is already granted.
 if redis.call('ZSCORE', KEYS[1], ARGV[5]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
-  return {1}
+  redis.call('PEXPIRE', KEYS[1], lease * 2)
+  local out = {1}
+  for _, conn in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do out[#out + 1] = conn end
+  return out
 end
 local held = redis.call('ZRANGE', KEYS[1], 0, -1)
 local evicted = {}
@@ -298,6 +301,10 @@ if #held >= limit then
 end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
 redis.call('PEXPIRE', KEYS[1], lease * 2)
+if #evicted > 0 then
+  redis.call('RPUSH', KEYS[2], unpack(evicted))
+  redis.call('PEXPIRE', KEYS[2], 60000)
+end
 local out = {1}
 for i = 1, #evicted do out[#out + 1] = evicted[i] end
 return out
@@ -328,11 +335,13 @@ impl RedisCaps {
             CapPolicy::EvictOldest => "evict_oldest",
         };
         let key = Self::key(user_key);
+        let evicted_key = format!("{key}:evicted:{slot}");
         let now = unix_ms();
         let answer: Vec<RedisValue> = self
             .commands
             .run_idempotent(|mut conn| {
                 let mut invocation = self.acquire.key(&key);
+                invocation.key(&evicted_key);
                 invocation
                     .arg(now)
                     .arg(self.lease.as_millis() as u64)

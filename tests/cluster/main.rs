@@ -493,7 +493,8 @@ async fn cap_counts_sockets_across_pods_and_frees_a_killed_pods_slots() {
 
 /// A cap request sent again (the pod's connection dropped after Redis ran it, and the pod
 /// retried) is granted the slot it already holds, rather than counting it twice: at a limit
-/// of 1 the repeat is admitted and the user's next socket is still refused.
+/// of 1 the repeat is admitted and the user's next socket is still refused; under
+/// evict_oldest the repeat reports the same eviction.
 #[actix_web::test]
 async fn a_repeated_cap_request_counts_its_slot_once() {
     use switchboard::broker::redis::{RedisCaps, RedisCommands};
@@ -512,6 +513,18 @@ async fn a_repeated_cap_request_counts_its_slot_once() {
     assert_eq!(
         ask("2|b").await.expect("another socket"),
         CapOutcome::Refused { limit: 1 }
+    );
+
+    // Under evict_oldest the repeat must name the same evicted socket, or it stays open.
+    let evict = |slot: &'static str| caps.acquire("42/u2", slot, 1, CapPolicy::EvictOldest);
+    assert_eq!(evict("1|c").await.expect("first socket"), admitted);
+    let evicted_c = CapOutcome::Admitted {
+        evicted: vec!["1|c".to_string()],
+    };
+    assert_eq!(evict("2|d").await.expect("second socket"), evicted_c);
+    assert_eq!(
+        evict("2|d").await.expect("the same request again"),
+        evicted_c
     );
 }
 
