@@ -298,9 +298,14 @@ impl SseStream {
         }));
     }
 
-    /// Send events in order; false once the stream has ended.
+    /// Send events in order, counted as delivered; false once the stream has ended.
     fn send_all(&mut self, events: Vec<Arc<Event>>, ctx: &mut Context<Self>) -> bool {
-        events.iter().all(|event| self.send_event(event, ctx))
+        let sent = events
+            .iter()
+            .take_while(|event| self.send_event(event, ctx))
+            .count();
+        metrics().messages_delivered.inc_by(sent as u64);
+        sent == events.len()
     }
 }
 
