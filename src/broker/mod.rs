@@ -218,23 +218,18 @@ impl BrokerHandle {
     ) -> impl Future<Output = Replay> + 'static {
         let history = self.history.clone();
         async move {
-            let answer = history
-                .send(FetchHistory {
-                    channel: channel.clone(),
-                    since,
-                })
-                .await;
-            match answer {
-                Ok(Ok(replay)) => replay,
-                Ok(Err(e)) => {
-                    log::warn!("history of {channel} unavailable: {e}");
-                    Replay::default()
-                }
-                Err(e) => {
-                    log::warn!("history of {channel} unavailable: {e}");
-                    Replay::default()
-                }
-            }
+            let request = FetchHistory {
+                channel: channel.clone(),
+                since,
+            };
+            let answer = match history.send(request).await {
+                Ok(answer) => answer.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            answer.unwrap_or_else(|e| {
+                log::warn!("history of {channel} unavailable: {e}");
+                Replay::default()
+            })
         }
     }
 

@@ -75,11 +75,12 @@ enum ControlMessage {
 
 /// Everything needed to talk to Redis for commands (not the subscriber).
 ///
-/// Each thread that sends commands (HTTP workers, the broker's thread) gets a connection of
-/// its own, opened on first use: a redis-rs connection is driven by a task on the thread
-/// that opened it, so a shared one would cost every command two cross-thread wake-ups (to
-/// the driver and back), which profiling showed as a third of a clustered handshake's CPU.
-/// Until a thread's own connection is up, it uses the shared one.
+/// The handshake's commands (session, revocation, cap slot) and the cap release go over a
+/// connection of the calling thread's own, opened on its first use: a redis-rs connection is
+/// driven by a task on the thread that opened it, so the shared one (opened on the main
+/// thread) costs every command two cross-thread wake-ups, which profiling showed as a third
+/// of a clustered handshake's CPU. Until a thread's own connection is up it uses the shared
+/// one, as do publishing, history and the lease refresh.
 #[derive(Clone)]
 pub struct RedisCommands {
     conn: ConnectionManager,
