@@ -28,7 +28,8 @@ use tokio::sync::watch;
 use crate::auth::{self, Revocations, SessionBackend};
 use crate::broker::memory::{EventLog, HistoryLimits, MemoryBroker};
 use crate::broker::redis::{
-    refresh_leases, session_cache_key, RedisBroker, RedisCaps, RedisCommands, StreamHistory,
+    refresh_leases, session_cache_key, RedisBroker, RedisCaps, RedisCommands, RedisPublisher,
+    StreamHistory,
 };
 use crate::broker::{BrokerHandle, BrokerHealth};
 use crate::config::Settings;
@@ -230,7 +231,9 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
             });
             let caps = RedisCaps::new(commands.clone(), Duration::from_secs(limits.cap_lease_s));
             (
-                BrokerHandle::of(&addr, health).confirming_subscriptions(live),
+                BrokerHandle::of(&addr, health)
+                    .confirming_subscriptions(live)
+                    .publishing_through(RedisPublisher::new(commands.clone(), history)),
                 ConnectionCaps::redis(limits.max_connections_per_user, limits.cap_policy, caps),
                 Revocations::Redis(commands.clone()),
                 Some(commands),

@@ -156,6 +156,8 @@ enum PublishPath {
     /// Embedded: the publisher numbers and delivers the event on its own thread, sparing
     /// every HTTP publish two cross-thread wake-ups.
     Direct(Arc<memory::EventLog>),
+    /// Clustered: the publisher sends the event to Redis itself (the same two wake-ups).
+    Redis(redis::RedisPublisher),
 }
 
 impl BrokerHandle {
@@ -172,6 +174,14 @@ impl BrokerHandle {
             history: addr.clone().recipient(),
             health,
             live: None,
+        }
+    }
+
+    /// Publishes go to Redis from the publisher's own thread, not through the broker actor.
+    pub fn publishing_through(self, publisher: redis::RedisPublisher) -> Self {
+        Self {
+            publish: PublishPath::Redis(publisher),
+            ..self
         }
     }
 
@@ -253,6 +263,7 @@ impl BrokerHandle {
         }
         match &self.publish {
             PublishPath::Direct(log) => Ok(log.publish(&request)),
+            PublishPath::Redis(publisher) => publisher.publish(request).await,
             PublishPath::Mailbox(broker) => broker
                 .send(Publish { request })
                 .await
@@ -269,6 +280,13 @@ impl BrokerHandle {
         match &self.publish {
             PublishPath::Direct(log) => {
                 log.publish(&request);
+            }
+            PublishPath::Redis(publisher) => {
+                let publisher = publisher.clone();
+                // Spawned in order on this thread, so one socket's frames keep their order.
+                actix::spawn(async move {
+                    let _ = publisher.publish(request).await;
+                });
             }
             PublishPath::Mailbox(broker) => broker.do_send(Publish { request }),
         }

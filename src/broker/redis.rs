@@ -26,7 +26,7 @@ use tokio::sync::{watch, Notify};
 
 use super::{
     build_event, BrokerError, BrokerHealth, EventSender, FetchHistory, Interest, Publish,
-    PublishBody, Replay,
+    PublishBody, PublishRequest, Replay,
 };
 use crate::auth::SessionState;
 use crate::close::{AuthFailure, Close};
@@ -472,7 +472,7 @@ pub struct RedisBroker {
     commands: RedisCommands,
     health: Arc<BrokerHealth>,
     history: Option<StreamHistory>,
-    publish_script: Arc<Script>,
+    publisher: RedisPublisher,
     history_script: Arc<Script>,
     /// Wakes the subscription reconciler when local interest changes. Each connection gets a
     /// new one: a wake-up taken by the reconciler of a dead connection would be lost.
@@ -506,13 +506,14 @@ impl RedisBroker {
         live_channels: watch::Sender<HashSet<ChannelKey>>,
     ) -> Self {
         health.set_unavailable("connecting to Redis");
+        let publisher = RedisPublisher::new(commands.clone(), history);
         Self {
             url,
             registry,
             commands,
             health,
             history,
-            publish_script: Arc::new(Script::new(PUBLISH_LUA)),
+            publisher,
             history_script: Arc::new(Script::new(HISTORY_LUA)),
             interest_changed: Arc::new(Notify::new()),
             live_channels,
@@ -791,48 +792,72 @@ impl Handler<Publish> for RedisBroker {
     type Result = ResponseFuture<Result<EventId, BrokerError>>;
 
     fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
-        let request = msg.request;
+        let publisher = self.publisher.clone();
+        Box::pin(async move { publisher.publish(msg.request).await })
+    }
+}
+
+/// Publishing to Redis: a JSON event's history entry and its PUBLISH in one script, a binary
+/// frame as a bare PUBLISH. HTTP workers publish through it themselves rather than through
+/// the broker actor, sparing each publish two cross-thread wake-ups. It uses the shared
+/// connection, not the thread's own: a publish is never sent twice, so it needs a connection
+/// that other traffic keeps checked, or the first publish after a Redis restart would fail.
+#[derive(Clone)]
+pub struct RedisPublisher {
+    commands: RedisCommands,
+    script: Arc<Script>,
+    history: Option<StreamHistory>,
+}
+
+impl RedisPublisher {
+    pub fn new(commands: RedisCommands, history: Option<StreamHistory>) -> Self {
+        Self {
+            commands,
+            script: Arc::new(Script::new(PUBLISH_LUA)),
+            history,
+        }
+    }
+
+    /// Publish once; `Ok` once Redis has taken the event.
+    pub async fn publish(&self, request: PublishRequest) -> Result<EventId, BrokerError> {
         let channel = request.channel();
         let mut conn = self.commands.manager();
-        let script = self.publish_script.clone();
         let history = self.history;
-        Box::pin(async move {
-            let message = match &request.body {
-                PublishBody::Json { event, data } => {
-                    let sender = request.sender.as_ref();
-                    serde_json::to_string(&WireEvent {
-                        id: None,
-                        event: Some(event.clone()),
-                        data: data.clone(),
-                        user: sender.map(|s| s.user.clone()),
-                        conn_id: sender.map(|s| s.conn_id.clone()),
-                    })
-                    .map_err(|e| BrokerError::Unavailable(e.to_string()))?
-                }
-                PublishBody::Binary(bytes) => {
-                    // Audio is live-only: straight to the channel, no history.
-                    let mut framed = Vec::with_capacity(bytes.len() + 1);
-                    framed.push(BINARY_MARK);
-                    framed.extend_from_slice(bytes);
-                    timed(conn.publish::<_, _, ()>(channel.as_str(), framed))
-                        .await
-                        .map_err(BrokerError::Unavailable)?;
-                    return Ok(EventId::default());
-                }
-            };
-            let mut invocation = script.key(format!("{channel}:log"));
-            invocation
-                .key(channel.as_str())
-                .arg(if history.is_some() { "1" } else { "0" })
-                .arg(history.map_or(0, |h| h.max_len))
-                .arg(history.map_or(0, |h| h.ttl_s))
-                .arg(message);
-            let id: String = timed(invocation.invoke_async(&mut conn))
-                .await
-                .map_err(BrokerError::Unavailable)?;
-            EventId::parse(&id)
-                .ok_or_else(|| BrokerError::Unavailable(format!("unexpected id {id:?} from Redis")))
-        })
+        let message = match &request.body {
+            PublishBody::Json { event, data } => {
+                let sender = request.sender.as_ref();
+                serde_json::to_string(&WireEvent {
+                    id: None,
+                    event: Some(event.clone()),
+                    data: data.clone(),
+                    user: sender.map(|s| s.user.clone()),
+                    conn_id: sender.map(|s| s.conn_id.clone()),
+                })
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+            }
+            PublishBody::Binary(bytes) => {
+                // Audio is live-only: straight to the channel, no history.
+                let mut framed = Vec::with_capacity(bytes.len() + 1);
+                framed.push(BINARY_MARK);
+                framed.extend_from_slice(bytes);
+                timed(conn.publish::<_, _, ()>(channel.as_str(), framed))
+                    .await
+                    .map_err(BrokerError::Unavailable)?;
+                return Ok(EventId::default());
+            }
+        };
+        let mut invocation = self.script.key(format!("{channel}:log"));
+        invocation
+            .key(channel.as_str())
+            .arg(if history.is_some() { "1" } else { "0" })
+            .arg(history.map_or(0, |h| h.max_len))
+            .arg(history.map_or(0, |h| h.ttl_s))
+            .arg(message);
+        let id: String = timed(invocation.invoke_async(&mut conn))
+            .await
+            .map_err(BrokerError::Unavailable)?;
+        EventId::parse(&id)
+            .ok_or_else(|| BrokerError::Unavailable(format!("unexpected id {id:?} from Redis")))
     }
 }
 
