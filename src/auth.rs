@@ -151,8 +151,8 @@ pub fn now_s() -> u64 {
 /// A login session's stored state as actix-session keeps it: JSON values by key.
 pub type SessionState = HashMap<String, String>;
 
-/// Where login sessions live; the WebSocket handshake reads them here directly because it
-/// runs before (and without) the actix-web middleware.
+/// Where the session middleware keeps login sessions. The WebSocket handshake, which runs
+/// before (and without) the middleware, reads them itself in [`load_session`].
 #[derive(Clone)]
 pub enum SessionBackend {
     /// Embedded: the signed and encrypted cookie is the session.
@@ -201,26 +201,20 @@ pub async fn load_session(
     else {
         return Ok(SessionState::new());
     };
-    match (&hub.sessions, &hub.redis) {
-        // Clustered, read over this worker's own Redis connection (the store's is shared).
-        (SessionBackend::Redis(_), Some(redis)) => redis
-            .load_session(key.as_ref())
-            .await
-            .map(Option::unwrap_or_default)
-            .map_err(SessionReadError::StoreUnavailable),
-        (SessionBackend::Redis(store), None) => loaded(store.load(&key).await),
-        (SessionBackend::Cookie, _) => loaded(CookieSessionStore::default().load(&key).await),
-    }
-}
-
-fn loaded(
-    result: Result<Option<SessionState>, LoadError>,
-) -> Result<SessionState, SessionReadError> {
-    match result {
-        Ok(state) => Ok(state.unwrap_or_default()),
-        Err(LoadError::Deserialization(_)) => Ok(SessionState::new()),
-        Err(LoadError::Other(e)) => Err(SessionReadError::StoreUnavailable(e.to_string())),
-    }
+    let Some(redis) = &hub.redis else {
+        return match CookieSessionStore::default().load(&key).await {
+            Ok(state) => Ok(state.unwrap_or_default()),
+            Err(LoadError::Deserialization(_)) => Ok(SessionState::new()),
+            Err(LoadError::Other(e)) => Err(SessionReadError::StoreUnavailable(e.to_string())),
+        };
+    };
+    // Clustered: the session lives in Redis (the key actix-session's store writes), read over
+    // this worker's own connection rather than the store's shared one.
+    redis
+        .load_session(key.as_ref())
+        .await
+        .map(Option::unwrap_or_default)
+        .map_err(SessionReadError::StoreUnavailable)
 }
 
 /// The identity in a session's state, telling apart every way it can be unusable.

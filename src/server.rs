@@ -54,9 +54,8 @@ pub struct Hub {
     pub client_publish: Vec<TopicPattern>,
     /// Set by the shutdown sequence: readiness fails and new sockets are refused.
     pub draining: AtomicBool,
-    /// Where login sessions live, and the key that signs and encrypts their cookie: the
-    /// WebSocket handshake reads sessions itself (it runs before the session middleware).
-    pub sessions: SessionBackend,
+    /// The key that signs and encrypts the session cookie: the WebSocket handshake reads
+    /// sessions itself (it runs before the session middleware).
     pub cookie_key: Key,
 }
 
@@ -80,7 +79,6 @@ impl Hub {
         caps: ConnectionCaps,
         revocations: Revocations,
         redis: Option<RedisCommands>,
-        sessions: SessionBackend,
     ) -> Result<Self, StartError> {
         let origins = OriginPolicy::from_config(&settings.origins)
             .map_err(|errors| StartError(errors.join("; ")))?;
@@ -113,7 +111,6 @@ impl Hub {
             revocations,
             client_publish,
             draining: AtomicBool::new(false),
-            sessions,
             cookie_key: auth::cookie_key(&settings.auth),
             settings,
         })
@@ -231,9 +228,12 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
             });
             let caps = RedisCaps::new(commands.clone(), Duration::from_secs(limits.cap_lease_s));
             (
-                BrokerHandle::of(&addr, health)
-                    .confirming_subscriptions(live)
-                    .publishing_through(RedisPublisher::new(commands.clone(), history)),
+                BrokerHandle::clustered(
+                    &addr,
+                    health,
+                    live,
+                    RedisPublisher::new(commands.clone(), history),
+                ),
                 ConnectionCaps::redis(limits.max_connections_per_user, limits.cap_policy, caps),
                 Revocations::Redis(commands.clone()),
                 Some(commands),
@@ -249,7 +249,6 @@ pub async fn bind(settings: Settings) -> Result<Bound, StartError> {
         caps,
         revocations,
         redis,
-        sessions.clone(),
     )?);
     let key = hub.cookie_key.clone();
     let (server, addrs) = match sessions {

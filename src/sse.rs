@@ -380,16 +380,11 @@ impl Handler<Flush> for SseStream {
         };
         let mut batch = Vec::new();
         link.outbox.drain_into(&mut batch);
-        let mut sent = 0;
-        for event in batch {
-            if let Some(event) = self.subscriptions.admit_live(event) {
-                if !self.send_event(&event, ctx) {
-                    break;
-                }
-                sent += 1;
-            }
-        }
-        metrics().messages_delivered.inc_by(sent);
+        let wanted = batch
+            .into_iter()
+            .filter_map(|event| self.subscriptions.admit_live(event))
+            .collect();
+        self.send_all(wanted, ctx);
     }
 }
 

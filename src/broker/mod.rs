@@ -177,20 +177,19 @@ impl BrokerHandle {
         }
     }
 
-    /// Publishes go to Redis from the publisher's own thread, not through the broker actor.
-    pub fn publishing_through(self, publisher: redis::RedisPublisher) -> Self {
+    /// The Redis broker: subscriptions count as made only once `live` holds their channel
+    /// (its confirmed SUBSCRIBEs), and publishes go to Redis from the publisher's own thread
+    /// through `publisher`, not through the actor.
+    pub fn clustered(
+        addr: &Addr<redis::RedisBroker>,
+        health: Arc<BrokerHealth>,
+        live: watch::Receiver<HashSet<ChannelKey>>,
+        publisher: redis::RedisPublisher,
+    ) -> Self {
         Self {
             publish: PublishPath::Redis(publisher),
-            ..self
-        }
-    }
-
-    /// Subscriptions count as made only once `live` holds their channel (the Redis broker's
-    /// confirmed SUBSCRIBEs).
-    pub fn confirming_subscriptions(self, live: watch::Receiver<HashSet<ChannelKey>>) -> Self {
-        Self {
             live: Some(live),
-            ..self
+            ..Self::of(addr, health)
         }
     }
 
