@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use switchboard::config::{Loaded, Settings};
-use switchboard::origin::{Day, OriginPolicy};
-use switchboard::simulate::{self, RemoteOptions};
+use switchboard::demo::run::{self as simulate, RemoteOptions};
+use switchboard::policy::origin::Day;
 
 #[derive(Parser)]
 #[command(
     name = "switchboard",
     version,
-    about = "A real-time WebSocket hub for live call dashboards"
+    about = "A real-time WebSocket node for live call dashboards"
 )]
 struct Cli {
     /// Directory holding default.toml and the $SWITCHBOARD_ENV.toml profiles.
@@ -103,11 +103,9 @@ fn serve(dir: &std::path::Path) -> ExitCode {
     }
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
-        let bound = switchboard::server::bind(loaded.settings).await?;
-        bound
-            .run()
-            .await
-            .map_err(|e| switchboard::server::StartError(e.to_string()))
+        let bound = switchboard::server::bind(loaded).await?;
+        bound.run().await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,15 +121,7 @@ fn check_origin(dir: &std::path::Path, origin: &str) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let policy = match OriginPolicy::from_config(&loaded.settings.origins) {
-        Ok(p) => p,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("config error: {e}");
-            }
-            return ExitCode::from(2);
-        }
-    };
+    let policy = &loaded.compiled.origins;
     let today = Day::today();
     println!("{}", policy.explain(origin, today));
     if policy.check(Some(origin), today).is_allowed() {

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use parking_lot::Mutex;
 
-use super::{
-    build_event, BrokerError, FetchHistory, Interest, Publish, PublishBody, PublishRequest, Replay,
-};
-use crate::metrics::metrics;
-use crate::protocol::{unix_ms, ChannelKey, EventId};
-use crate::registry::{Event, Registry};
+use super::{BrokerError, FetchHistory, Interest, Replay};
+use crate::core::event::{build_event, Event, PublishBody, PublishRequest};
+use crate::core::ids::{unix_ms, ChannelKey, EventId};
+use crate::core::metrics::metrics;
+use crate::delivery::registry::Registry;
 
 /// History limits for the embedded broker (same keys as the Redis streams use).
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +123,8 @@ impl EventLog {
     }
 }
 
+/// The embedded broker's actor: answers history from the shared [`EventLog`] and forgets
+/// idle channels; publishes do not pass through it.
 pub struct MemoryBroker {
     log: Arc<EventLog>,
 }
@@ -139,14 +140,6 @@ impl Actor for MemoryBroker {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(Duration::from_secs(30), |this, _| this.log.forget_idle());
-    }
-}
-
-impl Handler<Publish> for MemoryBroker {
-    type Result = Result<EventId, BrokerError>;
-
-    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
-        Ok(self.log.publish(&msg.request))
     }
 }
 

@@ -1,9 +1,9 @@
-//! The broker: where events enter the hub and how they reach the [`Registry`]. Two actors
-//! implement the same messages: [`memory::MemoryBroker`] (embedded, one node) and the Redis
-//! broker (clustered). The rest of the hub holds a [`BrokerHandle`] and never knows which one
-//! runs; embedded publishes skip the actor's mailbox and go straight to its
-//! [`memory::EventLog`]. This module also owns turning a publish request into the one shared,
-//! encoded [`Event`], so both brokers encode identically.
+//! Pub/sub and history: where events enter the hub and how they reach this node's
+//! [`Registry`](crate::delivery::registry::Registry). Two brokers answer the same messages:
+//! [`memory::MemoryBroker`] (embedded, one node) and [`redis::RedisBroker`] (clustered). The
+//! rest of the hub holds a [`BrokerHandle`] and never knows which one runs; publishes skip the
+//! broker actor's thread (embedded: straight into the [`memory::EventLog`]; clustered:
+//! straight to Redis), and the actor answers interest and history.
 
 pub mod memory;
 pub mod redis;
@@ -12,68 +12,35 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
-use actix_http::ws::{OpCode, Parser};
-use bytes::{Bytes, BytesMut};
-use bytestring::ByteString;
 use parking_lot::Mutex;
-use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::protocol::{encode_event, ChannelKey, EventId, OrgId, Sender, Topic};
-use crate::registry::{Event, Payload};
+use crate::core::event::{Event, PublishRequest};
+use crate::core::ids::{ChannelKey, EventId};
+use crate::store::redis::CommandError;
 
-/// A validated event on its way into the hub.
-#[derive(Debug, Clone)]
-pub struct PublishRequest {
-    pub org: OrgId,
-    pub topic: Topic,
-    pub body: PublishBody,
-    /// Set for events a browser published: relayed to subscribers as `user` and `conn_id`.
-    pub sender: Option<EventSender>,
-}
-
-#[derive(Debug, Clone)]
-pub enum PublishBody {
-    Json { event: String, data: Value },
-    Binary(Bytes),
-}
-
-#[derive(Debug, Clone)]
-pub struct EventSender {
-    pub user: String,
-    pub conn_id: String,
-}
-
-impl PublishRequest {
-    pub fn channel(&self) -> ChannelKey {
-        ChannelKey::new(&self.org, &self.topic)
-    }
-}
-
-/// Why an event was not accepted. Never answered with 2xx.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why an event was not accepted, or history not read. A publish that fails is never
+/// answered with 2xx.
+#[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// The broker cannot take events now (Redis away); retry later.
+    /// The broker knows it cannot take events now (Redis away); retry later.
+    #[error("broker unavailable: {0}")]
     Unavailable(String),
-}
-
-impl std::fmt::Display for BrokerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unavailable(why) => write!(f, "broker unavailable: {why}"),
-        }
-    }
-}
-
-/// Publish one event; answers its id once the broker has taken responsibility for it.
-#[derive(Message)]
-#[rtype(result = "Result<EventId, BrokerError>")]
-pub struct Publish {
-    /// The event to publish.
-    pub request: PublishRequest,
+    /// Redis did not take the command.
+    #[error("broker unavailable: {0}")]
+    Redis(#[from] CommandError),
+    /// Redis answered a publish with something that is not an event id.
+    #[error("broker unavailable: unexpected id {0:?} from Redis")]
+    UnexpectedId(String),
+    /// History was asked for a channel this pod has not subscribed to in time.
+    #[error("{0} is not subscribed yet")]
+    NotSubscribed(ChannelKey),
+    /// The broker actor is gone or its mailbox is full.
+    #[error("broker mailbox: {0}")]
+    Mailbox(#[from] MailboxError),
 }
 
 /// This node's interest in a channel changed (first local subscriber came, or last one left).
@@ -147,29 +114,24 @@ pub struct BrokerHandle {
     live: Option<watch::Receiver<HashSet<ChannelKey>>>,
 }
 
-/// How a publish reaches the broker.
+/// How a publish reaches the broker: on the publisher's own thread, never through the
+/// broker actor's mailbox, which would cost every HTTP publish two cross-thread wake-ups.
 #[derive(Clone)]
 enum PublishPath {
-    /// A message to the broker actor, answered when the event is accepted (clustered: once
-    /// Redis took the PUBLISH).
-    Mailbox(Recipient<Publish>),
-    /// Embedded: the publisher numbers and delivers the event on its own thread, sparing
-    /// every HTTP publish two cross-thread wake-ups.
+    /// Embedded: the publisher numbers and delivers the event itself.
     Direct(Arc<memory::EventLog>),
-    /// Clustered: the publisher sends the event to Redis itself (the same two wake-ups).
+    /// Clustered: the publisher sends the event to Redis itself.
     Redis(redis::RedisPublisher),
 }
 
 impl BrokerHandle {
-    pub fn of<A>(addr: &Addr<A>, health: Arc<BrokerHealth>) -> Self
+    /// The handle of a broker actor answering interest and history, publishing by `publish`.
+    fn of<A>(addr: &Addr<A>, publish: PublishPath, health: Arc<BrokerHealth>) -> Self
     where
-        A: Actor<Context = Context<A>>
-            + Handler<Publish>
-            + Handler<Interest>
-            + Handler<FetchHistory>,
+        A: Actor<Context = Context<A>> + Handler<Interest> + Handler<FetchHistory>,
     {
         Self {
-            publish: PublishPath::Mailbox(addr.clone().recipient()),
+            publish,
             interest: addr.clone().recipient(),
             history: addr.clone().recipient(),
             health,
@@ -178,8 +140,7 @@ impl BrokerHandle {
     }
 
     /// The Redis broker: subscriptions count as made only once `live` holds their channel
-    /// (its confirmed SUBSCRIBEs), and publishes go to Redis from the publisher's own thread
-    /// through `publisher`, not through the actor.
+    /// (its confirmed SUBSCRIBEs), and publishes go to Redis through `publisher`.
     pub fn clustered(
         addr: &Addr<redis::RedisBroker>,
         health: Arc<BrokerHealth>,
@@ -187,9 +148,8 @@ impl BrokerHandle {
         publisher: redis::RedisPublisher,
     ) -> Self {
         Self {
-            publish: PublishPath::Redis(publisher),
             live: Some(live),
-            ..Self::of(addr, health)
+            ..Self::of(addr, PublishPath::Redis(publisher), health)
         }
     }
 
@@ -231,11 +191,8 @@ impl BrokerHandle {
                 channel: channel.clone(),
                 since,
             };
-            let answer = match history.send(request).await {
-                Ok(answer) => answer.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            answer.unwrap_or_else(|e| {
+            let answer = history.send(request).await.map_err(BrokerError::from);
+            answer.and_then(|replay| replay).unwrap_or_else(|e| {
                 log::warn!("history of {channel} unavailable: {e}");
                 Replay::default()
             })
@@ -249,10 +206,7 @@ impl BrokerHandle {
         log: Arc<memory::EventLog>,
         health: Arc<BrokerHealth>,
     ) -> Self {
-        Self {
-            publish: PublishPath::Direct(log),
-            ..Self::of(addr, health)
-        }
+        Self::of(addr, PublishPath::Direct(log), health)
     }
 
     /// Publish and wait for acceptance (the HTTP API answers 202 only on `Ok`).
@@ -263,10 +217,6 @@ impl BrokerHandle {
         match &self.publish {
             PublishPath::Direct(log) => Ok(log.publish(&request)),
             PublishPath::Redis(publisher) => publisher.publish(request).await,
-            PublishPath::Mailbox(broker) => broker
-                .send(Publish { request })
-                .await
-                .map_err(|e| BrokerError::Unavailable(format!("broker mailbox: {e}")))?,
         }
     }
 
@@ -287,62 +237,6 @@ impl BrokerHandle {
                     let _ = publisher.publish(request).await;
                 });
             }
-            PublishPath::Mailbox(broker) => broker.do_send(Publish { request }),
         }
     }
-}
-
-/// Encode an event once, for every socket that will receive it.
-pub fn build_event(
-    channel: ChannelKey,
-    id: EventId,
-    body: &PublishBody,
-    sender: Option<&EventSender>,
-    received_at: Instant,
-) -> Arc<Event> {
-    let (payload, conflation_key) = match body {
-        PublishBody::Json { event, data } => {
-            let frame = encode_event(
-                channel.topic(),
-                id,
-                event,
-                data,
-                sender.map(|s| Sender {
-                    user: &s.user,
-                    conn_id: &s.conn_id,
-                }),
-            );
-            let call_id = data
-                .get("call_id")
-                .and_then(Value::as_str)
-                .map(|s| s.into());
-            (Payload::Text(ByteString::from(frame)), call_id)
-        }
-        PublishBody::Binary(bytes) => (Payload::Binary(bytes.clone()), None),
-    };
-    let name = match body {
-        PublishBody::Json { event, .. } => event.as_str().into(),
-        PublishBody::Binary(_) => "binary".into(),
-    };
-    let ws_frame = ws_frame(&payload);
-    Arc::new(Event {
-        channel,
-        id,
-        name,
-        payload,
-        ws_frame,
-        conflation_key,
-        received_at,
-    })
-}
-
-/// The complete server-to-client WebSocket frame of a payload (servers never mask).
-fn ws_frame(payload: &Payload) -> Bytes {
-    let (bytes, op) = match payload {
-        Payload::Text(text) => (text.as_bytes(), OpCode::Text),
-        Payload::Binary(bytes) => (bytes, OpCode::Binary),
-    };
-    let mut frame = BytesMut::with_capacity(bytes.len() + 10);
-    Parser::write_message(&mut frame, &bytes[..], op, true, false);
-    frame.freeze()
 }

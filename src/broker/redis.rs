@@ -1,15 +1,13 @@
 //! The clustered broker: Redis pub/sub carries events between pods, Redis streams keep their
-//! history, and Redis holds what every pod must agree on (connection-cap slots, revoked
-//! sessions). One subscriber connection per pod carries every channel this pod's sessions
+//! history, and a control channel carries orders that concern sockets on any pod (logout,
+//! eviction); caps and revocations are the store's. One subscriber connection per pod carries every channel this pod's sessions
 //! need, kept in step with the [`Registry`] by a reconciling task; a canary each pod publishes
 //! to itself proves the subscription is alive, not just connected. When Redis goes away the
 //! broker reports unavailable (readiness and publish answer 503), reconnects with capped
 //! backoff, resubscribes and carries on; sockets stay open throughout.
 //!
 //! Keys and channels (SPEC section 7): events `sb:{org}:{topic}`, history `sb:{org}:{topic}:log`,
-//! control `sbx:control`, canary `sbx:canary:{node}`, caps `sb:caps:{org}/{user}` (and, for a
-//! minute after a cap request evicted sockets, `sb:caps:{org}/{user}:evicted:{slot}`),
-//! revoked sessions `sb:revoked:{sid}`.
+//! control `sbx:control`, canary `sbx:canary:{node}`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,34 +16,27 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::aio::PubSubSink;
 use redis::{AsyncCommands, Script, Value as RedisValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
-use super::{
-    build_event, BrokerError, BrokerHealth, EventSender, FetchHistory, Interest, Publish,
-    PublishBody, PublishRequest, Replay,
+use super::{BrokerError, BrokerHealth, FetchHistory, Interest, Replay};
+use crate::core::close::{AuthFailure, Close};
+use crate::core::event::{build_event, Event, EventSender, PublishBody, PublishRequest};
+use crate::core::ids::{node_id, unix_ms, ChannelKey, EventId};
+use crate::core::metrics::metrics;
+use crate::delivery::registry::Registry;
+use crate::store::redis::{
+    timed, CommandError, RedisCommands, BACKOFF_CAP, BACKOFF_FIRST, REDIS_TIMEOUT,
 };
-use crate::auth::SessionState;
-use crate::close::{AuthFailure, Close};
-use crate::config::CapPolicy;
-use crate::limits::{CapOutcome, CapsUnavailable};
-use crate::metrics::metrics;
-use crate::protocol::{node_id, unix_ms, ChannelKey, EventId};
-use crate::registry::{Event, Registry};
 
 /// Channel every pod listens to for orders that concern sockets anywhere (logout, eviction).
 pub const CONTROL_CHANNEL: &str = "sbx:control";
 /// How often a pod publishes its canary, and how late it may be before the pod is not ready.
 const CANARY_EVERY: Duration = Duration::from_secs(1);
 const CANARY_LATE: Duration = Duration::from_secs(3);
-/// Reconnect backoff: doubles from the first value up to the cap, so an outage never spins.
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
-/// Bound on any one Redis round trip; a slower answer counts as Redis unavailable.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// First byte of a binary (voice) message on an event channel; JSON messages start with `{`.
 const BINARY_MARK: u8 = 0;
 
@@ -73,355 +64,38 @@ enum ControlMessage {
     Evict { conn: String },
 }
 
-/// Everything needed to talk to Redis for commands (not the subscriber).
-///
-/// The handshake's commands (session, revocation, cap slot) and the cap release go over a
-/// connection of the calling thread's own, opened on its first use: a redis-rs connection is
-/// driven by a task on the thread that opened it, so the shared one (opened on the main
-/// thread) costs every command two cross-thread wake-ups, which profiling showed as a third
-/// of a clustered handshake's CPU. Until a thread's own connection is up it uses the shared
-/// one, as do publishing, history and the lease refresh.
+/// Orders to sockets on whichever pod holds them, over [`CONTROL_CHANNEL`].
 #[derive(Clone)]
-pub struct RedisCommands {
-    conn: ConnectionManager,
-    opener: Arc<Opener>,
+pub struct ControlChannel {
+    commands: RedisCommands,
 }
 
-/// What a thread needs to open its own connection; one per hub, shared by its clones.
-struct Opener {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-}
-
-/// A thread's own connection for one hub's [`Opener`] (a process may hold several hubs, as
-/// tests do); `None` while it is being opened. Gone once that hub is.
-type ThreadConnection = (std::sync::Weak<Opener>, Option<ConnectionManager>);
-
-thread_local! {
-    static THREAD_CONNECTIONS: std::cell::RefCell<Vec<ThreadConnection>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The Redis key of a login session (actix-session's store and the handshake both use it).
-pub fn session_cache_key(session_key: &str) -> String {
-    format!("sb:session:{session_key}")
-}
-
-impl RedisCommands {
-    /// Connect, retrying with backoff until Redis answers (pods may start before Redis).
-    pub async fn connect(url: &str) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(REDIS_TIMEOUT)
-            .set_response_timeout(REDIS_TIMEOUT)
-            .set_number_of_retries(1)
-            .set_max_delay(BACKOFF_CAP.as_millis() as u64);
-        let mut delay = BACKOFF_FIRST;
-        loop {
-            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
-                Ok(conn) => {
-                    return Ok(Self {
-                        conn,
-                        opener: Arc::new(Opener { client, config }),
-                    })
-                }
-                Err(e) => {
-                    log::warn!(
-                        "waiting for Redis at {}: {e}; retrying in {delay:?}",
-                        crate::config::redact_url(url)
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF_CAP);
-                }
-            }
-        }
+impl ControlChannel {
+    pub fn new(commands: RedisCommands) -> Self {
+        Self { commands }
     }
 
-    /// The connection shared by the whole process.
-    pub fn manager(&self) -> ConnectionManager {
-        self.conn.clone()
-    }
-
-    /// This thread's own connection, or the shared one while it is being opened (or on a
-    /// thread whose runtime is not single-threaded, where a task may finish on another thread).
-    fn thread_connection(&self) -> ConnectionManager {
-        THREAD_CONNECTIONS.with(|connections| {
-            let mut connections = connections.borrow_mut();
-            connections.retain(|(opener, _)| opener.strong_count() > 0);
-            let ours =
-                |opener: &std::sync::Weak<Opener>| opener.as_ptr() == Arc::as_ptr(&self.opener);
-            match connections.iter().find(|(opener, _)| ours(opener)) {
-                Some((_, Some(own))) => return own.clone(),
-                Some((_, None)) => return self.manager(),
-                None => {}
-            }
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                return self.manager();
-            };
-            if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
-                return self.manager();
-            }
-            let opener = Arc::downgrade(&self.opener);
-            connections.push((opener.clone(), None));
-            let (client, config) = (self.opener.client.clone(), self.opener.config.clone());
-            runtime.spawn(async move {
-                let opened = ConnectionManager::new_with_config(client, config).await;
-                THREAD_CONNECTIONS.with(|connections| {
-                    let mut connections = connections.borrow_mut();
-                    connections.retain(|(other, _)| !other.ptr_eq(&opener));
-                    match opened {
-                        Ok(own) => connections.push((opener, Some(own))),
-                        // Stay on the shared connection; the next command tries again.
-                        Err(e) => log::debug!("cannot open this thread's Redis connection: {e}"),
-                    }
-                });
-            });
-            self.manager()
-        })
-    }
-
-    /// Run an idempotent command of the handshake's (or a socket's close) on this thread's
-    /// connection. Such a connection may sit idle for a while, so after Redis restarts its
-    /// first command finds the old socket dead; the connection manager reconnects and the
-    /// command is sent once more, as actix-session's store does.
-    async fn run_idempotent<T, F, Fut>(&self, command: F) -> Result<T, String>
-    where
-        F: Fn(ConnectionManager) -> Fut,
-        Fut: std::future::Future<Output = redis::RedisResult<T>>,
-    {
-        match tokio::time::timeout(REDIS_TIMEOUT, command(self.thread_connection())).await {
-            Ok(Err(e)) if e.is_connection_dropped() => {
-                timed(command(self.thread_connection())).await
-            }
-            first => answered(first),
-        }
-    }
-
-    /// A login session's state, read as actix-session's Redis store reads it (`GET` of its
-    /// JSON). State that does not parse is empty.
-    pub async fn load_session(&self, session_key: &str) -> Result<Option<SessionState>, String> {
-        let key = session_cache_key(session_key);
-        let raw: Option<String> = self
-            .run_idempotent(|mut conn| {
-                let key = key.clone();
-                async move { conn.get(key).await }
-            })
-            .await?;
-        Ok(raw.map(|raw| serde_json::from_str(&raw).unwrap_or_default()))
-    }
-
-    async fn publish_control(&self, message: &ControlMessage) -> Result<(), String> {
-        let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
-        let mut conn = self.manager();
+    async fn send(&self, message: &ControlMessage) -> Result<(), CommandError> {
+        // unwrap: two string fields always serialise.
+        let text = serde_json::to_string(message).unwrap();
+        let mut conn = self.commands.manager();
         timed(conn.publish::<_, _, ()>(CONTROL_CHANNEL, text)).await
     }
 
     /// Ask every pod to close the sockets of login session `sid`.
-    pub async fn broadcast_logout(&self, sid: &str) -> Result<(), String> {
-        self.publish_control(&ControlMessage::Logout {
+    pub async fn broadcast_logout(&self, sid: &str) -> Result<(), CommandError> {
+        self.send(&ControlMessage::Logout {
             sid: sid.to_string(),
         })
         .await
     }
 
     /// Ask whichever pod holds `conn` to close it as replaced.
-    pub async fn broadcast_evict(&self, conn: &str) -> Result<(), String> {
-        self.publish_control(&ControlMessage::Evict {
+    pub async fn broadcast_evict(&self, conn: &str) -> Result<(), CommandError> {
+        self.send(&ControlMessage::Evict {
             conn: conn.to_string(),
         })
         .await
-    }
-
-    pub async fn revoke(&self, sid: &str, ttl_s: u64) -> Result<(), String> {
-        let mut conn = self.manager();
-        timed(conn.set_ex::<_, _, ()>(format!("sb:revoked:{sid}"), 1, ttl_s.max(1))).await
-    }
-
-    pub async fn is_revoked(&self, sid: &str) -> Result<bool, String> {
-        let key = format!("sb:revoked:{sid}");
-        self.run_idempotent(|mut conn| {
-            let key = key.clone();
-            async move { conn.exists(key).await }
-        })
-        .await
-    }
-}
-
-async fn timed<T>(
-    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, String> {
-    answered(tokio::time::timeout(REDIS_TIMEOUT, fut).await)
-}
-
-fn answered<T>(
-    answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-) -> Result<T, String> {
-    match answer {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer from Redis within {REDIS_TIMEOUT:?}")),
-    }
-}
-
-/// Per-user connection caps shared by every pod: a sorted set of slots scored by lease expiry,
-/// changed only by Lua scripts so two pods can never both take the last slot.
-#[derive(Clone)]
-pub struct RedisCaps {
-    commands: RedisCommands,
-    lease: Duration,
-    acquire: Arc<Script>,
-}
-
-/// Members are `<created-ms, 15 digits>|<conn id>` so sorting them sorts by age. KEYS[2]
-/// remembers for a while whom the request evicted, so that the same request sent again (its
-/// answer lost with a dropped connection) gets the same answer, evictions included.
-const ACQUIRE_LUA: &str = r#"
-local now = tonumber(ARGV[1])
-local lease = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[5]) then
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
-  redis.call('PEXPIRE', KEYS[1], lease * 2)
-  local out = {1}
-  for _, conn in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do out[#out + 1] = conn end
-  return out
-end
-local held = redis.call('ZRANGE', KEYS[1], 0, -1)
-local evicted = {}
-if #held >= limit then
-  if ARGV[4] ~= 'evict_oldest' then
-    return {0}
-  end
-  table.sort(held)
-  local excess = #held - limit + 1
-  for i = 1, excess do
-    redis.call('ZREM', KEYS[1], held[i])
-    evicted[#evicted + 1] = held[i]
-  end
-end
-redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
-redis.call('PEXPIRE', KEYS[1], lease * 2)
-if #evicted > 0 then
-  redis.call('RPUSH', KEYS[2], unpack(evicted))
-  redis.call('PEXPIRE', KEYS[2], 60000)
-end
-local out = {1}
-for i = 1, #evicted do out[#out + 1] = evicted[i] end
-return out
-"#;
-
-impl RedisCaps {
-    pub fn new(commands: RedisCommands, lease: Duration) -> Self {
-        Self {
-            commands,
-            lease,
-            acquire: Arc::new(Script::new(ACQUIRE_LUA)),
-        }
-    }
-
-    fn key(user_key: &str) -> String {
-        format!("sb:caps:{user_key}")
-    }
-
-    pub async fn acquire(
-        &self,
-        user_key: &str,
-        slot: &str,
-        limit: u32,
-        policy: CapPolicy,
-    ) -> Result<CapOutcome, CapsUnavailable> {
-        let policy = match policy {
-            CapPolicy::RejectNew => "reject_new",
-            CapPolicy::EvictOldest => "evict_oldest",
-        };
-        let key = Self::key(user_key);
-        let evicted_key = format!("{key}:evicted:{slot}");
-        let now = unix_ms();
-        let answer: Vec<RedisValue> = self
-            .commands
-            .run_idempotent(|mut conn| {
-                let mut invocation = self.acquire.key(&key);
-                invocation.key(&evicted_key);
-                invocation
-                    .arg(now)
-                    .arg(self.lease.as_millis() as u64)
-                    .arg(limit)
-                    .arg(policy)
-                    .arg(slot);
-                async move { invocation.invoke_async(&mut conn).await }
-            })
-            .await
-            .map_err(CapsUnavailable)?;
-        let admitted = matches!(answer.first(), Some(RedisValue::Int(1)));
-        if !admitted {
-            return Ok(CapOutcome::Refused { limit });
-        }
-        let evicted = answer
-            .iter()
-            .skip(1)
-            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
-            .collect();
-        Ok(CapOutcome::Admitted { evicted })
-    }
-
-    pub async fn release(&self, user_key: &str, slot: &str) {
-        let key = Self::key(user_key);
-        let released = self
-            .commands
-            .run_idempotent(|mut conn| {
-                let key = key.clone();
-                async move { conn.zrem::<_, _, ()>(key, slot).await }
-            })
-            .await;
-        if let Err(e) = released {
-            log::warn!("cannot release cap slot of {user_key} (its lease will expire): {e}");
-        }
-    }
-
-    /// Give the lease of every slot this pod holds a fresh expiry, in one pipeline, adding the
-    /// slots Redis no longer has: it may have restarted empty, or an outage longer than the
-    /// lease let another pod prune them, and a live socket must keep counting against the cap.
-    pub async fn refresh(&self, slots: &[(String, String)]) {
-        if slots.is_empty() {
-            return;
-        }
-        let expiry = unix_ms() + self.lease.as_millis() as u64;
-        let mut pipe = redis::pipe();
-        for (user_key, slot) in slots {
-            let key = Self::key(user_key);
-            pipe.cmd("ZADD")
-                .arg(&key)
-                .arg(expiry)
-                .arg(slot)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&key)
-                .arg(self.lease.as_millis() as u64 * 2)
-                .ignore();
-        }
-        let mut conn = self.commands.manager();
-        if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
-            log::warn!("cannot refresh {} cap lease(s): {e}", slots.len());
-        }
-    }
-
-    /// Give back several slots at once, in one pipeline.
-    async fn release_all(&self, slots: &[(String, String)]) {
-        if slots.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        for (user_key, slot) in slots {
-            pipe.cmd("ZREM").arg(Self::key(user_key)).arg(slot).ignore();
-        }
-        let mut conn = self.commands.manager();
-        if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
-            log::warn!(
-                "cannot release {} cap slot(s) (their leases will expire): {e}",
-                slots.len()
-            );
-        }
     }
 }
 
@@ -472,7 +146,6 @@ pub struct RedisBroker {
     commands: RedisCommands,
     health: Arc<BrokerHealth>,
     history: Option<StreamHistory>,
-    publisher: RedisPublisher,
     history_script: Arc<Script>,
     /// Wakes the subscription reconciler when local interest changes. Each connection gets a
     /// new one: a wake-up taken by the reconciler of a dead connection would be lost.
@@ -506,14 +179,12 @@ impl RedisBroker {
         live_channels: watch::Sender<HashSet<ChannelKey>>,
     ) -> Self {
         health.set_unavailable("connecting to Redis");
-        let publisher = RedisPublisher::new(commands.clone(), history);
         Self {
             url,
             registry,
             commands,
             health,
             history,
-            publisher,
             history_script: Arc::new(Script::new(HISTORY_LUA)),
             interest_changed: Arc::new(Notify::new()),
             live_channels,
@@ -530,16 +201,13 @@ impl RedisBroker {
     fn connect(&mut self, ctx: &mut Context<Self>) {
         let url = self.url.clone();
         let fut = async move {
-            let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
-            match tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub()).await {
-                Ok(Ok(pubsub)) => Ok(pubsub.split()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("connection timed out".to_string()),
-            }
+            let client = redis::Client::open(url.as_str())?;
+            let pubsub = timed(client.get_async_pubsub()).await?;
+            Ok::<_, CommandError>(pubsub.split())
         };
         ctx.spawn(fut.into_actor(self).map(|result, this, ctx| match result {
             Ok((sink, stream)) => this.on_connected(sink, stream, ctx),
-            Err(e) => this.retry_later(&e, ctx),
+            Err(e) => this.retry_later(&e.to_string(), ctx),
         }));
     }
 
@@ -788,15 +456,6 @@ impl Handler<Interest> for RedisBroker {
     }
 }
 
-impl Handler<Publish> for RedisBroker {
-    type Result = ResponseFuture<Result<EventId, BrokerError>>;
-
-    fn handle(&mut self, msg: Publish, _: &mut Self::Context) -> Self::Result {
-        let publisher = self.publisher.clone();
-        Box::pin(async move { publisher.publish(msg.request).await })
-    }
-}
-
 /// Publishing to Redis: a JSON event's history entry and its PUBLISH in one script, a binary
 /// frame as a bare PUBLISH. HTTP workers publish through it themselves rather than through
 /// the broker actor, sparing each publish two cross-thread wake-ups. It uses the shared
@@ -833,16 +492,15 @@ impl RedisPublisher {
                     user: sender.map(|s| s.user.clone()),
                     conn_id: sender.map(|s| s.conn_id.clone()),
                 })
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+                // unwrap: a JSON value and plain strings always serialise.
+                .unwrap()
             }
             PublishBody::Binary(bytes) => {
                 // Audio is live-only: straight to the channel, no history.
                 let mut framed = Vec::with_capacity(bytes.len() + 1);
                 framed.push(BINARY_MARK);
                 framed.extend_from_slice(bytes);
-                timed(conn.publish::<_, _, ()>(channel.as_str(), framed))
-                    .await
-                    .map_err(BrokerError::Unavailable)?;
+                timed(conn.publish::<_, _, ()>(channel.as_str(), framed)).await?;
                 return Ok(EventId::default());
             }
         };
@@ -853,11 +511,8 @@ impl RedisPublisher {
             .arg(history.map_or(0, |h| h.max_len))
             .arg(history.map_or(0, |h| h.ttl_s))
             .arg(message);
-        let id: String = timed(invocation.invoke_async(&mut conn))
-            .await
-            .map_err(BrokerError::Unavailable)?;
-        EventId::parse(&id)
-            .ok_or_else(|| BrokerError::Unavailable(format!("unexpected id {id:?} from Redis")))
+        let id: String = timed(invocation.invoke_async(&mut conn)).await?;
+        EventId::parse(&id).ok_or(BrokerError::UnexpectedId(id))
     }
 }
 
@@ -880,16 +535,11 @@ impl Handler<FetchHistory> for RedisBroker {
                 .await
                 .is_err()
             {
-                return Err(BrokerError::Unavailable(format!(
-                    "{} is not subscribed yet",
-                    msg.channel
-                )));
+                return Err(BrokerError::NotSubscribed(msg.channel));
             }
             let mut invocation = script.key(format!("{}:log", msg.channel));
             invocation.arg(msg.since.to_string()).arg(history.max_len);
-            let answer: Vec<RedisValue> = timed(invocation.invoke_async(&mut conn))
-                .await
-                .map_err(BrokerError::Unavailable)?;
+            let answer: Vec<RedisValue> = timed(invocation.invoke_async(&mut conn)).await?;
             Ok(decode_history(&msg.channel, msg.since, &answer))
         })
     }
@@ -948,24 +598,4 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
         })
         .collect();
     Replay { events, recovered }
-}
-
-/// Periodically re-assert the cap slots of this pod's sockets with fresh leases: a pod that
-/// dies stops doing this, and its slots expire within `cap_lease_s`.
-pub async fn refresh_leases(caps: RedisCaps, registry: Arc<Registry>) {
-    let every = caps.lease / 3;
-    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
-    loop {
-        ticker.tick().await;
-        let slots = registry.cap_slots();
-        caps.refresh(&slots).await;
-        // A socket that closed after the snapshot may have released its slot before the
-        // refresh re-added it; it is unregistered before it releases, so it is missing from a
-        // second snapshot taken now, and without this its slot would count until the lease ran
-        // out. (Even a refresh that timed out may have reached Redis.)
-        let live: HashSet<(String, String)> = registry.cap_slots().into_iter().collect();
-        let closed: Vec<(String, String)> =
-            slots.into_iter().filter(|s| !live.contains(s)).collect();
-        caps.release_all(&closed).await;
-    }
 }

@@ -497,9 +497,9 @@ async fn cap_counts_sockets_across_pods_and_frees_a_killed_pods_slots() {
 /// evict_oldest the repeat reports the same eviction.
 #[actix_web::test]
 async fn a_repeated_cap_request_counts_its_slot_once() {
-    use switchboard::broker::redis::{RedisCaps, RedisCommands};
     use switchboard::config::CapPolicy;
-    use switchboard::limits::CapOutcome;
+    use switchboard::store::caps::{CapOutcome, RedisCaps};
+    use switchboard::store::redis::RedisCommands;
 
     let redis = Redis::start();
     let commands = RedisCommands::connect(&redis.url())

@@ -1,15 +1,28 @@
-//! The wire protocol and the ids it carries: validated newtypes (`OrgId`, `UserId`, `Topic`,
-//! `ChannelKey`, `ConnId`, `EventId`), client messages with their decoding errors, server
-//! messages with their encoding, and the topic patterns of `auth.client_publish`. Pure: no I/O,
-//! no actors. A `Topic` or `OrgId` can only be built through its validator, so an unchecked
-//! name never reaches the registry or Redis.
+//! The ids the hub passes around, as validated newtypes: `OrgId`, `UserId`, `Topic`,
+//! `ChannelKey`, `ConnId`, `EventId`, and the topic patterns of `auth.client_publish`. Pure:
+//! no I/O. A `Topic` or `OrgId` can only be built through its validator, so an unchecked name
+//! never reaches the registry or Redis; the wire messages that carry them are in
+//! [`super::wire`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+/// Why a name from outside (a client frame, a token, a publish body) is not a valid id. The
+/// text is what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    #[error("org must be 1-64 characters of letters, digits, '_', '.' or '-'")]
+    Org,
+    #[error("user must be 1-128 characters without control characters")]
+    User,
+    #[error("topic {0:?} does not match [a-z0-9][a-z0-9:._-]{{0,127}}")]
+    Topic(String),
+    #[error("a pattern is a topic name where '*' stands for one segment, e.g. voice:*:in")]
+    Pattern,
+    #[error("event must be 1-64 printable characters without spaces")]
+    EventName,
+}
 
 /// An organisation id: `[A-Za-z0-9_.-]{1,64}`. No `:`, so `sb:{org}:{topic}` is unambiguous
 /// and one org can never name a channel of another.
@@ -17,7 +30,7 @@ use serde_json::Value;
 pub struct OrgId(Arc<str>);
 
 impl OrgId {
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
         let ok = !raw.is_empty()
             && raw.len() <= 64
             && raw
@@ -26,7 +39,7 @@ impl OrgId {
         if ok {
             Ok(Self(raw.into()))
         } else {
-            Err("org must be 1-64 characters of letters, digits, '_', '.' or '-'".into())
+            Err(InvalidId::Org)
         }
     }
 
@@ -46,9 +59,9 @@ impl fmt::Display for OrgId {
 pub struct UserId(Arc<str>);
 
 impl UserId {
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
         if raw.is_empty() || raw.chars().count() > 128 || raw.chars().any(char::is_control) {
-            Err("user must be 1-128 characters without control characters".into())
+            Err(InvalidId::User)
         } else {
             Ok(Self(raw.into()))
         }
@@ -70,7 +83,7 @@ impl fmt::Display for UserId {
 pub struct Topic(Arc<str>);
 
 impl Topic {
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
         let bytes = raw.as_bytes();
         let first_ok = bytes
             .first()
@@ -81,10 +94,7 @@ impl Topic {
         if first_ok && rest_ok && bytes.len() <= 128 {
             Ok(Self(raw.into()))
         } else {
-            Err(format!(
-                "topic {:?} does not match [a-z0-9][a-z0-9:._-]{{0,127}}",
-                truncate(raw, 64)
-            ))
+            Err(InvalidId::Topic(truncate(raw, 64).to_string()))
         }
     }
 
@@ -222,11 +232,17 @@ impl fmt::Display for EventId {
     }
 }
 
+/// Now, in milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Now, in seconds since the Unix epoch.
+pub fn now_s() -> u64 {
+    unix_ms() / 1000
 }
 
 /// A pattern of `auth.client_publish`: topic grammar plus `*`, which stands for one segment
@@ -244,12 +260,9 @@ enum PatternPart {
 }
 
 impl TopicPattern {
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
         let probe = raw.replace('*', "x");
-        Topic::parse(&probe).map_err(|_| {
-            "a pattern is a topic name where '*' stands for one segment, e.g. voice:*:in"
-                .to_string()
-        })?;
+        Topic::parse(&probe).map_err(|_| InvalidId::Pattern)?;
         let mut parts = Vec::new();
         for (i, literal) in raw.split('*').enumerate() {
             if i > 0 {
@@ -283,146 +296,6 @@ impl TopicPattern {
 
     pub fn as_str(&self) -> &str {
         &self.source
-    }
-}
-
-/// A message from the browser. `type` selects the variant.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ClientMessage {
-    Subscribe {
-        topic: String,
-        #[serde(default)]
-        since: Option<String>,
-        #[serde(default)]
-        binary: bool,
-    },
-    Unsubscribe {
-        topic: String,
-    },
-    Publish {
-        topic: String,
-        data: Value,
-        #[serde(default)]
-        event: Option<String>,
-    },
-    Stream {
-        topic: String,
-    },
-    Ping,
-}
-
-impl ClientMessage {
-    /// Decode a text frame; the error is the message for a `bad_request` reply.
-    pub fn decode(text: &str) -> Result<Self, String> {
-        serde_json::from_str(text).map_err(|e| {
-            let msg = e.to_string();
-            if let Some(rest) = msg.strip_prefix("unknown variant ") {
-                let name = rest.split(',').next().unwrap_or(rest);
-                format!("unknown message type {name}")
-            } else if e.is_syntax() || e.is_eof() {
-                format!("malformed JSON: {msg}")
-            } else {
-                msg
-            }
-        })
-    }
-}
-
-/// The `code` of an error reply that keeps the socket open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    Forbidden,
-    RateLimited,
-    TooManySubscriptions,
-    /// The broker cannot take events right now (Redis away); retry later.
-    Unavailable,
-}
-
-/// Messages the server sends, other than events (those are encoded once per event by
-/// [`encode_event`]).
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ServerMessage<'a> {
-    Welcome {
-        conn_id: String,
-        user: &'a str,
-        org: &'a str,
-        heartbeat_ms: u64,
-    },
-    Subscribed {
-        topic: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        recovered: Option<bool>,
-    },
-    Unsubscribed {
-        topic: &'a str,
-    },
-    Error {
-        code: ErrorCode,
-        message: &'a str,
-    },
-    Pong,
-    Reconnect {
-        after_ms: u64,
-    },
-}
-
-impl ServerMessage<'_> {
-    pub fn encode(&self) -> String {
-        // unwrap: these types serialise infallibly (no maps with non-string keys, no NaN).
-        serde_json::to_string(self).unwrap()
-    }
-}
-
-/// Who sent a client-published event; relayed so subscribers can tell voices apart.
-#[derive(Debug, Clone, Serialize)]
-pub struct Sender<'a> {
-    pub user: &'a str,
-    pub conn_id: &'a str,
-}
-
-/// The one encoding of an event frame, shared by every socket that receives it.
-pub fn encode_event(
-    topic: &str,
-    id: EventId,
-    event: &str,
-    data: &Value,
-    sender: Option<Sender<'_>>,
-) -> String {
-    #[derive(Serialize)]
-    struct EventFrame<'a> {
-        r#type: &'static str,
-        topic: &'a str,
-        id: String,
-        event: &'a str,
-        data: &'a Value,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        user: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        conn_id: Option<&'a str>,
-    }
-    let frame = EventFrame {
-        r#type: "event",
-        topic,
-        id: id.to_string(),
-        event,
-        data,
-        user: sender.as_ref().map(|s| s.user),
-        conn_id: sender.as_ref().map(|s| s.conn_id),
-    };
-    // unwrap: serde_json::Value and &str always serialise.
-    serde_json::to_string(&frame).unwrap()
-}
-
-/// Validate an event name: 1-64 printable ASCII characters without spaces.
-pub fn validate_event_name(raw: &str) -> Result<(), String> {
-    if !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_graphic()) {
-        Ok(())
-    } else {
-        Err("event must be 1-64 printable characters without spaces".into())
     }
 }
 
@@ -489,39 +362,5 @@ mod tests {
         let any = TopicPattern::parse("chat:*").unwrap();
         assert!(any.matches(&t("chat:x")));
         assert!(!any.matches(&t("chat:x:y")));
-    }
-
-    /// Decoding errors say what is wrong in words a developer can act on.
-    #[test]
-    fn decode_errors() {
-        assert!(ClientMessage::decode("{")
-            .unwrap_err()
-            .contains("malformed JSON"));
-        let e = ClientMessage::decode(r#"{"type":"dance"}"#).unwrap_err();
-        assert!(e.contains("unknown message type"), "{e}");
-        let e = ClientMessage::decode(r#"{"type":"subscribe"}"#).unwrap_err();
-        assert!(e.contains("topic"), "{e}");
-        assert!(matches!(
-            ClientMessage::decode(r#"{"type":"ping"}"#),
-            Ok(ClientMessage::Ping)
-        ));
-    }
-
-    /// Server frames carry `type` first, as the protocol promises.
-    #[test]
-    fn type_comes_first() {
-        let s = ServerMessage::Pong.encode();
-        assert_eq!(s, r#"{"type":"pong"}"#);
-        let e = encode_event(
-            "calls",
-            EventId { ms: 1, seq: 2 },
-            "call.status",
-            &Value::Null,
-            None,
-        );
-        assert_eq!(
-            e,
-            r#"{"type":"event","topic":"calls","id":"1-2","event":"call.status","data":null}"#
-        );
     }
 }

@@ -8,7 +8,7 @@
 //! as before. Both worker threads share a topic's work, and a delivery to an idle socket is
 //! a `send()` with no task wake-up, no lock shared with another thread and no mailbox.
 //!
-//! [`Outbox`]: crate::registry::Outbox
+//! [`Outbox`]: crate::delivery::outbox::Outbox
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -18,11 +18,13 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::close::Close;
-use crate::connection::{Offer, Socket};
-use crate::metrics::metrics;
-use crate::protocol::{ChannelKey, ConnId};
-use crate::registry::{Control, Event, Payload, Pushed, SessionLink};
+use crate::core::close::Close;
+use crate::core::event::{Event, Payload};
+use crate::core::ids::{ChannelKey, ConnId};
+use crate::core::metrics::metrics;
+use crate::delivery::outbox::Pushed;
+use crate::delivery::registry::{Control, SessionLink};
+use crate::delivery::writer::{Offer, Socket};
 
 /// Events taken from the worker's queue per pass at most: a burst is written with one write
 /// per socket per pass (up to this many frames in it).

@@ -2,7 +2,7 @@
 //! frames not yet written) and the writer task that drives the session actor's context.
 //! Three sources feed the socket, always in order: what the session wrote (welcome, replies,
 //! replays, pings, the close frame), the live events waiting in the session's [`Outbox`], and
-//! live events the worker's fan-out ([`crate::fanout`]) writes itself. Events skip the actor:
+//! live events the worker's fan-out ([`crate::delivery::fanout`]) writes itself. Events skip the actor:
 //! each is already a complete WebSocket frame, shared by every socket that receives it. While
 //! a socket is idle (nothing pending, nothing from its session waiting) the fan-out appends
 //! the event and writes it in the same pass over the topic's sockets, so a delivery costs no
@@ -33,9 +33,11 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use crate::metrics::metrics;
-use crate::registry::{Event, Outbox, SessionLink};
-use crate::subscriptions::Subscriptions;
+use crate::core::event::Event;
+use crate::core::metrics::metrics;
+use crate::delivery::outbox::Outbox;
+use crate::delivery::registry::SessionLink;
+use crate::delivery::subscriptions::Subscriptions;
 
 /// What the session actor and its writer share. Both run in the same task on one thread
 /// (the writer polls the actor's context), and never hold a borrow across that poll.

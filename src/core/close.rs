@@ -1,7 +1,7 @@
 //! Every way switchboard ends a socket, as a named value: the close code, the reason text a
 //! browser's `onclose` shows, whether the client should reconnect, and, for refusals, the HTTP
 //! status and error word used when `handshake.reject_before_upgrade` answers before the
-//! upgrade. Error replies that keep the socket open are `protocol::ErrorCode`, not here.
+//! upgrade. Error replies that keep the socket open are `wire::ErrorCode`, not here.
 
 use std::fmt;
 

@@ -6,9 +6,9 @@
 //! browser sends on reconnect resumes every topic exactly; a plain event id is accepted too
 //! and applies to all topics, like `since`.
 //!
-//! Each stream is an actor registered with the [`Registry`] like a WebSocket session; its
-//! records go through a bounded channel into the response body, and a client too slow to
-//! drain it is closed as a slow consumer.
+//! Each stream is an actor attached to the node like a WebSocket session (the same
+//! [`super::attach`] lifecycle); its records go through a bounded channel into the response
+//! body, and a client too slow to drain it is closed as a slow consumer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,24 +22,25 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::auth::Identity;
-use crate::broker::{Interest, CONFIRM_TIMEOUT};
-use crate::close::Close;
-use crate::handshake::{admit, over_handshake_budget, request_identity, HttpRefusal};
-use crate::metrics::metrics;
-use crate::protocol::{ChannelKey, ConnId, EventId, ServerMessage, Topic};
-use crate::registry::{Control, Event, Flush, Outbox, Payload, SessionLink};
-use crate::server::Hub;
-use crate::session::Admission;
-use crate::subscriptions::Subscriptions;
+use super::attach::{Admission, Admitted, Attachment, Held};
+use super::handshake::{admit, over_handshake_budget, HttpRefusal};
+use super::identity::request_identity;
+use crate::broker::Replay;
+use crate::core::close::Close;
+use crate::core::event::{Event, Payload};
+use crate::core::ids::{ChannelKey, EventId, Topic};
+use crate::core::metrics::metrics;
+use crate::core::wire::ServerMessage;
+use crate::delivery::registry::{Control, Flush};
+use crate::node::Node;
 
 pub async fn stream(
     req: HttpRequest,
-    hub: web::Data<Hub>,
+    node: web::Data<Node>,
     session: Session,
     query: web::Query<Vec<(String, String)>>,
 ) -> HttpResponse {
-    if let Some(refusal) = over_handshake_budget(&hub, req.peer_addr(), req.headers()) {
+    if let Some(refusal) = over_handshake_budget(&node, req.peer_addr(), req.headers()) {
         return refusal.into_response();
     }
     let mut topics = Vec::new();
@@ -52,11 +53,11 @@ pub async fn stream(
             Ok(_) => {}
             Err(e) => {
                 return HttpResponse::BadRequest()
-                    .json(json!({"error":"bad_request","field":"topic","message":e}))
+                    .json(json!({"error":"bad_request","field":"topic","message":e.to_string()}))
             }
         }
     }
-    let max = hub.settings.limits.max_subscriptions;
+    let max = node.settings.limits.max_subscriptions;
     if topics.is_empty() || topics.len() > max {
         return HttpResponse::BadRequest().json(json!({
             "error":"bad_request","field":"topic",
@@ -69,31 +70,24 @@ pub async fn stream(
         .and_then(|v| v.to_str().ok())
         .map(Cursor::parse);
 
-    let hub = hub.into_inner();
-    let identity = request_identity(&hub, &req, &session);
-    let (identity, conn, slot) = match admit(&hub, req.headers(), identity, true).await {
-        Admission::Admitted {
-            identity,
-            conn,
-            slot,
-        } => (identity, conn, slot),
+    let node = node.into_inner();
+    let identity = request_identity(&node, &req, &session);
+    let admitted = match admit(&node, req.headers(), identity, true).await {
+        Admission::Admitted(admitted) => admitted,
         Admission::Refused(close) => {
             metrics().reject(close.rejection_label());
             return HttpRefusal::of_close(&close).into_response();
         }
     };
 
-    let (records, body) = mpsc::channel::<Bytes>(hub.settings.limits.outbound_queue);
+    let (records, body) = mpsc::channel::<Bytes>(node.settings.limits.outbound_queue);
     let stream = SseStream {
-        hub,
-        identity,
-        conn,
-        slot,
+        node,
+        admitted: Some(admitted),
         topics,
         resume,
         records,
-        link: None,
-        subscriptions: Subscriptions::default(),
+        attachment: None,
         cursor: Cursor::default(),
     };
     stream.start();
@@ -151,15 +145,14 @@ impl Cursor {
 }
 
 struct SseStream {
-    hub: Arc<Hub>,
-    identity: Identity,
-    conn: ConnId,
-    slot: String,
+    node: Arc<Node>,
+    /// The handshake's grant, until the stream attaches.
+    admitted: Option<Admitted>,
     topics: Vec<Topic>,
     resume: Option<Cursor>,
     records: mpsc::Sender<Bytes>,
-    link: Option<Arc<SessionLink>>,
-    subscriptions: Subscriptions,
+    /// Set once started; dropping it detaches the stream.
+    attachment: Option<Attachment>,
     cursor: Cursor,
 }
 
@@ -211,91 +204,71 @@ impl SseStream {
     }
 
     /// Subscribe every topic of the stream, then send `welcome`, its only sign of being
-    /// subscribed. Clustered, a channel new to this node counts as subscribed once Redis has
-    /// confirmed the node's SUBSCRIBE (at most [`CONFIRM_TIMEOUT`]): an event published right
-    /// after `welcome` would otherwise be missed. Live events arriving meanwhile are held and
-    /// follow `welcome` (and a resumed topic's replay).
+    /// subscribed, then each resumed topic's replay and the live events held meanwhile. Every
+    /// subscription is held until then: clustered, a channel new to this node counts as
+    /// subscribed once Redis has confirmed the node's SUBSCRIBE (at most
+    /// [`CONFIRM_TIMEOUT`](crate::broker::CONFIRM_TIMEOUT)), or an event published right after `welcome` would be missed.
     fn subscribe_all(&mut self, welcome: String, ctx: &mut Context<Self>) {
-        let Some(link) = self.link.clone() else {
+        let Some(attachment) = self.attachment.as_mut() else {
             return;
         };
+        let org = attachment.identity().org.clone();
         let mut held = Vec::with_capacity(self.topics.len());
-        let mut confirmations = Vec::new();
-        for topic in self.topics.clone() {
-            let channel = ChannelKey::new(&self.identity.org, &topic);
-            if self.hub.registry.subscribe(&channel, &link, false, None) {
-                self.hub
-                    .broker
-                    .interest
-                    .do_send(Interest::Opened(channel.clone()));
-            }
-            if !self.hub.broker.is_live(&channel) {
-                confirmations.push(self.hub.broker.until_live(channel.clone(), CONFIRM_TIMEOUT));
-            }
-            let hold = self.subscriptions.insert_replaying(channel.clone());
+        let mut waits = Vec::with_capacity(self.topics.len());
+        for topic in &self.topics {
             let since = self.resume.as_ref().and_then(|c| c.since(topic.as_str()));
             if let Some(since) = since {
                 // Every record's cursor names the resumed topics, replayed yet or not.
                 self.cursor.topics.insert(topic.to_string(), since);
             }
-            held.push((topic, channel, hold, since));
+            let channel = ChannelKey::new(&org, topic);
+            let (hold, ready) = attachment.subscribe_held(channel, since, false, None);
+            held.push((topic.clone(), hold));
+            waits.push(ready);
         }
-        let confirmed = futures_util::future::join_all(confirmations);
-        ctx.spawn(confirmed.into_actor(self).map(move |confirmed, this, ctx| {
-            if confirmed.contains(&false) {
-                log::warn!(
-                    "SSE stream {}: Redis has not confirmed every subscription within {CONFIRM_TIMEOUT:?}; welcomed anyway, those events flow once Redis is back",
-                    this.conn
-                );
-            }
+        let ready = futures_util::future::join_all(waits);
+        ctx.spawn(ready.into_actor(self).map(move |replays, this, ctx| {
             if !this.send(welcome, ctx) {
                 return;
             }
-            for (topic, channel, hold, since) in held {
-                match since {
-                    Some(since) => this.replay(topic, channel, hold, since, ctx),
-                    None => {
-                        let events = this.subscriptions.finish_replay(&channel, hold, Vec::new());
-                        if !this.send_all(events.unwrap_or_default(), ctx) {
-                            return;
-                        }
-                    }
+            for ((topic, hold), replay) in held.into_iter().zip(replays) {
+                if !this.release(&topic, &hold, replay, ctx) {
+                    return;
                 }
             }
         }));
     }
 
-    /// Send `topic`'s events after `since` from history, then the live ones held meanwhile.
-    fn replay(
+    /// Send what a held topic releases: a `resync` notice when history no longer reached
+    /// back to the resume point, then its events. False once the stream has ended.
+    fn release(
         &mut self,
-        topic: Topic,
-        channel: ChannelKey,
-        hold: u64,
-        since: EventId,
+        topic: &Topic,
+        held: &Held,
+        replay: Option<Replay>,
         ctx: &mut Context<Self>,
-    ) {
-        let fetch = self.hub.broker.replay_since(channel.clone(), since);
-        ctx.spawn(fetch.into_actor(self).map(move |replay, this, ctx| {
-            if !replay.recovered {
-                let notice = format!(
-                    "event: resync\ndata: {}\n\n",
-                    ServerMessage::Subscribed {
-                        topic: topic.as_str(),
-                        recovered: Some(false),
-                    }
-                    .encode()
-                );
-                if !this.send(notice, ctx) {
-                    return;
+    ) -> bool {
+        let Some(released) = self
+            .attachment
+            .as_ref()
+            .and_then(|a| a.release(held, replay))
+        else {
+            return true;
+        };
+        if released.recovered == Some(false) {
+            let notice = format!(
+                "event: resync\ndata: {}\n\n",
+                ServerMessage::Subscribed {
+                    topic: topic.as_str(),
+                    recovered: Some(false),
                 }
+                .encode()
+            );
+            if !self.send(notice, ctx) {
+                return false;
             }
-            if let Some(events) = this
-                .subscriptions
-                .finish_replay(&channel, hold, replay.events)
-            {
-                this.send_all(events, ctx);
-            }
-        }));
+        }
+        self.send_all(released.events, ctx)
     }
 
     /// Send events in order, counted as delivered; false once the stream has ended.
@@ -313,61 +286,34 @@ impl Actor for SseStream {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let hub = self.hub.clone();
-        let settings = &hub.settings;
+        let Some(admitted) = self.admitted.take() else {
+            return ctx.stop();
+        };
         let address = ctx.address();
-        let link = Arc::new(SessionLink {
-            conn: self.conn,
-            outbox: Outbox::new(
-                settings.limits.outbound_queue,
-                settings.limits.slow_consumer,
-            ),
-            flush: Some(address.clone().recipient()),
-            control: address.recipient(),
-        });
-        self.hub.registry.register(
-            link.clone(),
-            self.identity.user_key(),
-            self.slot.clone(),
-            self.identity.sid.clone(),
+        let attachment = Attachment::attach(
+            self.node.clone(),
+            admitted,
+            Default::default(),
+            Some(address.clone().recipient()),
+            address.recipient(),
         );
-        self.link = Some(link);
-        metrics().connections.inc();
         let welcome = format!(
             "retry: 2000\nevent: welcome\ndata: {}\n\n",
-            ServerMessage::Welcome {
-                conn_id: self.conn.to_string(),
-                user: self.identity.user.as_str(),
-                org: self.identity.org.as_str(),
-                heartbeat_ms: settings.heartbeat.interval_ms,
-            }
-            .encode()
+            attachment.welcome()
         );
+        self.attachment = Some(attachment);
         self.subscribe_all(welcome, ctx);
         // A comment line keeps proxies from timing the stream out and tells us when the
         // client has gone (the body channel closes).
-        let interval = Duration::from_millis(settings.heartbeat.interval_ms);
+        let interval = Duration::from_millis(self.node.settings.heartbeat.interval_ms);
         ctx.run_interval(interval, |this, ctx| {
             this.send(": ping\n\n".to_string(), ctx);
         });
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        let Some(link) = self.link.take() else {
-            return;
-        };
-        metrics().connections.dec();
-        let emptied = self
-            .hub
-            .registry
-            .unregister(link.conn, self.subscriptions.channels());
-        for channel in emptied {
-            self.hub.broker.interest.do_send(Interest::Closed(channel));
-        }
-        let caps = self.hub.caps.clone();
-        let user_key = self.identity.user_key();
-        let slot = std::mem::take(&mut self.slot);
-        actix::spawn(async move { caps.release(&user_key, &slot).await });
+        // Dropping the attachment detaches the stream from the node.
+        self.attachment = None;
     }
 }
 
@@ -375,15 +321,17 @@ impl Handler<Flush> for SseStream {
     type Result = ();
 
     fn handle(&mut self, _: Flush, ctx: &mut Self::Context) {
-        let Some(link) = self.link.clone() else {
+        let Some(attachment) = &self.attachment else {
             return;
         };
         let mut batch = Vec::new();
-        link.outbox.drain_into(&mut batch);
+        attachment.link().outbox.drain_into(&mut batch);
+        let mut shared = attachment.shared().borrow_mut();
         let wanted = batch
             .into_iter()
-            .filter_map(|event| self.subscriptions.admit_live(event))
+            .filter_map(|event| shared.subscriptions.admit_live(event))
             .collect();
+        drop(shared);
         self.send_all(wanted, ctx);
     }
 }

@@ -14,22 +14,25 @@ use std::sync::Arc;
 use actix_codec::{Framed, FramedParts};
 use actix_http::body::BodySize;
 use actix_http::{h1, ws, Request, Response};
-use actix_session::Session;
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::http::StatusCode;
-use actix_web::{HttpRequest, HttpResponse};
+use actix_web::HttpResponse;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
-use crate::auth::{identify, identify_state, load_session, Identity, SessionReadError};
-use crate::close::{AuthFailure, Close};
-use crate::limits::{client_ip, slot_conn, slot_token, CapOutcome};
-use crate::metrics::metrics;
-use crate::origin::{Day, Decision};
-use crate::protocol::ConnId;
-use crate::server::Hub;
-use crate::session::{self, Admission};
+use super::attach::{Admission, Admitted};
+use super::identity::{identify_state, load_session};
+use super::websocket;
+use crate::core::close::{AuthFailure, Close};
+use crate::core::identity::Identity;
+use crate::core::ids::ConnId;
+use crate::core::metrics::metrics;
+use crate::node::Node;
+use crate::policy::client_ip::client_ip;
+use crate::policy::origin::{Day, Decision};
+use crate::store::caps::{slot_conn, slot_token, CapOutcome};
+use crate::store::sessions::SessionReadError;
 
 /// An answer given over HTTP instead of a WebSocket close.
 #[derive(Debug)]
@@ -83,7 +86,7 @@ pub async fn websocket_without_upgrade() -> HttpResponse {
 /// then the 101 goes out and the connection belongs to the session: no HTTP dispatcher (and
 /// none of its per-connection buffers) stays behind it for the socket's life.
 pub async fn upgrade(
-    hub: Arc<Hub>,
+    node: Arc<Node>,
     req: Request,
     mut framed: Framed<TcpStream, h1::Codec>,
 ) -> Result<(), actix_http::Error> {
@@ -98,7 +101,7 @@ pub async fn upgrade(
             return respond(&mut framed, refusal).await;
         }
     };
-    if let Some(refusal) = over_handshake_budget(&hub, req.peer_addr(), req.head().headers()) {
+    if let Some(refusal) = over_handshake_budget(&node, req.peer_addr(), req.head().headers()) {
         return respond(&mut framed, refusal).await;
     }
     let cookies = req
@@ -107,21 +110,21 @@ pub async fn upgrade(
         .get_all(header::COOKIE)
         .map(HeaderValue::as_bytes);
     let identity = async {
-        match load_session(&hub, cookies).await {
-            Ok(state) => identify_state(&hub, &state)
+        match load_session(&node, cookies).await {
+            Ok(state) => identify_state(&node, &state)
                 .await
                 .map_err(Close::Unauthenticated),
             Err(SessionReadError::NoCookie) => Err(Close::Unauthenticated(AuthFailure::NoCookie)),
-            Err(SessionReadError::StoreUnavailable(why)) => {
-                log::warn!("websocket refused: session store unavailable: {why}");
+            Err(e) => {
+                log::warn!("websocket refused: {e}");
                 Err(Close::Restarting)
             }
         }
     };
-    let admission = admit(&hub, req.head().headers(), identity, false).await;
+    let admission = admit(&node, req.head().headers(), identity, false).await;
     if let Admission::Refused(close) = &admission {
         metrics().reject(close.rejection_label());
-        if hub.settings.handshake.reject_before_upgrade {
+        if node.settings.handshake.reject_before_upgrade {
             return respond(&mut framed, HttpRefusal::of_close(close)).await;
         }
     }
@@ -131,8 +134,8 @@ pub async fn upgrade(
     drop(req);
     if send(&mut framed, switching, None).await.is_err() {
         // The client left during its own handshake: give back the slot it was granted.
-        if let Admission::Admitted { identity, slot, .. } = admission {
-            hub.caps.release(&identity.user_key(), &slot).await;
+        if let Admission::Admitted(Admitted { identity, slot, .. }) = admission {
+            node.caps.release(&identity.user_key(), &slot).await;
         }
         return Ok(());
     }
@@ -144,7 +147,7 @@ pub async fn upgrade(
     // The session gets a task of its own: this future lives inside the HTTP dispatcher's
     // task, which is sized for a whole actix-web request and would otherwise be held (a few
     // KiB) for as long as the socket is open.
-    actix::spawn(session::run(hub, admission, io, early));
+    actix::spawn(websocket::run(node, admission, io, early));
     Ok(())
 }
 
@@ -195,17 +198,17 @@ async fn send(
 
 /// The per-IP handshake budget: `Some(429)` when the client is over it.
 pub fn over_handshake_budget(
-    hub: &Hub,
+    node: &Node,
     peer: Option<SocketAddr>,
     headers: &HeaderMap,
 ) -> Option<HttpRefusal> {
     let ip = peer
         .map(|peer| {
             let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-            client_ip(peer.ip(), xff, &hub.trusted_proxies)
+            client_ip(peer.ip(), xff, &node.trusted_proxies)
         })
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-    if hub.handshakes.allow(ip) {
+    if node.handshakes.allow(ip) {
         return None;
     }
     metrics().reject("rate_limited");
@@ -217,23 +220,12 @@ pub fn over_handshake_budget(
     ))
 }
 
-/// The identity of a request that went through the session middleware (SSE), for [`admit`].
-pub async fn request_identity(
-    hub: &Hub,
-    req: &HttpRequest,
-    session: &Session,
-) -> Result<Identity, Close> {
-    identify(hub, req, session)
-        .await
-        .map_err(Close::Unauthenticated)
-}
-
 /// Run the checks; the first failure decides the close. `same_origin_ok`: a request with no
 /// Origin header that the browser marked `Sec-Fetch-Site: same-origin` counts as admitted
 /// (browsers omit Origin on same-origin GETs such as EventSource; they always send it for
 /// WebSockets, so the WebSocket path passes false).
 pub async fn admit(
-    hub: &Hub,
+    node: &Node,
     headers: &HeaderMap,
     identity: impl Future<Output = Result<Identity, Close>>,
     same_origin_ok: bool,
@@ -251,7 +243,7 @@ pub async fn admit(
             rule: "same-origin request".into(),
         }
     } else {
-        hub.origins.check(origin.as_deref(), Day::today())
+        node.origins.check(origin.as_deref(), Day::today())
     };
     match decision {
         Decision::Allowed { .. } => {}
@@ -267,8 +259,8 @@ pub async fn admit(
                 "websocket refused: origin not allowed: {origin}; nearest allowed: {}; {}; allowlist: [{}]{}",
                 nearest.as_deref().unwrap_or("none"),
                 hint.as_deref().unwrap_or("no close match"),
-                hub.origins.allowlist().join(", "),
-                if hub.settings.origins.allow_localhost { " + localhost" } else { "" },
+                node.origins.allowlist().join(", "),
+                if node.settings.origins.allow_localhost { " + localhost" } else { "" },
             );
             return Admission::Refused(Close::OriginNotAllowed { origin });
         }
@@ -286,7 +278,7 @@ pub async fn admit(
         }
     };
 
-    if hub.draining.load(Ordering::Acquire) {
+    if node.draining.load(Ordering::Acquire) {
         log::warn!(
             "websocket refused for user {} (origin {}): draining",
             identity.user,
@@ -298,24 +290,24 @@ pub async fn admit(
     let conn = ConnId::next();
     let user_key = identity.user_key();
     let slot = slot_token(&conn.to_string());
-    match hub.caps.acquire(&user_key, &slot).await {
+    match node.caps.acquire(&user_key, &slot).await {
         Ok(CapOutcome::Admitted { evicted }) => {
             for old in evicted {
                 let old = slot_conn(&old);
                 log::info!("user {user_key}: closing {old} to admit {conn} (evict_oldest)");
-                if !hub.registry.close_conn(old, Close::Replaced) {
-                    if let Some(redis) = &hub.redis {
-                        if let Err(e) = redis.broadcast_evict(old).await {
+                if !node.registry.close_conn(old, Close::Replaced) {
+                    if let Some(control) = &node.control {
+                        if let Err(e) = control.broadcast_evict(old).await {
                             log::warn!("cannot ask other pods to close {old}: {e}");
                         }
                     }
                 }
             }
-            Admission::Admitted {
+            Admission::Admitted(Admitted {
                 identity,
                 conn,
                 slot,
-            }
+            })
         }
         Ok(CapOutcome::Refused { limit }) => {
             log::warn!(
@@ -327,9 +319,8 @@ pub async fn admit(
         Err(e) => {
             // Fail closed but retryable: the client reconnects when the store is back.
             log::warn!(
-                "websocket refused for user {user_key} (origin {}): connection caps unavailable: {}",
+                "websocket refused for user {user_key} (origin {}): {e}",
                 origin.as_deref().unwrap_or("<missing>"),
-                e.0
             );
             Admission::Refused(Close::Restarting)
         }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::broker::{BrokerHandle, PublishBody, PublishRequest};
-use crate::demo::{CallSimulator, SimulatedEvent};
-use crate::protocol::{unix_ms, OrgId, Topic};
+use super::simulator::{CallSimulator, SimulatedEvent};
+use crate::broker::BrokerHandle;
+use crate::core::event::{PublishBody, PublishRequest};
+use crate::core::ids::{unix_ms, InvalidId, OrgId, Topic};
 
 /// How often the simulator is advanced.
 const TICK: Duration = Duration::from_millis(250);
@@ -61,9 +62,23 @@ pub struct RemoteOptions {
     pub duration: Option<Duration>,
 }
 
+/// Why `switchboard simulate` gave up: carrying on would be pointless.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("--org: {0}")]
+    BadOrg(#[from] InvalidId),
+    /// The hub refused an event for a reason that every event will meet (bad key, bad org).
+    #[error("{endpoint} answered {status}: {body}")]
+    Refused {
+        endpoint: String,
+        status: u16,
+        body: String,
+    },
+}
+
 /// Publish simulated calls through a hub's HTTP API. Returns how many events were accepted,
 /// or the first refusal that means carrying on is pointless (bad key, bad org).
-pub async fn run_remote(options: RemoteOptions) -> Result<u64, String> {
+pub async fn run_remote(options: RemoteOptions) -> Result<u64, SimulateError> {
     OrgId::parse(&options.org)?;
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -89,11 +104,11 @@ pub async fn run_remote(options: RemoteOptions) -> Result<u64, String> {
                 Ok(r) if r.status().as_u16() == 202 => accepted += 1,
                 Ok(mut r) if matches!(r.status().as_u16(), 400 | 401 | 403) => {
                     let text = r.body().await.unwrap_or_default();
-                    return Err(format!(
-                        "{endpoint} answered {}: {}",
-                        r.status(),
-                        String::from_utf8_lossy(&text)
-                    ));
+                    return Err(SimulateError::Refused {
+                        endpoint,
+                        status: r.status().as_u16(),
+                        body: String::from_utf8_lossy(&text).into_owned(),
+                    });
                 }
                 Ok(r) => eprintln!("simulate: {endpoint} answered {}; carrying on", r.status()),
                 Err(e) => eprintln!("simulate: {endpoint}: {e}; carrying on"),

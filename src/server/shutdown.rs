@@ -13,8 +13,8 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::registry::Control;
-use crate::server::Hub;
+use crate::delivery::registry::Control;
+use crate::node::Node;
 
 /// Sessions told to leave per batch, and the pause between batches.
 const BATCH: usize = 500;
@@ -49,11 +49,11 @@ pub async fn signalled() {
 }
 
 /// Drain this node and stop its server.
-pub async fn drain(hub: Arc<Hub>, server: ServerHandle) {
-    let deadline = Instant::now() + Duration::from_secs(hub.settings.shutdown.drain_timeout_s);
-    hub.draining.store(true, Ordering::Release);
-    let mut sessions = hub.registry.all_controls();
-    let spread = hub.settings.shutdown.reconnect_spread_ms;
+pub async fn drain(node: Arc<Node>, server: ServerHandle) {
+    let deadline = Instant::now() + Duration::from_secs(node.settings.shutdown.drain_timeout_s);
+    node.draining.store(true, Ordering::Release);
+    let mut sessions = node.registry.all_controls();
+    let spread = node.settings.shutdown.reconnect_spread_ms;
     log::info!(
         "draining {} session(s): reconnect spread over {spread} ms",
         sessions.len()
@@ -73,10 +73,10 @@ pub async fn drain(hub: Arc<Hub>, server: ServerHandle) {
     }
     // Leave a second of the budget for the server itself to stop.
     let wait_until = deadline - Duration::from_secs(1).min(deadline - Instant::now());
-    while hub.registry.session_count() > 0 && Instant::now() < wait_until {
+    while node.registry.session_count() > 0 && Instant::now() < wait_until {
         tokio::time::sleep(POLL).await;
     }
-    let left = hub.registry.session_count();
+    let left = node.registry.session_count();
     if left > 0 {
         log::warn!("{left} session(s) still open at the drain deadline; stopping anyway");
     }

@@ -12,7 +12,30 @@ use std::fmt::{self, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::OriginsConfig;
+use serde::{Deserialize, Serialize};
+
+/// The `[origins]` settings, as loaded by `config`: what this policy is compiled from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OriginsConfig {
+    /// Exact origins (`scheme://host[:port]`) or one leading-wildcard form `https://*.example.com`.
+    pub allowed: Vec<String>,
+    /// Development convenience: any port of localhost, 127.0.0.1 and [::1], over http or https.
+    pub allow_localhost: bool,
+    /// Admit requests with no Origin header (non-browser clients).
+    pub allow_missing: bool,
+    /// Retired origins still admitted until a date, with a warning per connection.
+    pub legacy: Vec<LegacyOrigin>,
+}
+
+/// One entry of `origins.legacy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyOrigin {
+    pub origin: String,
+    /// Last day (UTC, `YYYY-MM-DD`, inclusive) the origin is admitted.
+    pub until: String,
+}
 
 // ---------------------------------------------------------------------------------------------
 // Dates
@@ -1333,7 +1356,7 @@ fn compare(origin: &Origin, pattern: &Pattern) -> Comparison {
                 allowed.scheme,
                 allowed.effective_port(),
                 allowed.port,
-                edit_distance(host, allowed_host),
+                strsim::levenshtein(host, allowed_host),
             )
         }
         Pattern::Wildcard(wildcard) => {
@@ -1349,7 +1372,7 @@ fn compare(origin: &Origin, pattern: &Pattern) -> Comparison {
                 wildcard.scheme,
                 wildcard.effective_port(),
                 wildcard.port,
-                edit_distance(host, &wildcard.suffix),
+                strsim::levenshtein(host, &wildcard.suffix),
             )
         }
     };
@@ -1400,22 +1423,6 @@ fn compare(origin: &Origin, pattern: &Pattern) -> Comparison {
     }
 }
 
-/// Levenshtein distance over bytes (hosts are ASCII by the time they get here).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b = b.as_bytes();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    let mut current = vec![0; b.len() + 1];
-    for (i, &byte_a) in a.as_bytes().iter().enumerate() {
-        current[0] = i + 1;
-        for (j, &byte_b) in b.iter().enumerate() {
-            let substitute = previous[j] + usize::from(byte_a != byte_b);
-            current[j + 1] = substitute.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        std::mem::swap(&mut previous, &mut current);
-    }
-    previous[b.len()]
-}
-
 /// At most `max_bytes` of `s`, cut on a character boundary.
 fn clip(s: &str, max_bytes: usize) -> &str {
     if s.len() <= max_bytes {
@@ -1450,7 +1457,6 @@ fn echo(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LegacyOrigin;
 
     fn day(text: &str) -> Day {
         Day::parse(text).expect("test date is valid")
@@ -2630,14 +2636,5 @@ mod tests {
             Some("localhost (origins.allow_localhost)")
         );
         assert_eq!(hint.as_deref(), Some("trailing slash"));
-    }
-
-    /// The internal edit distance is the classic Levenshtein distance.
-    #[test]
-    fn edit_distance_is_levenshtein() {
-        assert_eq!(edit_distance("", ""), 0);
-        assert_eq!(edit_distance("abc", ""), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("example.com", "example.com"), 0);
     }
 }

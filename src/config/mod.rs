@@ -1,13 +1,22 @@
 //! Settings: the layered loader (`config/default.toml` → `config/$SWITCHBOARD_ENV.toml` →
 //! `SWITCHBOARD__SECTION__KEY` → the conventional `PORT`, `BIND`, `REDIS_URL`, `FRONTEND_URL`,
 //! `ALLOWED_ORIGINS`), every key's default and unit, and validation that reports every problem
-//! at once. The origin rules themselves live in `origin`; this module only asks it to validate
-//! the entries. Nothing here performs network I/O.
+//! at once. Validating compiles what the rest of the hub uses ([`Compiled`]: the origin
+//! policy, trusted proxies, client publish patterns, the cookie key) once; the rules
+//! themselves live in `policy`. Nothing here performs network I/O.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use actix_web::cookie::Key;
+use base64::Engine;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use crate::core::ids::TopicPattern;
+use crate::policy::client_ip::parse_trusted;
+use crate::policy::origin::OriginPolicy;
+pub use crate::policy::origin::{LegacyOrigin, OriginsConfig};
 
 /// Everything switchboard can be configured with. Each section mirrors a TOML table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,27 +57,6 @@ impl Default for ServerConfig {
             workers: 0,
         }
     }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct OriginsConfig {
-    /// Exact origins (`scheme://host[:port]`) or one leading-wildcard form `https://*.example.com`.
-    pub allowed: Vec<String>,
-    /// Development convenience: any port of localhost, 127.0.0.1 and [::1], over http or https.
-    pub allow_localhost: bool,
-    /// Admit requests with no Origin header (non-browser clients).
-    pub allow_missing: bool,
-    /// Retired origins still admitted until a date, with a warning per connection.
-    pub legacy: Vec<LegacyOrigin>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LegacyOrigin {
-    pub origin: String,
-    /// Last day (UTC, `YYYY-MM-DD`, inclusive) the origin is admitted.
-    pub until: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,13 +242,27 @@ pub struct DemoConfig {
     pub simulate_calls: bool,
 }
 
-/// What the loader found: the settings plus warnings worth printing (never fatal).
-#[derive(Debug)]
+/// What the loader found: the settings, what was compiled from them, and warnings worth
+/// printing (never fatal).
 pub struct Loaded {
     pub settings: Settings,
+    pub compiled: Compiled,
     pub warnings: Vec<String>,
     /// The profile named by `SWITCHBOARD_ENV`, if any.
     pub profile: Option<String>,
+}
+
+/// What start-up builds from the settings while validating them, once: the rest of the hub
+/// uses these and never parses a setting again.
+pub struct Compiled {
+    pub origins: OriginPolicy,
+    /// `server.trusted_proxies`.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `auth.client_publish`.
+    pub client_publish: Vec<TopicPattern>,
+    /// Signs and encrypts the session cookie: `auth.cookie_key`, or a fresh key per process
+    /// when it is unset (sessions end on restart; fine for development).
+    pub cookie_key: Key,
 }
 
 /// Every problem found, one line each; start-up stops on any.
@@ -400,26 +402,34 @@ impl Settings {
             );
         }
 
-        errors.extend(settings.validate(profile.as_deref(), &mut warnings));
-        if errors.is_empty() {
-            Ok(Loaded {
+        match settings.validate(profile.as_deref(), &mut warnings) {
+            Ok(compiled) if errors.is_empty() => Ok(Loaded {
                 settings,
+                compiled,
                 warnings,
                 profile,
-            })
-        } else {
-            Err(ConfigErrors(errors))
+            }),
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(more) => {
+                errors.extend(more);
+                Err(ConfigErrors(errors))
+            }
         }
     }
 
-    /// Semantic checks that serde cannot express. Returns one message per problem.
-    pub fn validate(&self, profile: Option<&str>, warnings: &mut Vec<String>) -> Vec<String> {
+    /// Semantic checks that serde cannot express, compiling what passes. `Err` holds one
+    /// message per problem.
+    fn validate(
+        &self,
+        profile: Option<&str>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Compiled, Vec<String>> {
         let mut errors = Vec::new();
         let production = profile == Some("production");
 
-        if let Err(origin_errors) = crate::origin::OriginPolicy::from_config(&self.origins) {
-            errors.extend(origin_errors);
-        }
+        let origins = OriginPolicy::from_config(&self.origins)
+            .map_err(|origin_errors| errors.extend(origin_errors))
+            .ok();
         if self.server.bind.parse::<std::net::IpAddr>().is_err() && self.server.bind != "localhost"
         {
             errors.push(format!(
@@ -427,17 +437,18 @@ impl Settings {
                 self.server.bind
             ));
         }
+        let mut trusted_proxies = Vec::new();
         for proxy in &self.server.trusted_proxies {
-            if crate::limits::IpMatcher::parse(proxy).is_err() {
-                errors.push(format!(
-                    "server.trusted_proxies entry {proxy:?} is not an IP address or CIDR block"
-                ));
+            match parse_trusted(proxy) {
+                Ok(net) => trusted_proxies.push(net),
+                Err(e) => errors.push(format!("server.trusted_proxies entry {e}")),
             }
         }
 
+        let mut cookie_key = None;
         match &self.auth.cookie_key {
-            Some(key) => match crate::auth::decode_cookie_key(key) {
-                Ok(_) => {}
+            Some(key) => match decode_cookie_key(key) {
+                Ok(bytes) => cookie_key = Some(Key::from(&bytes)),
                 Err(why) => errors.push(format!("auth.cookie_key {why}")),
             },
             None if production => errors.push(
@@ -476,9 +487,11 @@ impl Settings {
                 errors.push("auth.jwt_secret must be at least 16 bytes".into());
             }
         }
+        let mut client_publish = Vec::new();
         for pattern in &self.auth.client_publish {
-            if let Err(why) = crate::protocol::TopicPattern::parse(pattern) {
-                errors.push(format!("auth.client_publish entry {pattern:?}: {why}"));
+            match TopicPattern::parse(pattern) {
+                Ok(pattern) => client_publish.push(pattern),
+                Err(why) => errors.push(format!("auth.client_publish entry {pattern:?}: {why}")),
             }
         }
         if production && self.auth.dev_login {
@@ -559,7 +572,15 @@ impl Settings {
         if self.shutdown.drain_timeout_s == 0 {
             errors.push("shutdown.drain_timeout_s must be at least 1".into());
         }
-        errors
+        match origins {
+            Some(origins) if errors.is_empty() => Ok(Compiled {
+                origins,
+                trusted_proxies,
+                client_publish,
+                cookie_key: cookie_key.unwrap_or_else(Key::generate),
+            }),
+            _ => Err(errors),
+        }
     }
 
     /// The effective configuration as TOML, with secrets replaced by `<redacted>`.
@@ -580,6 +601,21 @@ impl Settings {
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// Decode `auth.cookie_key`: base64 of at least 64 bytes. `Err` completes the sentence
+/// "auth.cookie_key …".
+fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw.trim())
+        .map_err(|_| "is not valid base64".to_string())?;
+    if bytes.len() < 64 {
+        return Err(format!(
+            "decodes to {} bytes; at least 64 are needed",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Hide the password part of `redis://user:password@host`.
@@ -684,23 +720,23 @@ fn known_keys() -> BTreeSet<String> {
 fn nearest_key<'a>(key: &str, known: &'a BTreeSet<String>) -> Option<&'a String> {
     known
         .iter()
-        .map(|k| (edit_distance(key, k), k))
+        .map(|k| (strsim::levenshtein(key, k), k))
         .filter(|(d, _)| *d <= 3)
         .min_by_key(|(d, _)| *d)
         .map(|(_, k)| k)
 }
 
-/// Levenshtein distance, for "did you mean" hints.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut row = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            row.push((prev[j] + cost).min(prev[j + 1] + 1).min(row[j] + 1));
-        }
-        prev = row;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cookie keys must be base64 of 64 bytes or more.
+    #[test]
+    fn cookie_keys() {
+        let good = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+        assert!(decode_cookie_key(&good).is_ok());
+        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        assert!(decode_cookie_key(&short).unwrap_err().contains("32 bytes"));
+        assert!(decode_cookie_key("%%%").is_err());
     }
-    prev[b.len()]
 }

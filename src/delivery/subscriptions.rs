@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use crate::protocol::{ChannelKey, EventId};
-use crate::registry::Event;
+use crate::core::event::Event;
+use crate::core::ids::{ChannelKey, EventId};
 
 #[derive(Default)]
 struct Subscription {
@@ -143,8 +143,8 @@ impl Subscriptions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{OrgId, Topic};
-    use crate::registry::Payload;
+    use crate::core::event::Payload;
+    use crate::core::ids::{OrgId, Topic};
     use std::time::Instant;
 
     fn channel() -> ChannelKey {

@@ -1,56 +1,15 @@
-//! Plain HTTP routes: `POST /api/publish`, `/healthz`, `/readyz`, `/metrics`, and the
-//! static dashboard (`/`, `/client.js`) compiled into the binary so `cargo run` needs no files
-//! beside it. Publishing validates every field and answers 202 only once the broker has taken
-//! the event; anything else is a 4xx naming the problem or a 503.
-
-use std::sync::atomic::Ordering;
+//! `POST /api/publish`: a backend service's event into the hub. It validates every field and
+//! answers 202 only once the broker has taken the event; anything else is a 4xx naming the
+//! problem or a 503.
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
-use crate::broker::{PublishBody, PublishRequest};
-use crate::metrics::metrics;
-use crate::protocol::{validate_event_name, OrgId, Topic};
-use crate::server::Hub;
-
-const INDEX_HTML: &str = include_str!("../static/index.html");
-const CLIENT_JS: &str = include_str!("../static/client.js");
-
-pub async fn index() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(INDEX_HTML)
-}
-
-pub async fn client_js() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("application/javascript; charset=utf-8")
-        .body(CLIENT_JS)
-}
-
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status":"ok"}))
-}
-
-pub async fn readyz(hub: web::Data<Hub>) -> HttpResponse {
-    if hub.draining.load(Ordering::Acquire) {
-        return HttpResponse::ServiceUnavailable()
-            .json(json!({"status":"not_ready","reason":"draining"}));
-    }
-    if !hub.broker.health.is_ready() {
-        return HttpResponse::ServiceUnavailable().json(
-            json!({"status":"not_ready","reason":"redis_unavailable","detail":hub.broker.health.reason()}),
-        );
-    }
-    HttpResponse::Ok().json(json!({"status":"ready"}))
-}
-
-pub async fn metrics_text() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(metrics().render())
-}
+use crate::core::event::{PublishBody, PublishRequest};
+use crate::core::ids::{OrgId, Topic};
+use crate::core::wire::validate_event_name;
+use crate::node::Node;
 
 /// A publish body that cannot be accepted, naming the field at fault.
 #[derive(Debug)]
@@ -66,10 +25,10 @@ impl BadField {
     }
 }
 
-fn bad_field(field: &str, message: impl Into<String>) -> BadField {
+fn bad_field(field: &str, message: impl ToString) -> BadField {
     BadField {
         field: field.to_string(),
-        message: message.into(),
+        message: message.to_string(),
     }
 }
 
@@ -78,7 +37,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorised(hub: &Hub, req: &HttpRequest) -> bool {
+fn authorised(node: &Node, req: &HttpRequest) -> bool {
     let Some(presented) = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -89,7 +48,7 @@ fn authorised(hub: &Hub, req: &HttpRequest) -> bool {
     else {
         return false;
     };
-    hub.settings
+    node.settings
         .api
         .publish_keys
         .iter()
@@ -143,11 +102,11 @@ pub fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
 }
 
 pub async fn publish(
-    hub: web::Data<Hub>,
+    node: web::Data<Node>,
     req: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> HttpResponse {
-    if !authorised(&hub, &req) {
+    if !authorised(&node, &req) {
         return HttpResponse::Unauthorized()
             .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
             .json(json!({"error":"unauthorized","message":"missing or unknown publish key (Authorization: Bearer <key from api.publish_keys>)"}));
@@ -164,7 +123,7 @@ pub async fn publish(
         Ok(r) => r,
         Err(bad) => return bad.response(),
     };
-    match hub.broker.publish(request).await {
+    match node.broker.publish(request).await {
         Ok(id) => HttpResponse::Accepted().json(json!({"id": id.to_string()})),
         Err(e) => {
             log::warn!("publish refused: {e}");

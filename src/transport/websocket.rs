@@ -1,11 +1,13 @@
 //! The WebSocket session actor: one per socket, and the only code that touches
 //! `WebsocketContext`. It receives the outcome of the handshake checks (admitted, or the close
-//! to send), then speaks the protocol of SPEC section 4: subscriptions (with `since` replay),
-//! client publish and binary streams, app-level ping, the client message budget, and the
-//! heartbeat. It decides what the socket wants (subscriptions, replay, closing) in the state
-//! it shares with the socket's writer ([`crate::connection`]); live events reach the socket
-//! without a message through this actor's mailbox (see [`crate::fanout`]).
+//! to send), attaches to the node ([`super::attach`]), then speaks the protocol of SPEC
+//! section 4: subscriptions (with `since` replay), client publish and binary streams,
+//! app-level ping, the client message budget, and the heartbeat. Its subscriptions and closing
+//! flag are shared with the socket's writer ([`crate::delivery::writer`]); live events reach
+//! the socket without a message through this actor's mailbox (see
+//! [`crate::delivery::fanout`]).
 
+use std::fmt::Display;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,42 +21,29 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
-use crate::auth::Identity;
-use crate::broker::{EventSender, Interest, PublishBody, PublishRequest, CONFIRM_TIMEOUT};
-use crate::close::Close;
-use crate::connection::{self, Shared, Socket};
-use crate::limits::TokenBucket;
-use crate::metrics::metrics;
-use crate::protocol::{
-    validate_event_name, ChannelKey, ClientMessage, ConnId, ErrorCode, EventId, ServerMessage,
-    Topic,
-};
-use crate::registry::{Control, Event, Outbox, Payload, SessionLink};
-use crate::server::Hub;
-
-/// The handshake's verdict, handed to the session before it starts.
-pub enum Admission {
-    /// Checks passed; the cap `slot` for `conn` is held.
-    Admitted {
-        identity: Identity,
-        conn: ConnId,
-        slot: String,
-    },
-    /// Send this close frame and nothing else.
-    Refused(Close),
-}
+use super::attach::{Admission, Admitted, Attachment, Held, Subscribed};
+use crate::broker::Replay;
+use crate::core::close::Close;
+use crate::core::event::{Event, EventSender, Payload, PublishBody, PublishRequest};
+use crate::core::ids::{ChannelKey, EventId, Topic};
+use crate::core::metrics::metrics;
+use crate::core::wire::{validate_event_name, ClientMessage, ErrorCode, ServerMessage};
+use crate::delivery::registry::Control;
+use crate::delivery::writer::{self, Shared, Socket};
+use crate::node::Node;
+use crate::policy::rate::TokenBucket;
 
 /// Run one admitted (or refused) socket to its end: the session actor in its
 /// `WebsocketContext`, fed from the raw connection and writing straight to it. `early` holds
 /// any bytes the client sent right behind its handshake.
-pub async fn run(hub: Arc<Hub>, admission: Admission, io: TcpStream, early: Bytes) {
-    let codec = actix_http::ws::Codec::new().max_size(hub.settings.limits.max_frame_bytes);
+pub async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, early: Bytes) {
+    let codec = actix_http::ws::Codec::new().max_size(node.settings.limits.max_frame_bytes);
     // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
-    let write_stall = Duration::from_millis(hub.settings.heartbeat.timeout_ms);
+    let write_stall = Duration::from_millis(node.settings.heartbeat.timeout_ms);
     let (read, write) = io.into_split();
     let socket = Socket::new(write, Shared::default());
     let session = WsSession {
-        hub,
+        node,
         admission: Some(admission),
         live: None,
         socket: socket.clone(),
@@ -64,7 +53,7 @@ pub async fn run(hub: Arc<Hub>, admission: Admission, io: TcpStream, early: Byte
         early: Some(early),
     };
     let context = WebsocketContext::with_codec(session, input, codec);
-    connection::drive(context, socket, write_stall).await;
+    writer::drive(context, socket, write_stall).await;
 }
 
 /// The client's bytes as the WebSocket context wants them. Reads go through a buffer on the
@@ -98,7 +87,7 @@ impl Stream for SocketInput {
 }
 
 pub struct WsSession {
-    hub: Arc<Hub>,
+    node: Arc<Node>,
     admission: Option<Admission>,
     live: Option<Live>,
     /// The socket's output, which the worker's fan-out writes live events to; it holds the
@@ -108,10 +97,8 @@ pub struct WsSession {
 
 /// State of an admitted session.
 struct Live {
-    identity: Identity,
-    link: Arc<SessionLink>,
+    attachment: Attachment,
     conn_text: String,
-    slot: String,
     /// Where binary frames from the client go, set by `stream`.
     stream_to: Option<Topic>,
     last_heard: Instant,
@@ -126,81 +113,35 @@ impl Actor for WsSession {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         match self.admission.take() {
-            Some(Admission::Admitted {
-                identity,
-                conn,
-                slot,
-            }) => self.begin(identity, conn, slot, ctx),
+            Some(Admission::Admitted(admitted)) => self.begin(admitted, ctx),
             Some(Admission::Refused(close)) => self.close(ctx, &close),
             None => ctx.stop(),
         }
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        let Some(live) = self.live.take() else {
-            return;
-        };
-        metrics().connections.dec();
-        let shared = self.socket.shared().borrow();
-        let emptied = self
-            .hub
-            .registry
-            .unregister(live.link.conn, shared.subscriptions.channels());
-        for channel in emptied {
-            self.hub.broker.interest.do_send(Interest::Closed(channel));
-        }
-        let caps = self.hub.caps.clone();
-        let user_key = live.identity.user_key();
-        let slot = live.slot;
-        actix::spawn(async move { caps.release(&user_key, &slot).await });
+        // Dropping the attachment detaches the socket from the node.
+        self.live = None;
     }
 }
 
 impl WsSession {
-    fn begin(
-        &mut self,
-        identity: Identity,
-        conn: ConnId,
-        slot: String,
-        ctx: &mut WebsocketContext<Self>,
-    ) {
-        let settings = &self.hub.settings;
-        let address = ctx.address();
-        let link = Arc::new(SessionLink {
-            conn,
-            outbox: Outbox::new(
-                settings.limits.outbound_queue,
-                settings.limits.slow_consumer,
-            ),
-            // The writer drains the outbox itself: no mailbox message per delivery.
-            flush: None,
-            control: address.recipient(),
-        });
-        self.socket.shared().borrow_mut().link = Some(link.clone());
-        self.hub.registry.register(
-            link.clone(),
-            identity.user_key(),
-            slot.clone(),
-            identity.sid.clone(),
+    fn begin(&mut self, admitted: Admitted, ctx: &mut WebsocketContext<Self>) {
+        // The writer drains the outbox itself: no mailbox message per delivery.
+        let attachment = Attachment::attach(
+            self.node.clone(),
+            admitted,
+            self.socket.shared().clone(),
+            None,
+            ctx.address().recipient(),
         );
-        metrics().connections.inc();
+        ctx.text(attachment.welcome());
         let now = Instant::now();
-        let limits = &settings.limits;
-        let conn_text = conn.to_string();
-        ctx.text(
-            ServerMessage::Welcome {
-                conn_id: conn_text.clone(),
-                user: identity.user.as_str(),
-                org: identity.org.as_str(),
-                heartbeat_ms: settings.heartbeat.interval_ms,
-            }
-            .encode(),
-        );
+        let limits = &self.node.settings.limits;
+        let conn_text = attachment.conn().to_string();
         self.live = Some(Live {
-            identity,
-            link,
+            attachment,
             conn_text,
-            slot,
             stream_to: None,
             last_heard: now,
             text_budget: TokenBucket::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
@@ -217,8 +158,8 @@ impl WsSession {
 
     /// Ping every interval; close a socket that has been silent past the timeout.
     fn heartbeat(&self, ctx: &mut WebsocketContext<Self>) {
-        let interval = Duration::from_millis(self.hub.settings.heartbeat.interval_ms);
-        let timeout = Duration::from_millis(self.hub.settings.heartbeat.timeout_ms);
+        let interval = Duration::from_millis(self.node.settings.heartbeat.interval_ms);
+        let timeout = Duration::from_millis(self.node.settings.heartbeat.timeout_ms);
         ctx.run_interval(interval, move |this, ctx| {
             let Some(live) = this.live.as_mut() else {
                 return;
@@ -228,7 +169,7 @@ impl WsSession {
                 log::info!(
                     "closing silent socket {} of user {}: nothing heard for {:?}",
                     live.conn_text,
-                    live.identity.user,
+                    live.attachment.identity().user,
                     live.last_heard.elapsed()
                 );
                 this.close(ctx, &Close::HeartbeatTimeout);
@@ -250,13 +191,14 @@ impl WsSession {
         ctx.stop();
     }
 
-    fn reply_error(ctx: &mut WebsocketContext<Self>, code: ErrorCode, message: &str) {
+    fn reply_error(ctx: &mut WebsocketContext<Self>, code: ErrorCode, message: impl Display) {
+        let message = &message.to_string();
         ctx.text(ServerMessage::Error { code, message }.encode());
     }
 
     /// Spend one message of the client's budget; false when it must be refused.
     fn within_budget(&mut self, ctx: &mut WebsocketContext<Self>, binary: bool) -> bool {
-        let burst = self.hub.settings.limits.client_msgs_burst;
+        let burst = self.node.settings.limits.client_msgs_burst;
         let Some(live) = self.live.as_mut() else {
             return false;
         };
@@ -281,7 +223,7 @@ impl WsSession {
             log::warn!(
                 "closing socket {} of user {}: kept flooding after rate_limited",
                 live.conn_text,
-                live.identity.user
+                live.attachment.identity().user
             );
             self.close(ctx, &Close::MessageFlood);
         }
@@ -294,7 +236,7 @@ impl WsSession {
         }
         let message = match ClientMessage::decode(text) {
             Ok(m) => m,
-            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
+            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, why),
         };
         match message {
             ClientMessage::Ping => ctx.text(ServerMessage::Pong.encode()),
@@ -313,7 +255,7 @@ impl WsSession {
                         live.stream_to = Some(topic);
                     }
                 }
-                Err((code, why)) => Self::reply_error(ctx, code, &why),
+                Err((code, why)) => Self::reply_error(ctx, code, why),
             },
         }
     }
@@ -325,13 +267,13 @@ impl WsSession {
         binary: bool,
         ctx: &mut WebsocketContext<Self>,
     ) {
-        let max = self.hub.settings.limits.max_subscriptions;
+        let max = self.node.settings.limits.max_subscriptions;
         let Some(live) = self.live.as_mut() else {
             return;
         };
         let topic = match Topic::parse(topic) {
             Ok(t) => t,
-            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
+            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, why),
         };
         let since = match since.map(|s| EventId::parse(s).ok_or(s)) {
             None => None,
@@ -340,114 +282,68 @@ impl WsSession {
                 return Self::reply_error(
                     ctx,
                     ErrorCode::BadRequest,
-                    &format!("since {raw:?} is not an event id (<ms>-<seq>)"),
+                    format!("since {raw:?} is not an event id (<ms>-<seq>)"),
                 )
             }
         };
-        let channel = ChannelKey::new(&live.identity.org, &topic);
-        if !self
-            .socket
-            .shared()
-            .borrow_mut()
-            .subscriptions
-            .contains(&channel)
-            && self.socket.shared().borrow_mut().subscriptions.len() >= max
-        {
+        let channel = ChannelKey::new(&live.attachment.identity().org, &topic);
+        let full = {
+            let subscriptions = &self.socket.shared().borrow().subscriptions;
+            !subscriptions.contains(&channel) && subscriptions.len() >= max
+        };
+        if full {
             return Self::reply_error(
                 ctx,
                 ErrorCode::TooManySubscriptions,
-                &format!("at most {max} subscriptions per connection"),
+                format!("at most {max} subscriptions per connection"),
             );
         }
         let socket = Some(self.socket.clone());
-        if self
-            .hub
-            .registry
-            .subscribe(&channel, &live.link, binary, socket)
-        {
-            self.hub
-                .broker
-                .interest
-                .do_send(Interest::Opened(channel.clone()));
-        }
-        if since.is_none() && self.hub.broker.is_live(&channel) {
-            self.socket
-                .shared()
-                .borrow_mut()
-                .subscriptions
-                .insert_live(channel);
-            ctx.text(
+        match live.attachment.subscribe(channel, since, binary, socket) {
+            Subscribed::Live => ctx.text(
                 ServerMessage::Subscribed {
                     topic: topic.as_str(),
                     recovered: None,
                 }
                 .encode(),
-            );
-            return;
+            ),
+            Subscribed::Held(held, ready) => {
+                ctx.spawn(ready.into_actor(self).map(move |replay, this, ctx| {
+                    this.acknowledge(&topic, &held, replay, ctx);
+                }));
+            }
         }
-        // Live events are already flowing into the outbox; hold them until the replay is out,
-        // or (clustered, a channel this node has not subscribed to in Redis yet) until events
-        // flow: an event published right after an early `subscribed` would be missed.
-        let hold = self
-            .socket
-            .shared()
-            .borrow_mut()
-            .subscriptions
-            .insert_replaying(channel.clone());
-        let Some(since) = since else {
-            let confirmed = self.hub.broker.until_live(channel.clone(), CONFIRM_TIMEOUT);
-            ctx.spawn(confirmed.into_actor(self).map(move |confirmed, this, ctx| {
-                if !confirmed {
-                    log::warn!(
-                        "{channel}: Redis has not confirmed the subscription within {CONFIRM_TIMEOUT:?}; acknowledged anyway, its events flow once Redis is back"
-                    );
-                }
-                this.finish_replay(&channel, &topic, hold, Vec::new(), None, ctx);
-            }));
-            return;
-        };
-        let fetch = self.hub.broker.replay_since(channel.clone(), since);
-        ctx.spawn(fetch.into_actor(self).map(move |replay, this, ctx| {
-            let recovered = Some(replay.recovered);
-            this.finish_replay(&channel, &topic, hold, replay.events, recovered, ctx);
-        }));
     }
 
     /// Acknowledge a subscription that held its live events back: `subscribed` (with
     /// `recovered` when it resumed), the replayed events, then the held ones.
-    fn finish_replay(
+    fn acknowledge(
         &mut self,
-        channel: &ChannelKey,
         topic: &Topic,
-        hold: u64,
-        replayed: Vec<Arc<Event>>,
-        recovered: Option<bool>,
+        held: &Held,
+        replay: Option<Replay>,
         ctx: &mut WebsocketContext<Self>,
     ) {
-        if self.live.is_none() {
+        let Some(live) = self.live.as_ref() else {
             return;
-        }
-        // None: unsubscribed (or resubscribed without since) while the history was on its way.
-        let Some(events) = self
-            .socket
-            .shared()
-            .borrow_mut()
-            .subscriptions
-            .finish_replay(channel, hold, replayed)
-        else {
+        };
+        // None: unsubscribed (or resubscribed) while it waited.
+        let Some(released) = live.attachment.release(held, replay) else {
             return;
         };
         ctx.text(
             ServerMessage::Subscribed {
                 topic: topic.as_str(),
-                recovered,
+                recovered: released.recovered,
             }
             .encode(),
         );
-        for event in &events {
+        for event in &released.events {
             write_event(ctx, event);
         }
-        metrics().messages_delivered.inc_by(events.len() as u64);
+        metrics()
+            .messages_delivered
+            .inc_by(released.events.len() as u64);
     }
 
     fn unsubscribe(&mut self, topic: &str, ctx: &mut WebsocketContext<Self>) {
@@ -456,19 +352,10 @@ impl WsSession {
         };
         let topic = match Topic::parse(topic) {
             Ok(t) => t,
-            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, &why),
+            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, why),
         };
-        let channel = ChannelKey::new(&live.identity.org, &topic);
-        if self
-            .socket
-            .shared()
-            .borrow_mut()
-            .subscriptions
-            .remove(&channel)
-            && self.hub.registry.unsubscribe(&channel, live.link.conn)
-        {
-            self.hub.broker.interest.do_send(Interest::Closed(channel));
-        }
+        let channel = ChannelKey::new(&live.attachment.identity().org, &topic);
+        live.attachment.unsubscribe(&channel);
         ctx.text(
             ServerMessage::Unsubscribed {
                 topic: topic.as_str(),
@@ -479,8 +366,8 @@ impl WsSession {
 
     /// A topic this client may publish or stream to, per `auth.client_publish`.
     fn publishable(&self, topic: &str) -> Result<Topic, (ErrorCode, String)> {
-        let topic = Topic::parse(topic).map_err(|why| (ErrorCode::BadRequest, why))?;
-        if self.hub.client_publish.iter().any(|p| p.matches(&topic)) {
+        let topic = Topic::parse(topic).map_err(|why| (ErrorCode::BadRequest, why.to_string()))?;
+        if self.node.client_publish.iter().any(|p| p.matches(&topic)) {
             Ok(topic)
         } else {
             Err((
@@ -499,22 +386,22 @@ impl WsSession {
     ) {
         let topic = match self.publishable(topic) {
             Ok(t) => t,
-            Err((code, why)) => return Self::reply_error(ctx, code, &why),
+            Err((code, why)) => return Self::reply_error(ctx, code, why),
         };
         let event = event.unwrap_or_else(|| "message".into());
         if let Err(why) = validate_event_name(&event) {
-            return Self::reply_error(ctx, ErrorCode::BadRequest, &why);
+            return Self::reply_error(ctx, ErrorCode::BadRequest, why);
         }
         let Some(request) = self.request(topic, PublishBody::Json { event, data }) else {
             return;
         };
-        let broker = self.hub.broker.clone();
+        let broker = self.node.broker.clone();
         ctx.spawn(
             async move { broker.publish(request).await }
                 .into_actor(self)
                 .map(|result, _, ctx| {
                     if let Err(e) = result {
-                        Self::reply_error(ctx, ErrorCode::Unavailable, &e.to_string());
+                        Self::reply_error(ctx, ErrorCode::Unavailable, e);
                     }
                 }),
         );
@@ -523,11 +410,11 @@ impl WsSession {
     fn request(&self, topic: Topic, body: PublishBody) -> Option<PublishRequest> {
         let live = self.live.as_ref()?;
         Some(PublishRequest {
-            org: live.identity.org.clone(),
+            org: live.attachment.identity().org.clone(),
             topic,
             body,
             sender: Some(EventSender {
-                user: live.identity.user.to_string(),
+                user: live.attachment.identity().user.to_string(),
                 conn_id: live.conn_text.clone(),
             }),
         })
@@ -544,7 +431,7 @@ impl WsSession {
             return;
         }
         if let Some(request) = self.request(topic, PublishBody::Binary(bytes)) {
-            self.hub.broker.publish_detached(request);
+            self.node.broker.publish_detached(request);
         }
     }
 }
@@ -578,7 +465,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                 &Close::UnsupportedData("fragmented messages are not supported"),
             ),
             Err(ws::ProtocolError::Overflow) => {
-                let limit = self.hub.settings.limits.max_frame_bytes;
+                let limit = self.node.settings.limits.max_frame_bytes;
                 self.close(ctx, &Close::FrameTooLarge { limit });
             }
             Err(e) => {

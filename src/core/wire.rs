@@ -1,0 +1,187 @@
+//! The wire protocol of SPEC section 4: client messages with their decoding errors, server
+//! messages with their encoding, and the one encoding of an event frame. Pure: no I/O.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::ids::{EventId, InvalidId};
+
+/// A message from the browser. `type` selects the variant.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    Subscribe {
+        topic: String,
+        #[serde(default)]
+        since: Option<String>,
+        #[serde(default)]
+        binary: bool,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+    Publish {
+        topic: String,
+        data: Value,
+        #[serde(default)]
+        event: Option<String>,
+    },
+    Stream {
+        topic: String,
+    },
+    Ping,
+}
+
+impl ClientMessage {
+    /// Decode a text frame; the error is the message for a `bad_request` reply.
+    pub fn decode(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            if let Some(rest) = msg.strip_prefix("unknown variant ") {
+                let name = rest.split(',').next().unwrap_or(rest);
+                format!("unknown message type {name}")
+            } else if e.is_syntax() || e.is_eof() {
+                format!("malformed JSON: {msg}")
+            } else {
+                msg
+            }
+        })
+    }
+}
+
+/// The `code` of an error reply that keeps the socket open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Forbidden,
+    RateLimited,
+    TooManySubscriptions,
+    /// The broker cannot take events right now (Redis away); retry later.
+    Unavailable,
+}
+
+/// Messages the server sends, other than events (those are encoded once per event by
+/// [`encode_event`]).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage<'a> {
+    Welcome {
+        conn_id: String,
+        user: &'a str,
+        org: &'a str,
+        heartbeat_ms: u64,
+    },
+    Subscribed {
+        topic: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    Unsubscribed {
+        topic: &'a str,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+    },
+    Pong,
+    Reconnect {
+        after_ms: u64,
+    },
+}
+
+impl ServerMessage<'_> {
+    pub fn encode(&self) -> String {
+        // unwrap: these types serialise infallibly (no maps with non-string keys, no NaN).
+        serde_json::to_string(self).unwrap()
+    }
+}
+
+/// Who sent a client-published event; relayed so subscribers can tell voices apart.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sender<'a> {
+    pub user: &'a str,
+    pub conn_id: &'a str,
+}
+
+/// The one encoding of an event frame, shared by every socket that receives it.
+pub fn encode_event(
+    topic: &str,
+    id: EventId,
+    event: &str,
+    data: &Value,
+    sender: Option<Sender<'_>>,
+) -> String {
+    #[derive(Serialize)]
+    struct EventFrame<'a> {
+        r#type: &'static str,
+        topic: &'a str,
+        id: String,
+        event: &'a str,
+        data: &'a Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        conn_id: Option<&'a str>,
+    }
+    let frame = EventFrame {
+        r#type: "event",
+        topic,
+        id: id.to_string(),
+        event,
+        data,
+        user: sender.as_ref().map(|s| s.user),
+        conn_id: sender.as_ref().map(|s| s.conn_id),
+    };
+    // unwrap: serde_json::Value and &str always serialise.
+    serde_json::to_string(&frame).unwrap()
+}
+
+/// Validate an event name: 1-64 printable ASCII characters without spaces.
+pub fn validate_event_name(raw: &str) -> Result<(), InvalidId> {
+    if !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(InvalidId::EventName)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Topic grammar accepts the documented shapes and refuses everything else.
+    /// Decoding errors say what is wrong in words a developer can act on.
+    #[test]
+    fn decode_errors() {
+        assert!(ClientMessage::decode("{")
+            .unwrap_err()
+            .contains("malformed JSON"));
+        let e = ClientMessage::decode(r#"{"type":"dance"}"#).unwrap_err();
+        assert!(e.contains("unknown message type"), "{e}");
+        let e = ClientMessage::decode(r#"{"type":"subscribe"}"#).unwrap_err();
+        assert!(e.contains("topic"), "{e}");
+        assert!(matches!(
+            ClientMessage::decode(r#"{"type":"ping"}"#),
+            Ok(ClientMessage::Ping)
+        ));
+    }
+
+    /// Server frames carry `type` first, as the protocol promises.
+    #[test]
+    fn type_comes_first() {
+        let s = ServerMessage::Pong.encode();
+        assert_eq!(s, r#"{"type":"pong"}"#);
+        let e = encode_event(
+            "calls",
+            EventId { ms: 1, seq: 2 },
+            "call.status",
+            &Value::Null,
+            None,
+        );
+        assert_eq!(
+            e,
+            r#"{"type":"event","topic":"calls","id":"1-2","event":"call.status","data":null}"#
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! How an event reaches the sockets entitled to it on this node: the [`registry`] of this
+//! node's sessions and which worker threads want each channel; each worker's [`fanout`],
+//! which writes an event to that worker's sockets in one pass; the bounded [`outbox`] a
+//! socket's events wait in when it is busy (conflation, slow-consumer close); the WebSocket
+//! [`writer`] that owns a socket's output; and one connection's [`subscriptions`], which make
+//! `since` resume exact. Brokers feed the registry; transports attach sessions to it.
+
+pub mod fanout;
+pub mod outbox;
+pub mod registry;
+pub mod subscriptions;
+pub mod writer;

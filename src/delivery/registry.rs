@@ -1,0 +1,241 @@
+//! This node's live sessions: by connection (for logout, eviction and drain), and by channel
+//! (for fan-out). Brokers call [`Registry::deliver`] with a shared, already-encoded
+//! [`Event`]; the registry knows which worker threads have subscribers of its channel and
+//! hands it once to each ([`super::fanout`] walks that worker's sockets). A subscriber that
+//! is not ready to write it at once gets it in its bounded [`Outbox`].
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::fanout::{self, Subscriber};
+use super::outbox::Outbox;
+use super::writer::Socket;
+use crate::core::close::Close;
+use crate::core::event::Event;
+use crate::core::ids::{ChannelKey, ConnId};
+
+/// Wake a session: its outbox has frames. At most one is in flight per session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Flush;
+
+/// Orders to one session from outside (logout, eviction, slow consumer, drain).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum Control {
+    /// Close now with this reason.
+    Close(Close),
+    /// Tell the client to come back after `after_ms`, then close with 1012.
+    Drain { after_ms: u64 },
+}
+
+/// What the registry needs of a session: its outbox, how to wake whoever drains it, and the
+/// session's control mailbox.
+pub struct SessionLink {
+    pub conn: ConnId,
+    pub outbox: Outbox,
+    /// `Some`: a `Flush` message wakes the drainer (an actor). `None`: the drainer polls the
+    /// outbox itself and registered its task with [`Outbox::register`] (the WebSocket writer),
+    /// so a delivery costs no mailbox message at all.
+    pub flush: Option<Recipient<Flush>>,
+    pub control: Recipient<Control>,
+}
+
+impl SessionLink {
+    /// The outbox has frames and nobody was told yet.
+    pub(crate) fn wake(&self) {
+        match &self.flush {
+            Some(flush) => flush.do_send(Flush),
+            None => self.outbox.waker.wake(),
+        }
+    }
+}
+
+struct SessionEntry {
+    link: Arc<SessionLink>,
+    /// `org/user`, for caps and logs.
+    user_key: String,
+    /// The connection-cap slot this socket holds.
+    slot: String,
+    /// The login session this socket belongs to (for logout).
+    sid: String,
+}
+
+/// This node's sessions, by connection, and which workers have subscribers of each channel.
+pub struct Registry {
+    /// Tells this registry's worker fan-outs from another registry's (tests build several).
+    id: usize,
+    /// Per channel, how many subscribers each worker has (indexed like `workers`).
+    channels: RwLock<HashMap<ChannelKey, Vec<u32>>>,
+    /// Each worker's event queue, in the order the workers enlisted.
+    workers: RwLock<Vec<UnboundedSender<Arc<Event>>>>,
+    sessions: Mutex<HashMap<ConnId, SessionEntry>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            channels: RwLock::default(),
+            workers: RwLock::default(),
+            sessions: Mutex::default(),
+        }
+    }
+}
+
+impl Registry {
+    pub fn register(&self, link: Arc<SessionLink>, user_key: String, slot: String, sid: String) {
+        self.sessions.lock().insert(
+            link.conn,
+            SessionEntry {
+                link,
+                user_key,
+                slot,
+                sid,
+            },
+        );
+    }
+
+    /// Forget a session and its subscriptions; returns the channels nobody here wants any more.
+    /// Runs on the session's worker thread, like [`Self::subscribe`].
+    pub fn unregister<'a>(
+        &self,
+        conn: ConnId,
+        channels: impl Iterator<Item = &'a ChannelKey>,
+    ) -> Vec<ChannelKey> {
+        self.sessions.lock().remove(&conn);
+        channels
+            .filter(|channel| self.unsubscribe(channel, conn))
+            .cloned()
+            .collect()
+    }
+
+    /// Add a subscriber of this worker thread; true when this node had no subscriber of the
+    /// channel before. `socket`: the WebSocket's output, which the fan-out may write directly.
+    pub fn subscribe(
+        &self,
+        channel: &ChannelKey,
+        link: &Arc<SessionLink>,
+        binary: bool,
+        socket: Option<Rc<Socket>>,
+    ) -> bool {
+        let worker = fanout::current(self.id, |queue| {
+            let mut workers = self.workers.write();
+            workers.push(queue);
+            workers.len() - 1
+        });
+        let subscriber = Subscriber {
+            link: link.clone(),
+            binary,
+            socket,
+        };
+        if !worker.add(channel, subscriber) {
+            return false;
+        }
+        let mut map = self.channels.write();
+        let counts = map.entry(channel.clone()).or_default();
+        let first = counts.iter().all(|&n| n == 0);
+        if counts.len() <= worker.index {
+            counts.resize(worker.index + 1, 0);
+        }
+        counts[worker.index] += 1;
+        first
+    }
+
+    /// Remove a subscriber of this worker thread; true when the channel has no subscriber
+    /// left on this node.
+    pub fn unsubscribe(&self, channel: &ChannelKey, conn: ConnId) -> bool {
+        let Some(worker) = fanout::existing(self.id) else {
+            return false;
+        };
+        if !worker.remove(channel, conn) {
+            return false;
+        }
+        let mut map = self.channels.write();
+        let Some(counts) = map.get_mut(channel) else {
+            return false;
+        };
+        if let Some(n) = counts.get_mut(worker.index) {
+            *n = n.saturating_sub(1);
+        }
+        if counts.iter().all(|&n| n == 0) {
+            map.remove(channel);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Hand an event to every worker with a subscriber of its channel (callable from any
+    /// thread); each worker delivers it to its own sockets.
+    pub fn deliver(&self, event: &Arc<Event>) {
+        let map = self.channels.read();
+        let Some(counts) = map.get(&event.channel) else {
+            return;
+        };
+        let workers = self.workers.read();
+        for (queue, _) in workers.iter().zip(counts).filter(|(_, &n)| n > 0) {
+            // A worker's queue closes only when its thread ends, at shutdown.
+            let _ = queue.send(event.clone());
+        }
+    }
+
+    /// Close every local socket of login session `sid`; returns how many.
+    pub fn close_session(&self, sid: &str, close: Close) -> usize {
+        let sessions = self.sessions.lock();
+        let mut n = 0;
+        for entry in sessions.values().filter(|e| e.sid == sid) {
+            entry.link.control.do_send(Control::Close(close.clone()));
+            n += 1;
+        }
+        n
+    }
+
+    /// Close one local connection by its display id; false when it is not here.
+    pub fn close_conn(&self, conn: &str, close: Close) -> bool {
+        let Some(conn) = ConnId::parse_local(conn) else {
+            return false;
+        };
+        match self.sessions.lock().get(&conn) {
+            Some(entry) => {
+                entry.link.control.do_send(Control::Close(close));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every local session's control mailbox, for the drain.
+    pub fn all_controls(&self) -> Vec<Recipient<Control>> {
+        self.sessions
+            .lock()
+            .values()
+            .map(|e| e.link.control.clone())
+            .collect()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    /// Channels with at least one local subscriber (resubscribed after a Redis reconnect).
+    pub fn active_channels(&self) -> Vec<ChannelKey> {
+        self.channels.read().keys().cloned().collect()
+    }
+
+    /// `org/user` keys of local sessions and their cap slots (lease refresh).
+    pub fn cap_slots(&self) -> Vec<(String, String)> {
+        self.sessions
+            .lock()
+            .values()
+            .map(|e| (e.user_key.clone(), e.slot.clone()))
+            .collect()
+    }
+}

@@ -1,0 +1,6 @@
+//! The live demo: a call simulator that makes realistic call-status events ([`simulator`],
+//! pure), and the loops that publish them ([`run`]): inside the hub for
+//! `demo.simulate_calls`, or through a running hub's HTTP API (`switchboard simulate`).
+
+pub mod run;
+pub mod simulator;

@@ -1,0 +1,144 @@
+//! The shared state every handler and session takes: the validated settings and what was
+//! compiled from them, this node's [`Registry`], the broker (in memory when embedded, Redis
+//! when clustered) and the stores that match it. [`Node::start`] builds it once, from a
+//! loaded configuration; the server shares it with every worker.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::cookie::Key;
+use ipnet::IpNet;
+use tokio::sync::watch;
+
+use crate::broker::memory::{EventLog, HistoryLimits, MemoryBroker};
+use crate::broker::redis::{ControlChannel, RedisBroker, RedisPublisher, StreamHistory};
+use crate::broker::{BrokerHandle, BrokerHealth};
+use crate::config::{Compiled, Settings};
+use crate::core::ids::TopicPattern;
+use crate::delivery::registry::Registry;
+use crate::policy::origin::OriginPolicy;
+use crate::policy::rate::HandshakeLimiter;
+use crate::store::caps::{ConnectionCaps, RedisCaps};
+use crate::store::redis::{CommandError, RedisCommands};
+use crate::store::revocations::Revocations;
+use crate::store::sessions::Sessions;
+
+/// Everything a request handler or session needs, shared by all workers.
+pub struct Node {
+    pub settings: Settings,
+    pub origins: OriginPolicy,
+    /// `server.trusted_proxies`: whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `auth.client_publish`: the topics browsers may publish and stream to.
+    pub client_publish: Vec<TopicPattern>,
+    /// The key that signs and encrypts the session cookie: the WebSocket handshake reads
+    /// sessions itself (it runs before the session middleware).
+    pub cookie_key: Key,
+    pub registry: Arc<Registry>,
+    pub broker: BrokerHandle,
+    pub caps: ConnectionCaps,
+    pub handshakes: HandshakeLimiter,
+    pub revocations: Revocations,
+    /// Where the handshake reads login sessions.
+    pub sessions: Sessions,
+    /// Clustered only: orders to sockets held by other pods (logout, eviction).
+    pub control: Option<ControlChannel>,
+    /// Set by the shutdown sequence: readiness fails and new sockets are refused.
+    pub draining: AtomicBool,
+}
+
+/// Why the node could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot use redis.url: {0}")]
+    Redis(#[from] CommandError),
+}
+
+impl Node {
+    /// Build the node: the broker actor on a thread of its own, so its work (Redis I/O when
+    /// clustered) never stalls an HTTP worker, and the stores that go with it. Must run
+    /// inside an actix `System`. Clustered, this waits until Redis answers.
+    pub async fn start(settings: Settings, compiled: Compiled) -> Result<Self, NodeError> {
+        let registry = Arc::new(Registry::default());
+        let health = Arc::new(BrokerHealth::default());
+        let broker_thread = Arbiter::new();
+        let limits = &settings.limits;
+        let (broker, caps, revocations, sessions, control) = match settings.redis.url.clone() {
+            None => {
+                let history = settings.history_enabled().then(|| HistoryLimits {
+                    max_len: settings.history.max_len,
+                    ttl: Duration::from_secs(settings.history.ttl_s),
+                });
+                let log = Arc::new(EventLog::new(registry.clone(), history));
+                let broker_log = log.clone();
+                let addr = MemoryBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
+                    MemoryBroker::new(broker_log)
+                });
+                (
+                    BrokerHandle::embedded(&addr, log, health),
+                    ConnectionCaps::in_memory(limits.max_connections_per_user, limits.cap_policy),
+                    Revocations::Memory(Default::default()),
+                    Sessions::Cookie,
+                    None,
+                )
+            }
+            Some(url) => {
+                let commands = RedisCommands::connect(&url).await?;
+                let history = settings.history_enabled().then_some(StreamHistory {
+                    max_len: settings.history.max_len,
+                    ttl_s: settings.history.ttl_s,
+                });
+                let broker_registry = registry.clone();
+                let broker_commands = commands.clone();
+                let broker_health = health.clone();
+                let live_channels = watch::Sender::new(HashSet::new());
+                let live = live_channels.subscribe();
+                let addr = RedisBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
+                    RedisBroker::new(
+                        url,
+                        broker_registry,
+                        broker_commands,
+                        broker_health,
+                        history,
+                        live_channels,
+                    )
+                });
+                let caps =
+                    RedisCaps::new(commands.clone(), Duration::from_secs(limits.cap_lease_s));
+                (
+                    BrokerHandle::clustered(
+                        &addr,
+                        health,
+                        live,
+                        RedisPublisher::new(commands.clone(), history),
+                    ),
+                    ConnectionCaps::redis(limits.max_connections_per_user, limits.cap_policy, caps),
+                    Revocations::Redis(commands.clone()),
+                    Sessions::Redis(commands.clone()),
+                    Some(ControlChannel::new(commands)),
+                )
+            }
+        };
+        Ok(Self {
+            handshakes: HandshakeLimiter::new(
+                limits.handshakes_per_ip_per_s,
+                limits.handshake_burst,
+            ),
+            origins: compiled.origins,
+            trusted_proxies: compiled.trusted_proxies,
+            client_publish: compiled.client_publish,
+            cookie_key: compiled.cookie_key,
+            registry,
+            broker,
+            caps,
+            revocations,
+            sessions,
+            control,
+            draining: AtomicBool::new(false),
+            settings,
+        })
+    }
+}

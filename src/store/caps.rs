@@ -1,0 +1,349 @@
+//! Per-user connection caps (`limits.max_connections_per_user`, `limits.cap_policy`): in
+//! process when embedded; in Redis when clustered, counted across pods in a sorted set of
+//! slots per user (`sb:caps:{org}/{user}`) scored by lease expiry, changed only by a Lua
+//! script so two pods can never both take the last slot. A cap slot is a token
+//! `<created-ms>|<conn id>`, so every store can tell the oldest socket of a user.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::{AsyncCommands, Script, Value as RedisValue};
+
+use super::redis::{timed, CommandError, RedisCommands};
+use crate::config::CapPolicy;
+use crate::core::ids::unix_ms;
+
+/// The result of asking for a connection slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapOutcome {
+    /// Admitted; the listed connections (oldest first) must be closed with 4409.
+    Admitted { evicted: Vec<String> },
+    /// The user is at `limit` and the policy is `reject_new`.
+    Refused { limit: u32 },
+}
+
+/// Per-user connection caps, counted across pods when clustered.
+#[derive(Clone)]
+pub struct ConnectionCaps {
+    limit: u32,
+    policy: CapPolicy,
+    store: CapStore,
+}
+
+#[derive(Clone)]
+enum CapStore {
+    Memory(Arc<Mutex<HashMap<String, VecDeque<String>>>>),
+    Redis(RedisCaps),
+}
+
+/// The cap slot token of a connection: sorts by age, and names the connection.
+pub fn slot_token(conn: &str) -> String {
+    format!("{:015}|{conn}", unix_ms())
+}
+
+/// The connection a slot token names.
+pub fn slot_conn(slot: &str) -> &str {
+    slot.split_once('|').map_or(slot, |(_, conn)| conn)
+}
+
+/// The caps store could not be reached; the handshake fails closed.
+#[derive(Debug, thiserror::Error)]
+#[error("connection caps unavailable: {0}")]
+pub struct CapsUnavailable(#[from] pub CommandError);
+
+impl ConnectionCaps {
+    pub fn in_memory(limit: u32, policy: CapPolicy) -> Self {
+        Self {
+            limit,
+            policy,
+            store: CapStore::Memory(Arc::default()),
+        }
+    }
+
+    pub fn redis(limit: u32, policy: CapPolicy, store: RedisCaps) -> Self {
+        Self {
+            limit,
+            policy,
+            store: CapStore::Redis(store),
+        }
+    }
+
+    /// The Redis store, when clustered (its leases need refreshing).
+    pub fn redis_store(&self) -> Option<RedisCaps> {
+        match &self.store {
+            CapStore::Redis(store) => Some(store.clone()),
+            CapStore::Memory(_) => None,
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Take `slot` (see [`slot_token`]) for `user_key` (org and user), applying the cap policy.
+    /// Evicted entries are slot tokens too.
+    pub async fn acquire(&self, user_key: &str, slot: &str) -> Result<CapOutcome, CapsUnavailable> {
+        match &self.store {
+            CapStore::Memory(users) => {
+                let mut users = users.lock();
+                let held = users.entry(user_key.to_string()).or_default();
+                Ok(admit(held, slot, self.limit, self.policy))
+            }
+            CapStore::Redis(store) => store.acquire(user_key, slot, self.limit, self.policy).await,
+        }
+    }
+
+    /// Give the slot back (socket closed).
+    pub async fn release(&self, user_key: &str, slot: &str) {
+        match &self.store {
+            CapStore::Memory(users) => {
+                let mut users = users.lock();
+                if let Some(held) = users.get_mut(user_key) {
+                    held.retain(|c| c != slot);
+                    if held.is_empty() {
+                        users.remove(user_key);
+                    }
+                }
+            }
+            CapStore::Redis(store) => store.release(user_key, slot).await,
+        }
+    }
+}
+
+/// The cap decision on one user's slots, oldest first. Shared by both stores' semantics.
+fn admit(held: &mut VecDeque<String>, conn: &str, limit: u32, policy: CapPolicy) -> CapOutcome {
+    let limit_usize = limit as usize;
+    if held.len() < limit_usize {
+        held.push_back(conn.to_string());
+        return CapOutcome::Admitted {
+            evicted: Vec::new(),
+        };
+    }
+    match policy {
+        CapPolicy::RejectNew => CapOutcome::Refused { limit },
+        CapPolicy::EvictOldest => {
+            let mut evicted = Vec::new();
+            while held.len() >= limit_usize {
+                match held.pop_front() {
+                    Some(old) => evicted.push(old),
+                    None => break,
+                }
+            }
+            held.push_back(conn.to_string());
+            CapOutcome::Admitted { evicted }
+        }
+    }
+}
+
+/// Per-user connection caps shared by every pod: a sorted set of slots scored by lease expiry,
+/// changed only by Lua scripts so two pods can never both take the last slot.
+#[derive(Clone)]
+pub struct RedisCaps {
+    commands: RedisCommands,
+    lease: Duration,
+    acquire: Arc<Script>,
+}
+
+/// Members are `<created-ms, 15 digits>|<conn id>` so sorting them sorts by age. KEYS[2]
+/// remembers for a while whom the request evicted, so that the same request sent again (its
+/// answer lost with a dropped connection) gets the same answer, evictions included.
+const ACQUIRE_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[5]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], lease * 2)
+  local out = {1}
+  for _, conn in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do out[#out + 1] = conn end
+  return out
+end
+local held = redis.call('ZRANGE', KEYS[1], 0, -1)
+local evicted = {}
+if #held >= limit then
+  if ARGV[4] ~= 'evict_oldest' then
+    return {0}
+  end
+  table.sort(held)
+  local excess = #held - limit + 1
+  for i = 1, excess do
+    redis.call('ZREM', KEYS[1], held[i])
+    evicted[#evicted + 1] = held[i]
+  end
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
+redis.call('PEXPIRE', KEYS[1], lease * 2)
+if #evicted > 0 then
+  redis.call('RPUSH', KEYS[2], unpack(evicted))
+  redis.call('PEXPIRE', KEYS[2], 60000)
+end
+local out = {1}
+for i = 1, #evicted do out[#out + 1] = evicted[i] end
+return out
+"#;
+
+impl RedisCaps {
+    pub fn new(commands: RedisCommands, lease: Duration) -> Self {
+        Self {
+            commands,
+            lease,
+            acquire: Arc::new(Script::new(ACQUIRE_LUA)),
+        }
+    }
+
+    fn key(user_key: &str) -> String {
+        format!("sb:caps:{user_key}")
+    }
+
+    pub async fn acquire(
+        &self,
+        user_key: &str,
+        slot: &str,
+        limit: u32,
+        policy: CapPolicy,
+    ) -> Result<CapOutcome, CapsUnavailable> {
+        let policy = match policy {
+            CapPolicy::RejectNew => "reject_new",
+            CapPolicy::EvictOldest => "evict_oldest",
+        };
+        let key = Self::key(user_key);
+        let evicted_key = format!("{key}:evicted:{slot}");
+        let now = unix_ms();
+        let answer: Vec<RedisValue> = self
+            .commands
+            .run_idempotent(|mut conn| {
+                let mut invocation = self.acquire.key(&key);
+                invocation.key(&evicted_key);
+                invocation
+                    .arg(now)
+                    .arg(self.lease.as_millis() as u64)
+                    .arg(limit)
+                    .arg(policy)
+                    .arg(slot);
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await
+            .map_err(CapsUnavailable)?;
+        let admitted = matches!(answer.first(), Some(RedisValue::Int(1)));
+        if !admitted {
+            return Ok(CapOutcome::Refused { limit });
+        }
+        let evicted = answer
+            .iter()
+            .skip(1)
+            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+            .collect();
+        Ok(CapOutcome::Admitted { evicted })
+    }
+
+    pub async fn release(&self, user_key: &str, slot: &str) {
+        let key = Self::key(user_key);
+        let released = self
+            .commands
+            .run_idempotent(|mut conn| {
+                let key = key.clone();
+                async move { conn.zrem::<_, _, ()>(key, slot).await }
+            })
+            .await;
+        if let Err(e) = released {
+            log::warn!("cannot release cap slot of {user_key} (its lease will expire): {e}");
+        }
+    }
+
+    /// Give the lease of every slot this pod holds a fresh expiry, in one pipeline, adding the
+    /// slots Redis no longer has: it may have restarted empty, or an outage longer than the
+    /// lease let another pod prune them, and a live socket must keep counting against the cap.
+    pub async fn refresh(&self, slots: &[(String, String)]) {
+        if slots.is_empty() {
+            return;
+        }
+        let expiry = unix_ms() + self.lease.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        for (user_key, slot) in slots {
+            let key = Self::key(user_key);
+            pipe.cmd("ZADD")
+                .arg(&key)
+                .arg(expiry)
+                .arg(slot)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(self.lease.as_millis() as u64 * 2)
+                .ignore();
+        }
+        let mut conn = self.commands.manager();
+        if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
+            log::warn!("cannot refresh {} cap lease(s): {e}", slots.len());
+        }
+    }
+
+    /// Give back several slots at once, in one pipeline.
+    async fn release_all(&self, slots: &[(String, String)]) {
+        if slots.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for (user_key, slot) in slots {
+            pipe.cmd("ZREM").arg(Self::key(user_key)).arg(slot).ignore();
+        }
+        let mut conn = self.commands.manager();
+        if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
+            log::warn!(
+                "cannot release {} cap slot(s) (their leases will expire): {e}",
+                slots.len()
+            );
+        }
+    }
+}
+
+/// Periodically re-assert the cap slots of this pod's sockets with fresh leases: a pod that
+/// dies stops doing this, and its slots expire within `cap_lease_s`.
+/// `held` lists the `(org/user, slot)` pairs of this pod's open sockets.
+pub async fn refresh_leases(caps: RedisCaps, held: impl Fn() -> Vec<(String, String)>) {
+    let every = caps.lease / 3;
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
+    loop {
+        ticker.tick().await;
+        let slots = held();
+        caps.refresh(&slots).await;
+        // A socket that closed after the snapshot may have released its slot before the
+        // refresh re-added it; it is unregistered before it releases, so it is missing from a
+        // second snapshot taken now, and without this its slot would count until the lease ran
+        // out. (Even a refresh that timed out may have reached Redis.)
+        let live: HashSet<(String, String)> = held().into_iter().collect();
+        let closed: Vec<(String, String)> =
+            slots.into_iter().filter(|s| !live.contains(s)).collect();
+        caps.release_all(&closed).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// reject_new refuses at the limit; evict_oldest names the oldest to close.
+    #[test]
+    fn cap_policies() {
+        let mut held = VecDeque::new();
+        for c in ["a", "b"] {
+            assert_eq!(
+                admit(&mut held, c, 2, CapPolicy::RejectNew),
+                CapOutcome::Admitted { evicted: vec![] }
+            );
+        }
+        assert_eq!(
+            admit(&mut held, "c", 2, CapPolicy::RejectNew),
+            CapOutcome::Refused { limit: 2 }
+        );
+        assert_eq!(
+            admit(&mut held, "c", 2, CapPolicy::EvictOldest),
+            CapOutcome::Admitted {
+                evicted: vec!["a".into()]
+            }
+        );
+        assert_eq!(held, VecDeque::from(vec!["b".to_string(), "c".to_string()]));
+    }
+}

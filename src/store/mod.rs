@@ -1,0 +1,9 @@
+//! What every pod must agree on about users, kept in process when embedded and in Redis when
+//! clustered: login sessions as the handshake reads them ([`sessions`]), logged-out sessions
+//! ([`revocations`]), and per-user connection caps ([`caps`]), over the one Redis command
+//! connection of this layer ([`redis`]). Pub/sub and history are the broker's, not here.
+
+pub mod caps;
+pub mod redis;
+pub mod revocations;
+pub mod sessions;

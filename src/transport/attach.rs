@@ -1,0 +1,261 @@
+//! One lifecycle for every admitted connection, WebSocket or SSE: attach to this node
+//! (registered with the registry, so logout, eviction and drain reach it; counted; holding
+//! the cap slot the handshake took), subscribe channels (live at once, or held until Redis
+//! confirms the channel or until the history after `since` is read, then released in order
+//! without duplicates), and detach when the [`Attachment`] is dropped (every channel left,
+//! unregistered, the cap slot given back). The transports only frame what this decides.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use crate::broker::{Interest, Replay, CONFIRM_TIMEOUT};
+use crate::core::close::Close;
+use crate::core::event::Event;
+use crate::core::identity::Identity;
+use crate::core::ids::{ChannelKey, ConnId, EventId};
+use crate::core::metrics::metrics;
+use crate::core::wire::ServerMessage;
+use crate::delivery::outbox::Outbox;
+use crate::delivery::registry::{Control, Flush, SessionLink};
+use crate::delivery::writer::{Shared, Socket};
+use crate::node::Node;
+
+/// The handshake's verdict, handed to the transport before its session starts.
+pub enum Admission {
+    Admitted(Admitted),
+    /// Send this close and nothing else.
+    Refused(Close),
+}
+
+/// A connection that passed every check, with the cap slot it was granted.
+pub struct Admitted {
+    pub identity: Identity,
+    pub conn: ConnId,
+    /// The cap slot taken for `conn`; it must be given back when the connection ends.
+    pub slot: String,
+}
+
+/// An admitted connection's place in this node. Dropping it detaches the connection.
+pub struct Attachment {
+    node: Arc<Node>,
+    identity: Identity,
+    /// The connection-cap slot this connection holds.
+    slot: String,
+    link: Arc<SessionLink>,
+    /// The subscriptions, shared with the socket's writer (WebSocket).
+    shared: Shared,
+}
+
+/// What a subscription waits for before its live events are released.
+pub type Ready = Pin<Box<dyn Future<Output = Option<Replay>>>>;
+
+/// A subscription whose live events are held back: until Redis confirmed the channel
+/// (`Ready` gives `None`), or until the history after `since` is read (`Some`).
+pub struct Held {
+    pub channel: ChannelKey,
+    hold: u64,
+}
+
+/// What a held subscription releases, in order: the replayed events, then the live ones
+/// held meanwhile, without duplicates.
+pub struct Released {
+    pub events: Vec<Arc<Event>>,
+    /// With `since`: whether history still reached back to it (false: reload state).
+    pub recovered: Option<bool>,
+}
+
+/// What [`Attachment::subscribe`] came to.
+pub enum Subscribed {
+    /// Live events flow now: acknowledge at once.
+    Live,
+    /// Live events are held; await `ready`, then [`Attachment::release`] the hold.
+    Held(Held, Ready),
+}
+
+impl Attachment {
+    /// Attach an admitted connection. `flush`: how to wake its drainer when events wait in
+    /// its outbox (`None`: the drainer registered its task with the outbox, as the WebSocket
+    /// writer does); `control`: where orders to it go (close, drain).
+    pub fn attach(
+        node: Arc<Node>,
+        Admitted {
+            identity,
+            conn,
+            slot,
+        }: Admitted,
+        shared: Shared,
+        flush: Option<Recipient<Flush>>,
+        control: Recipient<Control>,
+    ) -> Self {
+        let limits = &node.settings.limits;
+        let link = Arc::new(SessionLink {
+            conn,
+            outbox: Outbox::new(limits.outbound_queue, limits.slow_consumer),
+            flush,
+            control,
+        });
+        shared.borrow_mut().link = Some(link.clone());
+        node.registry.register(
+            link.clone(),
+            identity.user_key(),
+            slot.clone(),
+            identity.sid.clone(),
+        );
+        metrics().connections.inc();
+        Self {
+            node,
+            identity,
+            slot,
+            link,
+            shared,
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn conn(&self) -> ConnId {
+        self.link.conn
+    }
+
+    pub fn link(&self) -> &Arc<SessionLink> {
+        &self.link
+    }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// The `welcome` message this connection starts with.
+    pub fn welcome(&self) -> String {
+        ServerMessage::Welcome {
+            conn_id: self.link.conn.to_string(),
+            user: self.identity.user.as_str(),
+            org: self.identity.org.as_str(),
+            heartbeat_ms: self.node.settings.heartbeat.interval_ms,
+        }
+        .encode()
+    }
+
+    /// Subscribe `channel`. Without `since`, on a channel whose events already reach this
+    /// node, it is live at once; otherwise see [`Self::subscribe_held`]. `socket`: the
+    /// WebSocket's output, which the fan-out may write directly.
+    pub fn subscribe(
+        &mut self,
+        channel: ChannelKey,
+        since: Option<EventId>,
+        binary: bool,
+        socket: Option<Rc<Socket>>,
+    ) -> Subscribed {
+        if since.is_none() && self.node.broker.is_live(&channel) {
+            self.register(&channel, binary, socket);
+            self.shared.borrow_mut().subscriptions.insert_live(channel);
+            return Subscribed::Live;
+        }
+        let (held, ready) = self.subscribe_held(channel, since, binary, socket);
+        Subscribed::Held(held, ready)
+    }
+
+    /// Subscribe `channel` and hold its live events (already flowing into the outbox) until
+    /// `Ready`: the history after `since` has been read, or (without it) Redis has confirmed
+    /// this node's SUBSCRIBE of a channel new to it, at most [`CONFIRM_TIMEOUT`]; an event
+    /// published right after an early acknowledgement would be missed otherwise.
+    pub fn subscribe_held(
+        &mut self,
+        channel: ChannelKey,
+        since: Option<EventId>,
+        binary: bool,
+        socket: Option<Rc<Socket>>,
+    ) -> (Held, Ready) {
+        self.register(&channel, binary, socket);
+        let hold = self
+            .shared
+            .borrow_mut()
+            .subscriptions
+            .insert_replaying(channel.clone());
+        let broker = &self.node.broker;
+        let ready: Ready = match since {
+            Some(since) => {
+                let replay = broker.replay_since(channel.clone(), since);
+                Box::pin(async move { Some(replay.await) })
+            }
+            None => {
+                let confirmed = broker.until_live(channel.clone(), CONFIRM_TIMEOUT);
+                let name = channel.clone();
+                Box::pin(async move {
+                    if !confirmed.await {
+                        log::warn!(
+                            "{name}: Redis has not confirmed the subscription within {CONFIRM_TIMEOUT:?}; acknowledged anyway, its events flow once Redis is back"
+                        );
+                    }
+                    None
+                })
+            }
+        };
+        (Held { channel, hold }, ready)
+    }
+
+    /// What a held subscription releases once it is ready; `None` when it no longer holds
+    /// the channel (unsubscribed, or subscribed again, meanwhile).
+    pub fn release(&self, held: &Held, replay: Option<Replay>) -> Option<Released> {
+        let (replayed, recovered) = match replay {
+            Some(replay) => (replay.events, Some(replay.recovered)),
+            None => (Vec::new(), None),
+        };
+        let events = self.shared.borrow_mut().subscriptions.finish_replay(
+            &held.channel,
+            held.hold,
+            replayed,
+        )?;
+        Some(Released { events, recovered })
+    }
+
+    /// Leave `channel`; false when it was not subscribed.
+    pub fn unsubscribe(&mut self, channel: &ChannelKey) -> bool {
+        if !self.shared.borrow_mut().subscriptions.remove(channel) {
+            return false;
+        }
+        if self.node.registry.unsubscribe(channel, self.link.conn) {
+            self.node
+                .broker
+                .interest
+                .do_send(Interest::Closed(channel.clone()));
+        }
+        true
+    }
+
+    fn register(&self, channel: &ChannelKey, binary: bool, socket: Option<Rc<Socket>>) {
+        if self
+            .node
+            .registry
+            .subscribe(channel, &self.link, binary, socket)
+        {
+            self.node
+                .broker
+                .interest
+                .do_send(Interest::Opened(channel.clone()));
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        metrics().connections.dec();
+        let emptied = self.node.registry.unregister(
+            self.link.conn,
+            self.shared.borrow().subscriptions.channels(),
+        );
+        for channel in emptied {
+            self.node.broker.interest.do_send(Interest::Closed(channel));
+        }
+        let caps = self.node.caps.clone();
+        let user_key = self.identity.user_key();
+        let slot = std::mem::take(&mut self.slot);
+        actix::spawn(async move { caps.release(&user_key, &slot).await });
+    }
+}

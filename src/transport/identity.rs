@@ -1,0 +1,102 @@
+//! Who a socket belongs to: the session cookie read back into an [`Identity`], telling apart
+//! every way it can be unusable (no cookie, tampered, expired, logged out). The WebSocket
+//! handshake runs before the session middleware and reads the cookie itself, exactly as the
+//! middleware would; SSE and logout go through the middleware's [`Session`].
+
+use actix_session::storage::SessionKey;
+use actix_session::Session;
+use actix_web::cookie::{Cookie, CookieJar};
+use actix_web::HttpRequest;
+
+use crate::core::close::{AuthFailure, Close};
+use crate::core::identity::Identity;
+use crate::core::ids::{now_s, OrgId, UserId};
+use crate::node::Node;
+use crate::store::sessions::{
+    SessionReadError, SessionState, KEY_EXP, KEY_LOGGED_OUT, KEY_ORG, KEY_SID, KEY_USER,
+};
+
+/// Load the session named by the `Cookie` headers, exactly as the session middleware would:
+/// the cookie is decrypted with `auth.cookie_key`, and its content is the session key that the
+/// store resolves. A cookie that fails decryption, or names nothing, is an empty state.
+pub async fn load_session(
+    node: &Node,
+    cookie_headers: impl Iterator<Item = &[u8]>,
+) -> Result<SessionState, SessionReadError> {
+    let name = node.settings.auth.cookie_name.as_str();
+    // Parsed as actix-web parses cookies: percent-decoded, as the middleware set them. A
+    // cookie of ours that does not even decode (tampered) is there, and invalid.
+    let raw = cookie_headers
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|header| header.split(';'))
+        .map(str::trim)
+        .find(|pair| {
+            pair.split_once('=')
+                .is_some_and(|(n, v)| n == name && !v.is_empty())
+        })
+        .ok_or(SessionReadError::NoCookie)?;
+    let Ok(cookie) = Cookie::parse_encoded(raw.to_string()) else {
+        return Ok(SessionState::new());
+    };
+    let mut jar = CookieJar::new();
+    jar.add_original(cookie);
+    let Some(key) = jar
+        .private(&node.cookie_key)
+        .get(name)
+        .and_then(|c| SessionKey::try_from(c.value().to_string()).ok())
+    else {
+        return Ok(SessionState::new());
+    };
+    node.sessions.load(&key).await
+}
+
+/// The identity in a session's state, telling apart every way it can be unusable.
+pub async fn identify_state(node: &Node, state: &SessionState) -> Result<Identity, AuthFailure> {
+    let get = |key: &str| state.get(key).map(String::as_str);
+    if get(KEY_LOGGED_OUT) == Some("true") {
+        return Err(AuthFailure::LoggedOut);
+    }
+    let text = |key: &str| get(key).and_then(|v| serde_json::from_str::<String>(v).ok());
+    let read = || -> Option<Identity> {
+        Some(Identity {
+            user: UserId::parse(&text(KEY_USER)?).ok()?,
+            org: OrgId::parse(&text(KEY_ORG)?).ok()?,
+            sid: text(KEY_SID)?,
+            exp: serde_json::from_str(get(KEY_EXP)?).ok()?,
+        })
+    };
+    let identity = read().ok_or(AuthFailure::Invalid)?;
+    if identity.exp <= now_s() {
+        return Err(AuthFailure::Expired);
+    }
+    if node.revocations.is_revoked(&identity.sid).await {
+        return Err(AuthFailure::LoggedOut);
+    }
+    Ok(identity)
+}
+
+/// The identity of a request that went through the session middleware.
+pub async fn identify(
+    node: &Node,
+    req: &HttpRequest,
+    session: &Session,
+) -> Result<Identity, AuthFailure> {
+    if req.cookie(&node.settings.auth.cookie_name).is_none() {
+        return Err(AuthFailure::NoCookie);
+    }
+    // A cookie that fails decryption or verification reaches us as an empty session.
+    let state = session.entries().clone();
+    identify_state(node, &state).await
+}
+
+/// The identity of a request that went through the session middleware (SSE), for the
+/// handshake's [`admit`](super::handshake::admit).
+pub async fn request_identity(
+    node: &Node,
+    req: &HttpRequest,
+    session: &Session,
+) -> Result<Identity, Close> {
+    identify(node, req, session)
+        .await
+        .map_err(Close::Unauthenticated)
+}
