@@ -6,8 +6,8 @@
 //! one Redis (clustered).
 //!
 //! # Layout
-//! Layers, each a module that imports only from the layers listed before it (a test,
-//! `tests/layers.rs`, fails the build's test run when one imports from a layer after it):
+//! Layers, from the bottom up: each module imports only from the layers listed before it
+//! (`tests/layers.rs` reads this list and fails on any import from a layer after it).
 //! - [`core`]: ids, the wire protocol, one encoded event, identity, close codes, metrics.
 //! - [`policy`]: origin policy and its diagnostics, rate limits, client IP (pure).
 //! - [`config`]: layered settings, validated once into what the rest uses.
