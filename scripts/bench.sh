@@ -35,7 +35,8 @@ done
 mode=embedded; [ $redis = 1 ] && mode=redis
 
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-  cargo build --release --bin switchboard --bin switchboard-bench
+  # The hub (root package) and the bench (bench/, its own crate in the workspace).
+  cargo build --release -p switchboard --bin switchboard -p switchboard-bench --bin switchboard-bench
 fi
 hub_bin=target/release/switchboard
 bench_bin=target/release/switchboard-bench
