@@ -10,7 +10,7 @@
 # ---- build -------------------------------------------------------------------------------
 FROM rust:1-bookworm AS builder
 WORKDIR /src
-# The whole crate (see .dockerignore for what stays out): static/ is compiled into the binary.
+# The whole workspace (see .dockerignore for what stays out): static/ is compiled into the binary.
 COPY . .
 # Cache mounts keep the crates.io downloads and compiled dependencies between builds, so a
 # change to src/ rebuilds only switchboard. The binary is copied out of the cached target dir.

@@ -14,7 +14,7 @@
 # Environment: BENCH_NO_BUILD=1 skips `cargo build --release`; BENCH_WAIT_QUIET=N waits up to
 # N seconds (default 600; 0: don't) for the machine to be quiet (no cargo/rustc, little CPU
 # used) before starting, because 2 shared cores make every figure noisy otherwise; RUST_LOG (default warn, plus the listening line) is the
-# hub's log filter. Results: the table on stdout, JSON under bench-results/.
+# hub's log filter. Results: the table on stdout, JSON under bench-results/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +35,8 @@ done
 mode=embedded; [ $redis = 1 ] && mode=redis
 
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-  cargo build --release --bin switchboard --bin switchboard-bench
+  # The hub (root package) and the bench (bench/, its own crate in the workspace).
+  cargo build --release -p switchboard --bin switchboard -p switchboard-bench --bin switchboard-bench
 fi
 hub_bin=target/release/switchboard
 bench_bin=target/release/switchboard-bench

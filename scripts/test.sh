@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-cargo fmt --check
-cargo clippy --all-targets --locked -- -D warnings
+# --all / --workspace: the hub and the bench crate (bench/).
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # The dashboard's browser test (tests/dashboard.rs) drives Debian's chromium with
 # playwright-core from tests/browser (installed from its lock file; never downloads a browser).
 if [[ ! -d tests/browser/node_modules ]]; then
     npm ci --prefix tests/browser --no-audit --no-fund
 fi
-cargo test --locked
+cargo test --workspace --locked
