@@ -11,7 +11,8 @@
 #   anything else is passed to switchboard-bench, e.g. --connections 500 --duration-s 5
 #   (see `target/release/switchboard-bench --help`).
 #
-# Environment: BENCH_NO_BUILD=1 skips `cargo build --release`; BENCH_WAIT_QUIET=N waits up to
+# Environment: BENCH_NO_BUILD=1 skips `cargo build --release`; BENCH_HUB_BIN=path runs another
+# hub binary (a build of another commit, for alternating before/after runs); BENCH_WAIT_QUIET=N waits up to
 # N seconds (default 600; 0: don't) for the machine to be quiet (no cargo/rustc, little CPU
 # used) before starting, because 2 shared cores make every figure noisy otherwise; RUST_LOG (default warn, plus the listening line) is the
 # hub's log filter. Results: the table on stdout, JSON under bench-results/ (git-ignored).
@@ -38,7 +39,7 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   # The hub (root package) and the bench (bench/, its own crate in the workspace).
   cargo build --release -p switchboard --bin switchboard -p switchboard-bench --bin switchboard-bench
 fi
-hub_bin=target/release/switchboard
+hub_bin=${BENCH_HUB_BIN:-target/release/switchboard}
 bench_bin=target/release/switchboard-bench
 
 # Sockets: the hub and the bench each hold one per connection.

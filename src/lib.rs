@@ -21,14 +21,14 @@
 //! - [`demo`]: the call simulator and the loops that publish what it makes.
 //! - [`server`]: builds and runs the App; the one drain sequence.
 
-pub mod broker;
+mod broker;
 pub mod config;
 pub mod core;
-pub mod delivery;
+mod delivery;
 pub mod demo;
-pub mod http;
-pub mod node;
+mod http;
+mod node;
 pub mod policy;
 pub mod server;
 pub mod store;
-pub mod transport;
+mod transport;

@@ -27,32 +27,32 @@ use crate::store::revocations::Revocations;
 use crate::store::sessions::Sessions;
 
 /// Everything a request handler or session needs, shared by all workers.
-pub struct Node {
-    pub settings: Settings,
-    pub origins: OriginPolicy,
+pub(crate) struct Node {
+    pub(crate) settings: Settings,
+    pub(crate) origins: OriginPolicy,
     /// `server.trusted_proxies`: whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<IpNet>,
+    pub(crate) trusted_proxies: Vec<IpNet>,
     /// `auth.client_publish`: the topics browsers may publish and stream to.
-    pub client_publish: Vec<TopicPattern>,
+    pub(crate) client_publish: Vec<TopicPattern>,
     /// The key that signs and encrypts the session cookie: the WebSocket handshake reads
     /// sessions itself (it runs before the session middleware).
-    pub cookie_key: Key,
-    pub registry: Arc<Registry>,
-    pub broker: BrokerHandle,
-    pub caps: ConnectionCaps,
-    pub handshakes: HandshakeLimiter,
-    pub revocations: Revocations,
+    pub(crate) cookie_key: Key,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) broker: BrokerHandle,
+    pub(crate) caps: ConnectionCaps,
+    pub(crate) handshakes: HandshakeLimiter,
+    pub(crate) revocations: Revocations,
     /// Where the handshake reads login sessions.
-    pub sessions: Sessions,
+    pub(crate) sessions: Sessions,
     /// Clustered only: orders to sockets held by other pods (logout, eviction).
-    pub control: Option<ControlChannel>,
+    pub(crate) control: Option<ControlChannel>,
     /// Set by the shutdown sequence: readiness fails and new sockets are refused.
-    pub draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
 }
 
 /// Why the node could not be built.
 #[derive(Debug, thiserror::Error)]
-pub enum NodeError {
+pub(crate) enum NodeError {
     #[error("cannot use redis.url: {0}")]
     Redis(#[from] CommandError),
 }
@@ -61,7 +61,7 @@ impl Node {
     /// Build the node: the broker actor on a thread of its own, so its work (Redis I/O when
     /// clustered) never stalls an HTTP worker, and the stores that go with it. Must run
     /// inside an actix `System`. Clustered, this waits until Redis answers.
-    pub async fn start(settings: Settings, compiled: Compiled) -> Result<Self, NodeError> {
+    pub(crate) async fn start(settings: Settings, compiled: Compiled) -> Result<Self, NodeError> {
         let registry = Arc::new(Registry::default());
         let health = Arc::new(BrokerHealth::default());
         let broker_thread = Arbiter::new();

@@ -19,15 +19,15 @@ use crate::delivery::registry::Registry;
 
 /// History limits for the embedded broker (same keys as the Redis streams use).
 #[derive(Debug, Clone, Copy)]
-pub struct HistoryLimits {
-    pub max_len: usize,
-    pub ttl: Duration,
+pub(crate) struct HistoryLimits {
+    pub(crate) max_len: usize,
+    pub(crate) ttl: Duration,
 }
 
 /// Every channel's last id and retained events. One lock orders them: an event is numbered,
 /// logged and handed to the registry under it, so ids rise in the order sockets receive
 /// them, and a replay sees either all of an event's effects or none.
-pub struct EventLog {
+pub(crate) struct EventLog {
     registry: Arc<Registry>,
     history: Option<HistoryLimits>,
     channels: Mutex<HashMap<ChannelKey, ChannelState>>,
@@ -61,7 +61,7 @@ impl ChannelState {
 }
 
 impl EventLog {
-    pub fn new(registry: Arc<Registry>, history: Option<HistoryLimits>) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, history: Option<HistoryLimits>) -> Self {
         Self {
             registry,
             history,
@@ -70,7 +70,7 @@ impl EventLog {
     }
 
     /// Number, log and deliver one event; embedded publishing cannot fail.
-    pub fn publish(&self, request: &PublishRequest) -> EventId {
+    pub(crate) fn publish(&self, request: &PublishRequest) -> EventId {
         let now = Instant::now();
         let channel = request.channel();
         let mut channels = self.channels.lock();
@@ -91,7 +91,7 @@ impl EventLog {
     }
 
     /// The retained events of `channel` after `since`.
-    pub fn replay(&self, channel: &ChannelKey, since: EventId) -> Replay {
+    pub(crate) fn replay(&self, channel: &ChannelKey, since: EventId) -> Replay {
         let mut channels = self.channels.lock();
         let (Some(limits), Some(state)) = (self.history, channels.get_mut(channel)) else {
             return Replay::default();
@@ -125,12 +125,12 @@ impl EventLog {
 
 /// The embedded broker's actor: answers history from the shared [`EventLog`] and forgets
 /// idle channels; publishes do not pass through it.
-pub struct MemoryBroker {
+pub(crate) struct MemoryBroker {
     log: Arc<EventLog>,
 }
 
 impl MemoryBroker {
-    pub fn new(log: Arc<EventLog>) -> Self {
+    pub(crate) fn new(log: Arc<EventLog>) -> Self {
         Self { log }
     }
 }

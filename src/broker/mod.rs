@@ -5,8 +5,8 @@
 //! broker actor's thread (embedded: straight into the [`memory::EventLog`]; clustered:
 //! straight to Redis), and the actor answers interest and history.
 
-pub mod memory;
-pub mod redis;
+pub(crate) mod memory;
+pub(crate) mod redis;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -25,7 +25,7 @@ use crate::store::redis::CommandError;
 /// Why an event was not accepted, or history not read. A publish that fails is never
 /// answered with 2xx.
 #[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
+pub(crate) enum BrokerError {
     /// The broker knows it cannot take events now (Redis away); retry later.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
@@ -46,9 +46,9 @@ pub enum BrokerError {
 /// This node's interest in a channel changed (first local subscriber came, or last one left).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
-pub enum Interest {
+pub(crate) enum Interest {
     /// A local session joined a channel nobody here had.
-    Opened(ChannelKey),
+    Opened,
     /// The last local subscriber left.
     Closed(ChannelKey),
 }
@@ -56,43 +56,43 @@ pub enum Interest {
 /// Retained events of `channel` after `since`, for resume.
 #[derive(Message)]
 #[rtype(result = "Result<Replay, BrokerError>")]
-pub struct FetchHistory {
+pub(crate) struct FetchHistory {
     /// The channel to replay.
-    pub channel: ChannelKey,
+    pub(crate) channel: ChannelKey,
     /// The last event id the client saw.
-    pub since: EventId,
+    pub(crate) since: EventId,
 }
 
 /// The answer to [`FetchHistory`].
 #[derive(Debug, Default)]
-pub struct Replay {
+pub(crate) struct Replay {
     /// Events after `since`, oldest first.
-    pub events: Vec<Arc<Event>>,
+    pub(crate) events: Vec<Arc<Event>>,
     /// False when history no longer reaches back to `since`: the client must reload state.
-    pub recovered: bool,
+    pub(crate) recovered: bool,
 }
 
 /// Whether the broker can take events, and why not.
 #[derive(Default)]
-pub struct BrokerHealth {
+pub(crate) struct BrokerHealth {
     unavailable: AtomicBool,
     reason: Mutex<String>,
 }
 
 impl BrokerHealth {
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         !self.unavailable.load(Ordering::Acquire)
     }
 
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         self.reason.lock().clone()
     }
 
-    pub fn set_ready(&self) {
+    pub(crate) fn set_ready(&self) {
         self.unavailable.store(false, Ordering::Release);
     }
 
-    pub fn set_unavailable(&self, reason: &str) {
+    pub(crate) fn set_unavailable(&self, reason: &str) {
         *self.reason.lock() = reason.to_string();
         self.unavailable.store(true, Ordering::Release);
     }
@@ -100,15 +100,15 @@ impl BrokerHealth {
 
 /// How long a subscription waits for Redis to confirm a channel new to this node before it
 /// is acknowledged anyway (Redis away: the subscription takes effect when it is back).
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the rest of the hub holds: one recipient per broker message, whichever broker runs.
 #[derive(Clone)]
-pub struct BrokerHandle {
+pub(crate) struct BrokerHandle {
     publish: PublishPath,
-    pub interest: Recipient<Interest>,
-    pub history: Recipient<FetchHistory>,
-    pub health: Arc<BrokerHealth>,
+    pub(crate) interest: Recipient<Interest>,
+    pub(crate) history: Recipient<FetchHistory>,
+    pub(crate) health: Arc<BrokerHealth>,
     /// Clustered: the channels the Redis subscriber has confirmed, so events of them reach
     /// this node. None (embedded): every channel is live as soon as it is subscribed.
     live: Option<watch::Receiver<HashSet<ChannelKey>>>,
@@ -141,7 +141,7 @@ impl BrokerHandle {
 
     /// The Redis broker: subscriptions count as made only once `live` holds their channel
     /// (its confirmed SUBSCRIBEs), and publishes go to Redis through `publisher`.
-    pub fn clustered(
+    pub(crate) fn clustered(
         addr: &Addr<redis::RedisBroker>,
         health: Arc<BrokerHealth>,
         live: watch::Receiver<HashSet<ChannelKey>>,
@@ -154,7 +154,7 @@ impl BrokerHandle {
     }
 
     /// Whether events of `channel` reach this node now.
-    pub fn is_live(&self, channel: &ChannelKey) -> bool {
+    pub(crate) fn is_live(&self, channel: &ChannelKey) -> bool {
         self.live
             .as_ref()
             .is_none_or(|live| live.borrow().contains(channel))
@@ -162,7 +162,7 @@ impl BrokerHandle {
 
     /// Wait until events of `channel` reach this node, at most `timeout`; false when that
     /// did not happen in time (Redis away: the subscription takes effect once it is back).
-    pub fn until_live(
+    pub(crate) fn until_live(
         &self,
         channel: ChannelKey,
         timeout: Duration,
@@ -180,7 +180,7 @@ impl BrokerHandle {
 
     /// The retained events of `channel` after `since`. History that cannot be read counts as
     /// not recovered (the client reloads state), and is logged.
-    pub fn replay_since(
+    pub(crate) fn replay_since(
         &self,
         channel: ChannelKey,
         since: EventId,
@@ -201,7 +201,7 @@ impl BrokerHandle {
 
     /// The embedded broker: its actor answers interest and history, publishes go straight to
     /// the log both share.
-    pub fn embedded(
+    pub(crate) fn embedded(
         addr: &Addr<memory::MemoryBroker>,
         log: Arc<memory::EventLog>,
         health: Arc<BrokerHealth>,
@@ -210,7 +210,7 @@ impl BrokerHandle {
     }
 
     /// Publish and wait for acceptance (the HTTP API answers 202 only on `Ok`).
-    pub async fn publish(&self, request: PublishRequest) -> Result<EventId, BrokerError> {
+    pub(crate) async fn publish(&self, request: PublishRequest) -> Result<EventId, BrokerError> {
         if !self.health.is_ready() {
             return Err(BrokerError::Unavailable(self.health.reason()));
         }
@@ -222,7 +222,7 @@ impl BrokerHandle {
 
     /// Publish without waiting for the answer (a browser's binary stream frames): dropped
     /// when the broker cannot take events.
-    pub fn publish_detached(&self, request: PublishRequest) {
+    pub(crate) fn publish_detached(&self, request: PublishRequest) {
         if !self.health.is_ready() {
             return;
         }

@@ -33,7 +33,7 @@ use crate::store::redis::{
 };
 
 /// Channel every pod listens to for orders that concern sockets anywhere (logout, eviction).
-pub const CONTROL_CHANNEL: &str = "sbx:control";
+pub(crate) const CONTROL_CHANNEL: &str = "sbx:control";
 /// How often a pod publishes its canary, and how late it may be before the pod is not ready.
 const CANARY_EVERY: Duration = Duration::from_secs(1);
 const CANARY_LATE: Duration = Duration::from_secs(3);
@@ -66,12 +66,12 @@ enum ControlMessage {
 
 /// Orders to sockets on whichever pod holds them, over [`CONTROL_CHANNEL`].
 #[derive(Clone)]
-pub struct ControlChannel {
+pub(crate) struct ControlChannel {
     commands: RedisCommands,
 }
 
 impl ControlChannel {
-    pub fn new(commands: RedisCommands) -> Self {
+    pub(crate) fn new(commands: RedisCommands) -> Self {
         Self { commands }
     }
 
@@ -83,7 +83,7 @@ impl ControlChannel {
     }
 
     /// Ask every pod to close the sockets of login session `sid`.
-    pub async fn broadcast_logout(&self, sid: &str) -> Result<(), CommandError> {
+    pub(crate) async fn broadcast_logout(&self, sid: &str) -> Result<(), CommandError> {
         self.send(&ControlMessage::Logout {
             sid: sid.to_string(),
         })
@@ -91,7 +91,7 @@ impl ControlChannel {
     }
 
     /// Ask whichever pod holds `conn` to close it as replaced.
-    pub async fn broadcast_evict(&self, conn: &str) -> Result<(), CommandError> {
+    pub(crate) async fn broadcast_evict(&self, conn: &str) -> Result<(), CommandError> {
         self.send(&ControlMessage::Evict {
             conn: conn.to_string(),
         })
@@ -135,12 +135,12 @@ return {1, last, kept, oldest_id, added, length, entries}
 
 /// History settings for the clustered broker.
 #[derive(Debug, Clone, Copy)]
-pub struct StreamHistory {
-    pub max_len: usize,
-    pub ttl_s: u64,
+pub(crate) struct StreamHistory {
+    pub(crate) max_len: usize,
+    pub(crate) ttl_s: u64,
 }
 
-pub struct RedisBroker {
+pub(crate) struct RedisBroker {
     url: String,
     registry: Arc<Registry>,
     commands: RedisCommands,
@@ -170,7 +170,7 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    pub fn new(
+    pub(crate) fn new(
         url: String,
         registry: Arc<Registry>,
         commands: RedisCommands,
@@ -462,14 +462,14 @@ impl Handler<Interest> for RedisBroker {
 /// connection, not the thread's own: a publish is never sent twice, so it needs a connection
 /// that other traffic keeps checked, or the first publish after a Redis restart would fail.
 #[derive(Clone)]
-pub struct RedisPublisher {
+pub(crate) struct RedisPublisher {
     commands: RedisCommands,
     script: Arc<Script>,
     history: Option<StreamHistory>,
 }
 
 impl RedisPublisher {
-    pub fn new(commands: RedisCommands, history: Option<StreamHistory>) -> Self {
+    pub(crate) fn new(commands: RedisCommands, history: Option<StreamHistory>) -> Self {
         Self {
             commands,
             script: Arc::new(Script::new(PUBLISH_LUA)),
@@ -478,7 +478,7 @@ impl RedisPublisher {
     }
 
     /// Publish once; `Ok` once Redis has taken the event.
-    pub async fn publish(&self, request: PublishRequest) -> Result<EventId, BrokerError> {
+    pub(crate) async fn publish(&self, request: PublishRequest) -> Result<EventId, BrokerError> {
         let channel = request.channel();
         let mut conn = self.commands.manager();
         let history = self.history;

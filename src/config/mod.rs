@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::ids::TopicPattern;
 use crate::policy::client_ip::parse_trusted;
 use crate::policy::origin::OriginPolicy;
-pub use crate::policy::origin::{LegacyOrigin, OriginsConfig};
+pub use crate::policy::origin::OriginsConfig;
 
 /// Everything switchboard can be configured with. Each section mirrors a TOML table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -257,12 +257,12 @@ pub struct Loaded {
 pub struct Compiled {
     pub origins: OriginPolicy,
     /// `server.trusted_proxies`.
-    pub trusted_proxies: Vec<IpNet>,
+    pub(crate) trusted_proxies: Vec<IpNet>,
     /// `auth.client_publish`.
-    pub client_publish: Vec<TopicPattern>,
+    pub(crate) client_publish: Vec<TopicPattern>,
     /// Signs and encrypts the session cookie: `auth.cookie_key`, or a fresh key per process
     /// when it is unset (sessions end on restart; fine for development).
-    pub cookie_key: Key,
+    pub(crate) cookie_key: Key,
 }
 
 /// Every problem found, one line each; start-up stops on any.
@@ -619,7 +619,7 @@ fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, String> {
 }
 
 /// Hide the password part of `redis://user:password@host`.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];

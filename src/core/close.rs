@@ -7,7 +7,7 @@ use std::fmt;
 
 /// A reason to close (or refuse) a WebSocket.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Close {
+pub(crate) enum Close {
     /// 4403: the Origin header is not admitted by the policy.
     OriginNotAllowed { origin: String },
     /// 4401: no usable session.
@@ -30,13 +30,11 @@ pub enum Close {
     HeartbeatTimeout,
     /// 1002: the client broke the WebSocket protocol itself.
     ProtocolError,
-    /// 1000: the client closed, we answer in kind.
-    Normal,
 }
 
 /// Why a session is not (or no longer) authenticated; the text after `unauthenticated: `.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthFailure {
+pub(crate) enum AuthFailure {
     NoCookie,
     Invalid,
     Expired,
@@ -44,7 +42,7 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::NoCookie => "no session cookie",
             Self::Invalid => "invalid session",
@@ -55,7 +53,7 @@ impl AuthFailure {
 }
 
 impl Close {
-    pub fn code(&self) -> u16 {
+    pub(crate) fn code(&self) -> u16 {
         match self {
             Self::OriginNotAllowed { .. } => 4403,
             Self::Unauthenticated(_) => 4401,
@@ -68,12 +66,11 @@ impl Close {
             Self::SlowConsumer => 1013,
             Self::HeartbeatTimeout => 4408,
             Self::ProtocolError => 1002,
-            Self::Normal => 1000,
         }
     }
 
     /// The reason text of the close frame (at most 123 bytes, as the protocol allows).
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         let text = match self {
             Self::OriginNotAllowed { origin } => format!("origin not allowed: {origin}"),
             Self::Unauthenticated(cause) => format!("unauthenticated: {}", cause.as_str()),
@@ -86,21 +83,12 @@ impl Close {
             Self::SlowConsumer => "slow consumer".into(),
             Self::HeartbeatTimeout => "heartbeat timeout".into(),
             Self::ProtocolError => "protocol error".into(),
-            Self::Normal => "bye".into(),
         };
         truncate_reason(text)
     }
 
-    /// Whether a well-behaved client should reconnect on its own.
-    pub fn should_reconnect(&self) -> bool {
-        !matches!(
-            self,
-            Self::OriginNotAllowed { .. } | Self::Unauthenticated(_) | Self::Replaced
-        )
-    }
-
     /// For a refusal answered before the upgrade: HTTP status and the `error` word.
-    pub fn http_refusal(&self) -> (u16, &'static str) {
+    pub(crate) fn http_refusal(&self) -> (u16, &'static str) {
         match self {
             Self::OriginNotAllowed { .. } => (403, "origin_not_allowed"),
             Self::Unauthenticated(_) => (401, "unauthenticated"),
@@ -111,7 +99,7 @@ impl Close {
     }
 
     /// The `reason` label of `switchboard_handshake_rejections_total`.
-    pub fn rejection_label(&self) -> &'static str {
+    pub(crate) fn rejection_label(&self) -> &'static str {
         match self {
             Self::OriginNotAllowed { .. } => "origin_not_allowed",
             Self::Unauthenticated(_) => "unauthenticated",
@@ -163,8 +151,6 @@ mod tests {
         );
         assert_eq!(Close::Replaced.code(), 4409);
         assert_eq!(Close::Restarting.code(), 1012);
-        assert!(!Close::Replaced.should_reconnect());
-        assert!(Close::Restarting.should_reconnect());
     }
 
     /// A hostile, very long origin cannot produce an oversized close frame.

@@ -15,51 +15,51 @@ use super::wire::{encode_event, Sender};
 
 /// A validated event on its way into the hub.
 #[derive(Debug, Clone)]
-pub struct PublishRequest {
-    pub org: OrgId,
-    pub topic: Topic,
-    pub body: PublishBody,
+pub(crate) struct PublishRequest {
+    pub(crate) org: OrgId,
+    pub(crate) topic: Topic,
+    pub(crate) body: PublishBody,
     /// Set for events a browser published: relayed to subscribers as `user` and `conn_id`.
-    pub sender: Option<EventSender>,
+    pub(crate) sender: Option<EventSender>,
 }
 
 #[derive(Debug, Clone)]
-pub enum PublishBody {
+pub(crate) enum PublishBody {
     Json { event: String, data: Value },
     Binary(Bytes),
 }
 
 #[derive(Debug, Clone)]
-pub struct EventSender {
-    pub user: String,
-    pub conn_id: String,
+pub(crate) struct EventSender {
+    pub(crate) user: String,
+    pub(crate) conn_id: String,
 }
 
 impl PublishRequest {
-    pub fn channel(&self) -> ChannelKey {
+    pub(crate) fn channel(&self) -> ChannelKey {
         ChannelKey::new(&self.org, &self.topic)
     }
 }
 
 /// One event, encoded once and shared by every socket that receives it.
 #[derive(Debug)]
-pub struct Event {
-    pub channel: ChannelKey,
-    pub id: EventId,
+pub(crate) struct Event {
+    pub(crate) channel: ChannelKey,
+    pub(crate) id: EventId,
     /// The event name (`call.status`), for transports that label records (SSE).
-    pub name: Box<str>,
-    pub payload: Payload,
+    pub(crate) name: Box<str>,
+    pub(crate) payload: Payload,
     /// The payload as one complete WebSocket frame (header included), written as it is to
     /// every socket that receives the event.
-    pub ws_frame: Bytes,
+    pub(crate) ws_frame: Bytes,
     /// `data.call_id` when present: a slow consumer keeps only the newest event per key.
-    pub conflation_key: Option<Box<str>>,
+    pub(crate) conflation_key: Option<Box<str>>,
     /// When the broker received it, for `switchboard_delivery_seconds`.
-    pub received_at: Instant,
+    pub(crate) received_at: Instant,
 }
 
 #[derive(Debug, Clone)]
-pub enum Payload {
+pub(crate) enum Payload {
     /// A complete `{"type":"event",...}` frame.
     Text(ByteString),
     /// Raw bytes for `binary:true` subscribers (browser-test audio).
@@ -67,7 +67,7 @@ pub enum Payload {
 }
 
 /// Encode an event once, for every socket that will receive it.
-pub fn build_event(
+pub(crate) fn build_event(
     channel: ChannelKey,
     id: EventId,
     body: &PublishBody,

@@ -5,18 +5,18 @@ use super::ids::{OrgId, UserId};
 
 /// The authenticated owner of a request.
 #[derive(Debug, Clone)]
-pub struct Identity {
-    pub user: UserId,
-    pub org: OrgId,
+pub(crate) struct Identity {
+    pub(crate) user: UserId,
+    pub(crate) org: OrgId,
     /// The login session id (one per login, shared by that login's sockets).
-    pub sid: String,
+    pub(crate) sid: String,
     /// Unix seconds after which the session is over.
-    pub exp: u64,
+    pub(crate) exp: u64,
 }
 
 impl Identity {
     /// `org/user`: users of different orgs are different people.
-    pub fn user_key(&self) -> String {
+    pub(crate) fn user_key(&self) -> String {
         format!("{}/{}", self.org, self.user)
     }
 }

@@ -27,10 +27,10 @@ pub enum InvalidId {
 /// An organisation id: `[A-Za-z0-9_.-]{1,64}`. No `:`, so `sb:{org}:{topic}` is unambiguous
 /// and one org can never name a channel of another.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct OrgId(Arc<str>);
+pub(crate) struct OrgId(Arc<str>);
 
 impl OrgId {
-    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, InvalidId> {
         let ok = !raw.is_empty()
             && raw.len() <= 64
             && raw
@@ -43,7 +43,7 @@ impl OrgId {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -56,10 +56,10 @@ impl fmt::Display for OrgId {
 
 /// A user id as the identity provider gives it: 1-128 characters, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UserId(Arc<str>);
+pub(crate) struct UserId(Arc<str>);
 
 impl UserId {
-    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, InvalidId> {
         if raw.is_empty() || raw.chars().count() > 128 || raw.chars().any(char::is_control) {
             Err(InvalidId::User)
         } else {
@@ -67,7 +67,7 @@ impl UserId {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -80,10 +80,10 @@ impl fmt::Display for UserId {
 
 /// A topic name within an org: `[a-z0-9][a-z0-9:._-]{0,127}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Topic(Arc<str>);
+pub(crate) struct Topic(Arc<str>);
 
 impl Topic {
-    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, InvalidId> {
         let bytes = raw.as_bytes();
         let first_ok = bytes
             .first()
@@ -98,7 +98,7 @@ impl Topic {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -111,7 +111,7 @@ impl fmt::Display for Topic {
 
 /// The Redis channel (and registry key) of one org's topic: `sb:{org}:{topic}`.
 #[derive(Debug, Clone, Eq, PartialOrd, Ord)]
-pub struct ChannelKey(Arc<str>);
+pub(crate) struct ChannelKey(Arc<str>);
 
 impl std::hash::Hash for ChannelKey {
     /// By content, as equality is (the pointer check there is only a shortcut).
@@ -127,26 +127,26 @@ impl PartialEq for ChannelKey {
     }
 }
 
-pub const CHANNEL_PREFIX: &str = "sb:";
+pub(crate) const CHANNEL_PREFIX: &str = "sb:";
 
 impl ChannelKey {
-    pub fn new(org: &OrgId, topic: &Topic) -> Self {
+    pub(crate) fn new(org: &OrgId, topic: &Topic) -> Self {
         Self(format!("{CHANNEL_PREFIX}{org}:{topic}").into())
     }
 
     /// Split a channel name received from Redis back into org and topic, validating both.
-    pub fn parse(channel: &str) -> Option<(OrgId, Topic)> {
+    pub(crate) fn parse(channel: &str) -> Option<(OrgId, Topic)> {
         let rest = channel.strip_prefix(CHANNEL_PREFIX)?;
         let (org, topic) = rest.split_once(':')?;
         Some((OrgId::parse(org).ok()?, Topic::parse(topic).ok()?))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The topic part, for frames sent to clients (who never see org prefixes).
-    pub fn topic(&self) -> &str {
+    pub(crate) fn topic(&self) -> &str {
         let rest = &self.0[CHANNEL_PREFIX.len()..];
         rest.split_once(':').map(|(_, t)| t).unwrap_or(rest)
     }
@@ -160,25 +160,25 @@ impl fmt::Display for ChannelKey {
 
 /// A connection id, unique across pods: this process's random node id plus a counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
+pub(crate) struct ConnId(pub(crate) u64);
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 impl ConnId {
-    pub fn next() -> Self {
+    pub(crate) fn next() -> Self {
         Self(NEXT_CONN.fetch_add(1, Ordering::Relaxed))
     }
 }
 
 /// This process's id, random per start, so conn ids of different pods never collide.
-pub fn node_id() -> &'static str {
+pub(crate) fn node_id() -> &'static str {
     static NODE: OnceLock<String> = OnceLock::new();
     NODE.get_or_init(|| format!("{:08x}", rand::random::<u32>()))
 }
 
 impl ConnId {
     /// Parse the display form back, if it names a connection of this process.
-    pub fn parse_local(raw: &str) -> Option<Self> {
+    pub(crate) fn parse_local(raw: &str) -> Option<Self> {
         let (node, seq) = raw.split_once('-')?;
         if node == node_id() {
             seq.parse().ok().map(Self)
@@ -196,13 +196,13 @@ impl fmt::Display for ConnId {
 
 /// An event id in Redis stream form `<unix-ms>-<seq>`; ordered, so replays can skip duplicates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct EventId {
-    pub ms: u64,
-    pub seq: u64,
+pub(crate) struct EventId {
+    pub(crate) ms: u64,
+    pub(crate) seq: u64,
 }
 
 impl EventId {
-    pub fn parse(raw: &str) -> Option<Self> {
+    pub(crate) fn parse(raw: &str) -> Option<Self> {
         let (ms, seq) = match raw.split_once('-') {
             Some((ms, seq)) => (ms, seq),
             None => (raw, "0"),
@@ -214,7 +214,7 @@ impl EventId {
     }
 
     /// The next id after `prev` at wall-clock `now_ms`, never going backwards.
-    pub fn next_after(prev: EventId, now_ms: u64) -> Self {
+    pub(crate) fn next_after(prev: EventId, now_ms: u64) -> Self {
         if now_ms > prev.ms {
             Self { ms: now_ms, seq: 0 }
         } else {
@@ -233,7 +233,7 @@ impl fmt::Display for EventId {
 }
 
 /// Now, in milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -241,16 +241,15 @@ pub fn unix_ms() -> u64 {
 }
 
 /// Now, in seconds since the Unix epoch.
-pub fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     unix_ms() / 1000
 }
 
 /// A pattern of `auth.client_publish`: topic grammar plus `*`, which stands for one segment
 /// (one or more characters without `:`), so `voice:*:in` cannot match `voice:a:b:in`.
 #[derive(Debug, Clone)]
-pub struct TopicPattern {
+pub(crate) struct TopicPattern {
     parts: Vec<PatternPart>,
-    source: String,
 }
 
 #[derive(Debug, Clone)]
@@ -260,7 +259,7 @@ enum PatternPart {
 }
 
 impl TopicPattern {
-    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, InvalidId> {
         let probe = raw.replace('*', "x");
         Topic::parse(&probe).map_err(|_| InvalidId::Pattern)?;
         let mut parts = Vec::new();
@@ -272,13 +271,10 @@ impl TopicPattern {
                 parts.push(PatternPart::Literal(literal.to_string()));
             }
         }
-        Ok(Self {
-            parts,
-            source: raw.to_string(),
-        })
+        Ok(Self { parts })
     }
 
-    pub fn matches(&self, topic: &Topic) -> bool {
+    pub(crate) fn matches(&self, topic: &Topic) -> bool {
         fn go(parts: &[PatternPart], s: &str) -> bool {
             match parts.split_first() {
                 None => s.is_empty(),
@@ -292,10 +288,6 @@ impl TopicPattern {
             }
         }
         go(&self.parts, topic.as_str())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.source
     }
 }
 

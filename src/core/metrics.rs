@@ -9,26 +9,26 @@ use prometheus::{
     TextEncoder,
 };
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Open WebSocket and SSE connections on this pod.
-    pub connections: IntGauge,
+    pub(crate) connections: IntGauge,
     /// Refused handshakes by reason (`origin_not_allowed`, `unauthenticated`, ...).
-    pub handshake_rejections: IntCounterVec,
+    pub(crate) handshake_rejections: IntCounterVec,
     /// Events this pod's broker received (from the API, clients or Redis).
-    pub events_received: IntCounter,
+    pub(crate) events_received: IntCounter,
     /// Frames handed to sockets.
-    pub messages_delivered: IntCounter,
+    pub(crate) messages_delivered: IntCounter,
     /// Broker receipt to socket write, in seconds.
-    pub delivery_seconds: Histogram,
-    pub redis_reconnects: IntCounter,
+    pub(crate) delivery_seconds: Histogram,
+    pub(crate) redis_reconnects: IntCounter,
     /// Events dropped from a slow consumer's queue because a newer state replaced them.
-    pub conflated: IntCounter,
-    pub slow_consumer_disconnects: IntCounter,
-    pub heartbeat_timeouts: IntCounter,
+    pub(crate) conflated: IntCounter,
+    pub(crate) slow_consumer_disconnects: IntCounter,
+    pub(crate) heartbeat_timeouts: IntCounter,
 }
 
-pub fn metrics() -> &'static Metrics {
+pub(crate) fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
 }
@@ -90,12 +90,12 @@ impl Metrics {
         }
     }
 
-    pub fn reject(&self, reason: &str) {
+    pub(crate) fn reject(&self, reason: &str) {
         self.handshake_rejections.with_label_values(&[reason]).inc();
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             return format!("# encoding failed: {e}\n");
@@ -105,7 +105,7 @@ impl Metrics {
 }
 
 /// Touch every label the dashboards expect so they exist at zero from the start.
-pub fn init() {
+pub(crate) fn init() {
     let m = metrics();
     for reason in [
         "origin_not_allowed",

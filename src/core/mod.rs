@@ -4,9 +4,9 @@
 //! every close code with its reason ([`close`]), and the process-wide Prometheus metrics
 //! ([`metrics`]).
 
-pub mod close;
-pub mod event;
-pub mod identity;
+pub(crate) mod close;
+pub(crate) mod event;
+pub(crate) mod identity;
 pub mod ids;
-pub mod metrics;
-pub mod wire;
+pub(crate) mod metrics;
+pub(crate) mod wire;

@@ -9,7 +9,7 @@ use super::ids::{EventId, InvalidId};
 /// A message from the browser. `type` selects the variant.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ClientMessage {
+pub(crate) enum ClientMessage {
     Subscribe {
         topic: String,
         #[serde(default)]
@@ -32,18 +32,31 @@ pub enum ClientMessage {
     Ping,
 }
 
+/// Why a text frame is not a client message; the text is the `bad_request` reply's message.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadFrame {
+    #[error("malformed JSON: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// The `type` names no message (the serde text names it, with the ones expected).
+    #[error("unknown message type {0}")]
+    UnknownType(String),
+    /// Valid JSON of a known type with a missing, unknown or mistyped field.
+    #[error("{0}")]
+    Invalid(#[source] serde_json::Error),
+}
+
 impl ClientMessage {
-    /// Decode a text frame; the error is the message for a `bad_request` reply.
-    pub fn decode(text: &str) -> Result<Self, String> {
+    /// Decode a text frame.
+    pub(crate) fn decode(text: &str) -> Result<Self, BadFrame> {
         serde_json::from_str(text).map_err(|e| {
             let msg = e.to_string();
             if let Some(rest) = msg.strip_prefix("unknown variant ") {
                 let name = rest.split(',').next().unwrap_or(rest);
-                format!("unknown message type {name}")
+                BadFrame::UnknownType(name.to_string())
             } else if e.is_syntax() || e.is_eof() {
-                format!("malformed JSON: {msg}")
+                BadFrame::Malformed(e)
             } else {
-                msg
+                BadFrame::Invalid(e)
             }
         })
     }
@@ -52,7 +65,7 @@ impl ClientMessage {
 /// The `code` of an error reply that keeps the socket open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     BadRequest,
     Forbidden,
     RateLimited,
@@ -65,7 +78,7 @@ pub enum ErrorCode {
 /// [`encode_event`]).
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum ServerMessage<'a> {
+pub(crate) enum ServerMessage<'a> {
     Welcome {
         conn_id: String,
         user: &'a str,
@@ -91,7 +104,7 @@ pub enum ServerMessage<'a> {
 }
 
 impl ServerMessage<'_> {
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         // unwrap: these types serialise infallibly (no maps with non-string keys, no NaN).
         serde_json::to_string(self).unwrap()
     }
@@ -99,13 +112,13 @@ impl ServerMessage<'_> {
 
 /// Who sent a client-published event; relayed so subscribers can tell voices apart.
 #[derive(Debug, Clone, Serialize)]
-pub struct Sender<'a> {
-    pub user: &'a str,
-    pub conn_id: &'a str,
+pub(crate) struct Sender<'a> {
+    pub(crate) user: &'a str,
+    pub(crate) conn_id: &'a str,
 }
 
 /// The one encoding of an event frame, shared by every socket that receives it.
-pub fn encode_event(
+pub(crate) fn encode_event(
     topic: &str,
     id: EventId,
     event: &str,
@@ -138,7 +151,7 @@ pub fn encode_event(
 }
 
 /// Validate an event name: 1-64 printable ASCII characters without spaces.
-pub fn validate_event_name(raw: &str) -> Result<(), InvalidId> {
+pub(crate) fn validate_event_name(raw: &str) -> Result<(), InvalidId> {
     if !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
@@ -156,10 +169,15 @@ mod tests {
     fn decode_errors() {
         assert!(ClientMessage::decode("{")
             .unwrap_err()
+            .to_string()
             .contains("malformed JSON"));
-        let e = ClientMessage::decode(r#"{"type":"dance"}"#).unwrap_err();
+        let e = ClientMessage::decode(r#"{"type":"dance"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown message type"), "{e}");
-        let e = ClientMessage::decode(r#"{"type":"subscribe"}"#).unwrap_err();
+        let e = ClientMessage::decode(r#"{"type":"subscribe"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("topic"), "{e}");
         assert!(matches!(
             ClientMessage::decode(r#"{"type":"ping"}"#),

@@ -36,17 +36,17 @@ const SLICE: usize = 256;
 
 /// One local subscriber of a channel.
 #[derive(Clone)]
-pub struct Subscriber {
-    pub link: Arc<SessionLink>,
-    pub binary: bool,
+pub(crate) struct Subscriber {
+    pub(crate) link: Arc<SessionLink>,
+    pub(crate) binary: bool,
     /// The WebSocket's output, for direct writes; `None` for SSE streams.
-    pub socket: Option<Rc<Socket>>,
+    pub(crate) socket: Option<Rc<Socket>>,
 }
 
 /// This worker's share of the node's subscriptions.
-pub struct WorkerFanout {
+pub(crate) struct WorkerFanout {
     /// The worker's index in the registry's list of worker queues.
-    pub index: usize,
+    pub(crate) index: usize,
     /// A pass holds a channel's list while it yields; a change meanwhile copies the list, so
     /// the pass walks the subscribers as they were when the event came.
     channels: RefCell<HashMap<ChannelKey, Rc<Vec<Subscriber>>>>,
@@ -58,7 +58,7 @@ thread_local! {
 }
 
 /// This thread's fan-out for registry `registry`, if it has one.
-pub fn existing(registry: usize) -> Option<Rc<WorkerFanout>> {
+pub(crate) fn existing(registry: usize) -> Option<Rc<WorkerFanout>> {
     WORKERS.with_borrow(|workers| {
         workers
             .iter()
@@ -70,7 +70,7 @@ pub fn existing(registry: usize) -> Option<Rc<WorkerFanout>> {
 /// This thread's fan-out for registry `registry`, started on first use: `enlist` records the
 /// worker's queue with the registry and answers its index. Must run on a worker thread (it
 /// spawns the task that drains the queue there).
-pub fn current(
+pub(crate) fn current(
     registry: usize,
     enlist: impl FnOnce(UnboundedSender<Arc<Event>>) -> usize,
 ) -> Rc<WorkerFanout> {
@@ -98,7 +98,7 @@ async fn run(mut events: UnboundedReceiver<Arc<Event>>, worker: Rc<WorkerFanout>
 
 impl WorkerFanout {
     /// Add (or replace) a subscriber; true when `conn` was not subscribed here before.
-    pub fn add(&self, channel: &ChannelKey, subscriber: Subscriber) -> bool {
+    pub(crate) fn add(&self, channel: &ChannelKey, subscriber: Subscriber) -> bool {
         let mut channels = self.channels.borrow_mut();
         let subscribers = Rc::make_mut(channels.entry(channel.clone()).or_default());
         let conn = subscriber.link.conn;
@@ -115,7 +115,7 @@ impl WorkerFanout {
     }
 
     /// Remove a subscriber; true when it was subscribed here.
-    pub fn remove(&self, channel: &ChannelKey, conn: ConnId) -> bool {
+    pub(crate) fn remove(&self, channel: &ChannelKey, conn: ConnId) -> bool {
         let mut channels = self.channels.borrow_mut();
         let Some(subscribers) = channels.get_mut(channel) else {
             return false;

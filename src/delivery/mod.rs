@@ -5,8 +5,8 @@
 //! [`writer`] that owns a socket's output; and one connection's [`subscriptions`], which make
 //! `since` resume exact. Brokers feed the registry; transports attach sessions to it.
 
-pub mod fanout;
-pub mod outbox;
-pub mod registry;
-pub mod subscriptions;
-pub mod writer;
+pub(crate) mod fanout;
+pub(crate) mod outbox;
+pub(crate) mod registry;
+pub(crate) mod subscriptions;
+pub(crate) mod writer;

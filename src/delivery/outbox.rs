@@ -15,11 +15,11 @@ use crate::core::ids::ChannelKey;
 use crate::core::metrics::metrics;
 
 /// A session's queue of frames not yet handed to its socket.
-pub struct Outbox {
+pub(crate) struct Outbox {
     state: Mutex<OutboxState>,
     capacity: usize,
     policy: SlowConsumerPolicy,
-    pub(super) waker: AtomicWaker,
+    pub(crate) waker: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -33,7 +33,7 @@ struct OutboxState {
 
 /// What a push asks of the caller.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Pushed {
+pub(crate) enum Pushed {
     /// Queued; a wake-up is already pending.
     Queued,
     /// Queued; send the session a `Flush`.
@@ -45,7 +45,7 @@ pub enum Pushed {
 }
 
 impl Outbox {
-    pub fn new(capacity: usize, policy: SlowConsumerPolicy) -> Self {
+    pub(crate) fn new(capacity: usize, policy: SlowConsumerPolicy) -> Self {
         Self {
             state: Mutex::new(OutboxState::default()),
             capacity,
@@ -56,11 +56,11 @@ impl Outbox {
 
     /// Wake this task when frames arrive (for drainers without a `Flush` mailbox). Register
     /// before draining, so a push between the two is never missed.
-    pub fn register(&self, waker: &std::task::Waker) {
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
         self.waker.register(waker);
     }
 
-    pub fn push(&self, event: &Arc<Event>) -> Pushed {
+    pub(crate) fn push(&self, event: &Arc<Event>) -> Pushed {
         let mut state = self.state.lock();
         if state.overflowed {
             return Pushed::Dropped;
@@ -90,17 +90,17 @@ impl Outbox {
     }
 
     /// Move every queued frame into `into` and clear the wake-up flag.
-    pub fn drain_into(&self, into: &mut Vec<Arc<Event>>) {
+    pub(crate) fn drain_into(&self, into: &mut Vec<Arc<Event>>) {
         let mut state = self.state.lock();
         state.wake_pending = false;
         into.extend(state.queue.drain(..));
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.state.lock().queue.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

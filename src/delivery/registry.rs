@@ -23,12 +23,12 @@ use crate::core::ids::{ChannelKey, ConnId};
 /// Wake a session: its outbox has frames. At most one is in flight per session.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Flush;
+pub(crate) struct Flush;
 
 /// Orders to one session from outside (logout, eviction, slow consumer, drain).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
-pub enum Control {
+pub(crate) enum Control {
     /// Close now with this reason.
     Close(Close),
     /// Tell the client to come back after `after_ms`, then close with 1012.
@@ -37,14 +37,14 @@ pub enum Control {
 
 /// What the registry needs of a session: its outbox, how to wake whoever drains it, and the
 /// session's control mailbox.
-pub struct SessionLink {
-    pub conn: ConnId,
-    pub outbox: Outbox,
+pub(crate) struct SessionLink {
+    pub(crate) conn: ConnId,
+    pub(crate) outbox: Outbox,
     /// `Some`: a `Flush` message wakes the drainer (an actor). `None`: the drainer polls the
     /// outbox itself and registered its task with [`Outbox::register`] (the WebSocket writer),
     /// so a delivery costs no mailbox message at all.
-    pub flush: Option<Recipient<Flush>>,
-    pub control: Recipient<Control>,
+    pub(crate) flush: Option<Recipient<Flush>>,
+    pub(crate) control: Recipient<Control>,
 }
 
 impl SessionLink {
@@ -68,7 +68,7 @@ struct SessionEntry {
 }
 
 /// This node's sessions, by connection, and which workers have subscribers of each channel.
-pub struct Registry {
+pub(crate) struct Registry {
     /// Tells this registry's worker fan-outs from another registry's (tests build several).
     id: usize,
     /// Per channel, how many subscribers each worker has (indexed like `workers`).
@@ -91,7 +91,13 @@ impl Default for Registry {
 }
 
 impl Registry {
-    pub fn register(&self, link: Arc<SessionLink>, user_key: String, slot: String, sid: String) {
+    pub(crate) fn register(
+        &self,
+        link: Arc<SessionLink>,
+        user_key: String,
+        slot: String,
+        sid: String,
+    ) {
         self.sessions.lock().insert(
             link.conn,
             SessionEntry {
@@ -105,7 +111,7 @@ impl Registry {
 
     /// Forget a session and its subscriptions; returns the channels nobody here wants any more.
     /// Runs on the session's worker thread, like [`Self::subscribe`].
-    pub fn unregister<'a>(
+    pub(crate) fn unregister<'a>(
         &self,
         conn: ConnId,
         channels: impl Iterator<Item = &'a ChannelKey>,
@@ -119,7 +125,7 @@ impl Registry {
 
     /// Add a subscriber of this worker thread; true when this node had no subscriber of the
     /// channel before. `socket`: the WebSocket's output, which the fan-out may write directly.
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &self,
         channel: &ChannelKey,
         link: &Arc<SessionLink>,
@@ -151,7 +157,7 @@ impl Registry {
 
     /// Remove a subscriber of this worker thread; true when the channel has no subscriber
     /// left on this node.
-    pub fn unsubscribe(&self, channel: &ChannelKey, conn: ConnId) -> bool {
+    pub(crate) fn unsubscribe(&self, channel: &ChannelKey, conn: ConnId) -> bool {
         let Some(worker) = fanout::existing(self.id) else {
             return false;
         };
@@ -175,7 +181,7 @@ impl Registry {
 
     /// Hand an event to every worker with a subscriber of its channel (callable from any
     /// thread); each worker delivers it to its own sockets.
-    pub fn deliver(&self, event: &Arc<Event>) {
+    pub(crate) fn deliver(&self, event: &Arc<Event>) {
         let map = self.channels.read();
         let Some(counts) = map.get(&event.channel) else {
             return;
@@ -188,7 +194,7 @@ impl Registry {
     }
 
     /// Close every local socket of login session `sid`; returns how many.
-    pub fn close_session(&self, sid: &str, close: Close) -> usize {
+    pub(crate) fn close_session(&self, sid: &str, close: Close) -> usize {
         let sessions = self.sessions.lock();
         let mut n = 0;
         for entry in sessions.values().filter(|e| e.sid == sid) {
@@ -199,7 +205,7 @@ impl Registry {
     }
 
     /// Close one local connection by its display id; false when it is not here.
-    pub fn close_conn(&self, conn: &str, close: Close) -> bool {
+    pub(crate) fn close_conn(&self, conn: &str, close: Close) -> bool {
         let Some(conn) = ConnId::parse_local(conn) else {
             return false;
         };
@@ -213,7 +219,7 @@ impl Registry {
     }
 
     /// Every local session's control mailbox, for the drain.
-    pub fn all_controls(&self) -> Vec<Recipient<Control>> {
+    pub(crate) fn all_controls(&self) -> Vec<Recipient<Control>> {
         self.sessions
             .lock()
             .values()
@@ -221,17 +227,17 @@ impl Registry {
             .collect()
     }
 
-    pub fn session_count(&self) -> usize {
+    pub(crate) fn session_count(&self) -> usize {
         self.sessions.lock().len()
     }
 
     /// Channels with at least one local subscriber (resubscribed after a Redis reconnect).
-    pub fn active_channels(&self) -> Vec<ChannelKey> {
+    pub(crate) fn active_channels(&self) -> Vec<ChannelKey> {
         self.channels.read().keys().cloned().collect()
     }
 
     /// `org/user` keys of local sessions and their cap slots (lease refresh).
-    pub fn cap_slots(&self) -> Vec<(String, String)> {
+    pub(crate) fn cap_slots(&self) -> Vec<(String, String)> {
         self.sessions
             .lock()
             .values()

@@ -25,25 +25,21 @@ struct Subscription {
 /// every live event looks its channel up here: a short vector scanned in place beats hashing
 /// the channel name on each delivery.
 #[derive(Default)]
-pub struct Subscriptions {
+pub(crate) struct Subscriptions {
     channels: Vec<(ChannelKey, Subscription)>,
     holds_issued: u64,
 }
 
 impl Subscriptions {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.channels.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.channels.is_empty()
-    }
-
-    pub fn contains(&self, channel: &ChannelKey) -> bool {
+    pub(crate) fn contains(&self, channel: &ChannelKey) -> bool {
         self.position(channel).is_some()
     }
 
-    pub fn channels(&self) -> impl Iterator<Item = &ChannelKey> {
+    pub(crate) fn channels(&self) -> impl Iterator<Item = &ChannelKey> {
         self.channels.iter().map(|(channel, _)| channel)
     }
 
@@ -65,13 +61,13 @@ impl Subscriptions {
     }
 
     /// Subscribe for live events only.
-    pub fn insert_live(&mut self, channel: ChannelKey) {
+    pub(crate) fn insert_live(&mut self, channel: ChannelKey) {
         self.insert(channel, Subscription::default());
     }
 
     /// Subscribe and hold live events until [`Self::finish_replay`] with the returned hold.
     /// Events already held for an earlier request stay held, for this one to release.
-    pub fn insert_replaying(&mut self, channel: ChannelKey) -> u64 {
+    pub(crate) fn insert_replaying(&mut self, channel: ChannelKey) -> u64 {
         self.holds_issued += 1;
         let hold = self.holds_issued;
         match self.get_mut(&channel) {
@@ -89,7 +85,7 @@ impl Subscriptions {
     }
 
     /// True when the channel was subscribed.
-    pub fn remove(&mut self, channel: &ChannelKey) -> bool {
+    pub(crate) fn remove(&mut self, channel: &ChannelKey) -> bool {
         match self.position(channel) {
             Some(i) => {
                 self.channels.swap_remove(i);
@@ -101,7 +97,7 @@ impl Subscriptions {
 
     /// A live event from the outbox: `Some` to send it now; `None` when it is not wanted
     /// (unsubscribed, held for a replay, or already sent by one).
-    pub fn admit_live(&mut self, event: Arc<Event>) -> Option<Arc<Event>> {
+    pub(crate) fn admit_live(&mut self, event: Arc<Event>) -> Option<Arc<Event>> {
         let sub = self.get_mut(&event.channel)?;
         if let Some(held) = sub.held.as_mut() {
             held.push(event);
@@ -116,7 +112,7 @@ impl Subscriptions {
     /// History for `channel` arrived (empty: none was asked for): the events to send, in
     /// order, without duplicates. `None` when `hold` no longer holds the channel
     /// (unsubscribed, or subscribed again, meanwhile).
-    pub fn finish_replay(
+    pub(crate) fn finish_replay(
         &mut self,
         channel: &ChannelKey,
         hold: u64,

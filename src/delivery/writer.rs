@@ -42,15 +42,15 @@ use crate::delivery::subscriptions::Subscriptions;
 /// What the session actor and its writer share. Both run in the same task on one thread
 /// (the writer polls the actor's context), and never hold a borrow across that poll.
 #[derive(Default)]
-pub struct SessionShared {
+pub(crate) struct SessionShared {
     /// Set when the session is admitted: the outbox the writer drains.
-    pub link: Option<Arc<SessionLink>>,
-    pub subscriptions: Subscriptions,
+    pub(crate) link: Option<Arc<SessionLink>>,
+    pub(crate) subscriptions: Subscriptions,
     /// The session has written its close frame: no event may follow it.
-    pub closing: bool,
+    pub(crate) closing: bool,
 }
 
-pub type Shared = Rc<RefCell<SessionShared>>;
+pub(crate) type Shared = Rc<RefCell<SessionShared>>;
 
 /// Frames written per `writev` at most (the kernel takes up to 1024; this bounds the stack).
 const MAX_IOV: usize = 64;
@@ -96,7 +96,7 @@ impl Frame {
 }
 
 /// One socket's output, shared by its writer task and the worker's fan-out (same thread).
-pub struct Socket {
+pub(crate) struct Socket {
     write: OwnedWriteHalf,
     out: RefCell<Outgoing>,
     shared: Shared,
@@ -116,7 +116,7 @@ struct Outgoing {
 }
 
 /// What the fan-out's offer of an event came to.
-pub enum Offer {
+pub(crate) enum Offer {
     /// Appended; `first` when it is the first this pass, so the socket must be flushed.
     Taken { first: bool },
     /// Not for this socket now (held for a replay, already replayed, unsubscribed, closing).
@@ -126,7 +126,7 @@ pub enum Offer {
 }
 
 impl Socket {
-    pub fn new(write: OwnedWriteHalf, shared: Shared) -> Rc<Self> {
+    pub(crate) fn new(write: OwnedWriteHalf, shared: Shared) -> Rc<Self> {
         Rc::new(Self {
             write,
             out: RefCell::default(),
@@ -140,7 +140,7 @@ impl Socket {
     }
 
     /// What the session and its writer share (subscriptions, closing).
-    pub fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &Shared {
         &self.shared
     }
 
@@ -151,7 +151,7 @@ impl Socket {
     /// Take a live event for writing at the end of the fan-out's pass, if nothing must go
     /// before it: no frame pending, no event in the outbox, and the session not asking to run
     /// (it may be about to answer something the client sent first).
-    pub fn offer(&self, event: &Arc<Event>) -> Offer {
+    pub(crate) fn offer(&self, event: &Arc<Event>) -> Offer {
         let Ok(mut out) = self.out.try_borrow_mut() else {
             return Offer::Busy;
         };
@@ -183,7 +183,7 @@ impl Socket {
 
     /// Write what the fan-out appended. What the socket does not take now is left to the
     /// writer task (which waits for the socket and runs the stall timer).
-    pub fn flush_offered(&self) {
+    pub(crate) fn flush_offered(&self) {
         let mut out = self.out.borrow_mut();
         out.offered = false;
         if !matches!(out.write_to(self.stream()), Ok(true)) {
@@ -246,7 +246,7 @@ impl Outgoing {
 
 /// Run the session's context `session` against the socket until the session ends (its
 /// stream finishes and everything it wrote is out), the peer goes away, or the socket stalls.
-pub async fn drive<S>(session: S, socket: Rc<Socket>, stall_after: Duration)
+pub(crate) async fn drive<S>(session: S, socket: Rc<Socket>, stall_after: Duration)
 where
     S: Stream<Item = Result<Bytes, actix_web::Error>>,
 {

@@ -3,4 +3,4 @@
 //! `demo.simulate_calls`, or through a running hub's HTTP API (`switchboard simulate`).
 
 pub mod run;
-pub mod simulator;
+pub(crate) mod simulator;

@@ -15,10 +15,10 @@ use crate::core::ids::{unix_ms, InvalidId, OrgId, Topic};
 const TICK: Duration = Duration::from_millis(250);
 
 /// The org whose board the in-hub simulator feeds.
-pub const DEMO_ORG: &str = "demo";
+pub(crate) const DEMO_ORG: &str = "demo";
 
 /// Publish simulated calls for org `demo` until the process ends.
-pub async fn run_in_hub(broker: BrokerHandle) {
+pub(crate) async fn run_in_hub(broker: BrokerHandle) {
     // unwrap: a constant, valid org id.
     let org = OrgId::parse(DEMO_ORG).unwrap();
     let mut simulator = CallSimulator::new(12.0, 30, unix_ms());

@@ -18,12 +18,12 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 /// The event name of every simulated event.
-pub const CALL_STATUS_EVENT: &str = "call.status";
+pub(crate) const CALL_STATUS_EVENT: &str = "call.status";
 /// The board topic every status change is published on.
-pub const BOARD_TOPIC: &str = "calls";
+pub(crate) const BOARD_TOPIC: &str = "calls";
 /// Longest stretch of simulated time one `advance` catches up on; a longer gap (a laptop that
 /// slept) is skipped as if the simulation had been paused, so it never emits a flood.
-pub const MAX_CATCH_UP_MS: u64 = 60_000;
+pub(crate) const MAX_CATCH_UP_MS: u64 = 60_000;
 /// How many calls the first `advance` puts on the board, in various states.
 const SEED_CALLS: usize = 5;
 
@@ -39,10 +39,10 @@ const COMPANY_LINES: [&str; 3] = ["+15550100100", "+15550100200", "+15550100300"
 
 /// One event to publish: topic name (valid per SPEC grammar), event name, JSON data.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SimulatedEvent {
-    pub topic: String,
-    pub event: String,
-    pub data: serde_json::Value,
+pub(crate) struct SimulatedEvent {
+    pub(crate) topic: String,
+    pub(crate) event: String,
+    pub(crate) data: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +135,7 @@ struct Call {
 }
 
 /// A deterministic call-centre simulator; see the module documentation.
-pub struct CallSimulator {
+pub(crate) struct CallSimulator {
     rng: StdRng,
     /// New calls per millisecond; 0 means no arrivals (and no seeded calls).
     rate_per_ms: f64,
@@ -157,7 +157,7 @@ impl CallSimulator {
     /// 2.5 × `calls_per_minute` agents keeps the queue short; a smaller pool shows an overloaded
     /// centre (long queues, callers hanging up, few outbound calls). A rate that is not a
     /// positive number means no calls at all. `seed` fixes every draw (ids, timings, outcomes).
-    pub fn new(calls_per_minute: f64, agents: usize, seed: u64) -> Self {
+    pub(crate) fn new(calls_per_minute: f64, agents: usize, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let id_key = rng.random::<u32>();
         let rate_per_ms = if calls_per_minute.is_finite() && calls_per_minute > 0.0 {
@@ -184,7 +184,7 @@ impl CallSimulator {
     /// The first call puts a few calls on the board at once. A `now_ms` earlier than the previous
     /// one returns nothing; a gap longer than [`MAX_CATCH_UP_MS`] is simulated only for its last
     /// [`MAX_CATCH_UP_MS`] (pending steps are shifted forward, so calls keep their `started_at`).
-    pub fn advance(&mut self, now_ms: u64) -> Vec<SimulatedEvent> {
+    pub(crate) fn advance(&mut self, now_ms: u64) -> Vec<SimulatedEvent> {
         let mut out = Vec::new();
         let Some(clock) = self.clock else {
             self.clock = Some(now_ms);
@@ -221,7 +221,8 @@ impl CallSimulator {
     }
 
     /// Calls currently not ended (for tests/metrics).
-    pub fn active_calls(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn active_calls(&self) -> usize {
         self.calls.len()
     }
 
@@ -604,7 +605,7 @@ fn emit(out: &mut Vec<SimulatedEvent>, call: &Call) {
 
 /// Formats unix milliseconds as RFC 3339 UTC with millisecond precision,
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (proleptic Gregorian calendar, days-from-civil inverse).
-pub fn rfc3339_ms(unix_ms: u64) -> String {
+pub(crate) fn rfc3339_ms(unix_ms: u64) -> String {
     let ms = unix_ms % 1000;
     let secs = unix_ms / 1000;
     let (hh, mm, ss) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);

@@ -14,13 +14,13 @@ use serde_json::json;
 
 use crate::config::{AuthConfig, SameSitePolicy};
 use crate::core::close::{AuthFailure, Close};
-use crate::core::ids::{now_s, OrgId, UserId};
+use crate::core::ids::{now_s, InvalidId, OrgId, UserId};
 use crate::node::Node;
 use crate::store::sessions::{KEY_EXP, KEY_LOGGED_OUT, KEY_ORG, KEY_SID, KEY_USER};
 use crate::transport::identity::identify;
 
 /// The session middleware over any store (the cookie itself, or Redis when clustered).
-pub fn session_middleware<S: SessionStore>(
+pub(crate) fn session_middleware<S: SessionStore>(
     store: S,
     auth: &AuthConfig,
     key: &Key,
@@ -80,17 +80,43 @@ struct Claims {
     org: Option<serde_json::Value>,
 }
 
+/// Why a token is refused; the text is the `reason` given to the caller.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TokenRefused {
+    #[error("token expired")]
+    Expired,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("missing claim: {0}")]
+    MissingClaim(String),
+    #[error("bad algorithm: only HS256 is accepted")]
+    BadAlgorithm,
+    #[error("malformed token")]
+    Malformed(#[source] jsonwebtoken::errors::Error),
+    #[error("bad claim: {claim} must be a string")]
+    NotText { claim: &'static str },
+    #[error("bad claim: {claim}: {source}")]
+    BadClaim {
+        claim: &'static str,
+        source: InvalidId,
+    },
+}
+
 /// Identity providers send ids as strings or numbers; both mean the same id.
-fn claim_text(value: serde_json::Value, name: &str) -> Result<String, String> {
+fn claim_text(
+    value: Option<serde_json::Value>,
+    claim: &'static str,
+) -> Result<String, TokenRefused> {
     match value {
-        serde_json::Value::String(s) => Ok(s),
-        serde_json::Value::Number(n) => Ok(n.to_string()),
-        _ => Err(format!("bad claim: {name} must be a string")),
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+        Some(_) => Err(TokenRefused::NotText { claim }),
+        None => Err(TokenRefused::MissingClaim(claim.to_string())),
     }
 }
 
-/// Verify an HS256 token; `Err` is the reason given to the caller.
-pub fn verify_jwt(token: &str, secret: &str) -> Result<(UserId, OrgId), String> {
+/// Verify an HS256 token.
+pub(crate) fn verify_jwt(token: &str, secret: &str) -> Result<(UserId, OrgId), TokenRefused> {
     use jsonwebtoken::errors::ErrorKind;
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     validation.leeway = 5;
@@ -101,21 +127,27 @@ pub fn verify_jwt(token: &str, secret: &str) -> Result<(UserId, OrgId), String> 
         &validation,
     )
     .map_err(|e| match e.kind() {
-        ErrorKind::ExpiredSignature => "token expired".to_string(),
-        ErrorKind::InvalidSignature => "bad signature".to_string(),
-        ErrorKind::MissingRequiredClaim(claim) => format!("missing claim: {claim}"),
-        ErrorKind::InvalidAlgorithm => "bad algorithm: only HS256 is accepted".to_string(),
-        _ => "malformed token".to_string(),
+        ErrorKind::ExpiredSignature => TokenRefused::Expired,
+        ErrorKind::InvalidSignature => TokenRefused::BadSignature,
+        ErrorKind::MissingRequiredClaim(claim) => TokenRefused::MissingClaim(claim.clone()),
+        ErrorKind::InvalidAlgorithm => TokenRefused::BadAlgorithm,
+        _ => TokenRefused::Malformed(e),
     })?;
-    let sub = claim_text(data.claims.sub.ok_or("missing claim: sub")?, "sub")?;
-    let org = claim_text(data.claims.org.ok_or("missing claim: org")?, "org")?;
-    let user = UserId::parse(&sub).map_err(|e| format!("bad claim: sub: {e}"))?;
-    let org = OrgId::parse(&org).map_err(|e| format!("bad claim: org: {e}"))?;
+    let sub = claim_text(data.claims.sub, "sub")?;
+    let org = claim_text(data.claims.org, "org")?;
+    let user = UserId::parse(&sub).map_err(|source| TokenRefused::BadClaim {
+        claim: "sub",
+        source,
+    })?;
+    let org = OrgId::parse(&org).map_err(|source| TokenRefused::BadClaim {
+        claim: "org",
+        source,
+    })?;
     Ok((user, org))
 }
 
 /// `POST /auth/session`: exchange a signed token for the session cookie.
-pub async fn exchange_token(
+pub(crate) async fn exchange_token(
     node: web::Data<Node>,
     session: Session,
     body: web::Bytes,
@@ -137,7 +169,8 @@ pub async fn exchange_token(
         Ok((user, org)) => start_session(&node, &session, &user, &org),
         Err(reason) => {
             log::warn!("token exchange refused: {reason}");
-            HttpResponse::Unauthorized().json(json!({"error":"invalid_token","reason":reason}))
+            HttpResponse::Unauthorized()
+                .json(json!({"error":"invalid_token","reason":reason.to_string()}))
         }
     }
 }
@@ -149,7 +182,11 @@ struct DevLoginBody {
 }
 
 /// `POST /auth/dev-login`: log in as anyone. Only routed when `auth.dev_login = true`.
-pub async fn dev_login(node: web::Data<Node>, session: Session, body: web::Bytes) -> HttpResponse {
+pub(crate) async fn dev_login(
+    node: web::Data<Node>,
+    session: Session,
+    body: web::Bytes,
+) -> HttpResponse {
     let parsed = match serde_json::from_slice::<DevLoginBody>(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -181,7 +218,11 @@ pub async fn dev_login(node: web::Data<Node>, session: Session, body: web::Bytes
 }
 
 /// `DELETE /auth/session`: end the session and close its sockets everywhere.
-pub async fn logout(node: web::Data<Node>, req: HttpRequest, session: Session) -> HttpResponse {
+pub(crate) async fn logout(
+    node: web::Data<Node>,
+    req: HttpRequest,
+    session: Session,
+) -> HttpResponse {
     if let Ok(identity) = identify(&node, &req, &session).await {
         node.revocations.revoke(&identity.sid, identity.exp).await;
         let closed = node.registry.close_session(
@@ -237,28 +278,35 @@ mod tests {
     fn bad_tokens() {
         let secret = "s3cret-s3cret-s3cret";
         let expired = token(json!({"sub":"u1","org":"1","exp":now_s()-600}), secret);
-        assert_eq!(verify_jwt(&expired, secret).unwrap_err(), "token expired");
+        assert_eq!(
+            verify_jwt(&expired, secret).unwrap_err().to_string(),
+            "token expired"
+        );
         let other = token(
             json!({"sub":"u1","org":"1","exp":now_s()+60}),
             "another-secret-entirely",
         );
-        assert_eq!(verify_jwt(&other, secret).unwrap_err(), "bad signature");
+        assert_eq!(
+            verify_jwt(&other, secret).unwrap_err().to_string(),
+            "bad signature"
+        );
         let no_org = token(json!({"sub":"u1","exp":now_s()+60}), secret);
         assert_eq!(
-            verify_jwt(&no_org, secret).unwrap_err(),
+            verify_jwt(&no_org, secret).unwrap_err().to_string(),
             "missing claim: org"
         );
         let no_exp = token(json!({"sub":"u1","org":"1"}), secret);
         assert_eq!(
-            verify_jwt(&no_exp, secret).unwrap_err(),
+            verify_jwt(&no_exp, secret).unwrap_err().to_string(),
             "missing claim: exp"
         );
         let bad_org = token(json!({"sub":"u1","org":"a:b","exp":now_s()+60}), secret);
         assert!(verify_jwt(&bad_org, secret)
             .unwrap_err()
+            .to_string()
             .starts_with("bad claim: org"));
         assert_eq!(
-            verify_jwt("garbage", secret).unwrap_err(),
+            verify_jwt("garbage", secret).unwrap_err().to_string(),
             "malformed token"
         );
     }

@@ -3,9 +3,9 @@
 //! `/api` and `/auth` (the same policy the WebSocket handshake applies: one allowlist, never
 //! two). The streaming endpoints `/ws` and `/sse` belong to [`crate::transport`].
 
-pub mod auth;
-pub mod publish;
-pub mod status;
+pub(crate) mod auth;
+pub(crate) mod publish;
+pub(crate) mod status;
 
 use actix_cors::Cors;
 use actix_web::body::MessageBody;
@@ -21,7 +21,7 @@ use crate::transport;
 
 /// Every route of the App. WebSocket upgrades never get here (the server hands them to the
 /// handshake with the raw connection); `/ws` answers only requests that lack the upgrade.
-pub fn routes(cfg: &mut web::ServiceConfig, node: &web::Data<Node>) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig, node: &web::Data<Node>) {
     cfg.route("/", web::get().to(status::index))
         .route("/client.js", web::get().to(status::client_js))
         .route(

@@ -13,9 +13,9 @@ use crate::node::Node;
 
 /// A publish body that cannot be accepted, naming the field at fault.
 #[derive(Debug)]
-pub struct BadField {
-    pub field: String,
-    pub message: String,
+pub(crate) struct BadField {
+    pub(crate) field: String,
+    pub(crate) message: String,
 }
 
 impl BadField {
@@ -56,7 +56,7 @@ fn authorised(node: &Node, req: &HttpRequest) -> bool {
 }
 
 /// Validate a publish body into a request, or the 400 naming the field at fault.
-pub fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
+pub(crate) fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| bad_field("body", format!("body is not valid JSON: {e}")))?;
     let Value::Object(mut object) = value else {
@@ -101,7 +101,7 @@ pub fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
     })
 }
 
-pub async fn publish(
+pub(crate) async fn publish(
     node: web::Data<Node>,
     req: HttpRequest,
     body: Result<web::Bytes, actix_web::Error>,

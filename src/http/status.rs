@@ -12,23 +12,23 @@ use crate::node::Node;
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 const CLIENT_JS: &str = include_str!("../../static/client.js");
 
-pub async fn index() -> HttpResponse {
+pub(crate) async fn index() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(INDEX_HTML)
 }
 
-pub async fn client_js() -> HttpResponse {
+pub(crate) async fn client_js() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/javascript; charset=utf-8")
         .body(CLIENT_JS)
 }
 
-pub async fn healthz() -> HttpResponse {
+pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status":"ok"}))
 }
 
-pub async fn readyz(node: web::Data<Node>) -> HttpResponse {
+pub(crate) async fn readyz(node: web::Data<Node>) -> HttpResponse {
     if node.draining.load(Ordering::Acquire) {
         return HttpResponse::ServiceUnavailable()
             .json(json!({"status":"not_ready","reason":"draining"}));
@@ -41,7 +41,7 @@ pub async fn readyz(node: web::Data<Node>) -> HttpResponse {
     HttpResponse::Ok().json(json!({"status":"ready"}))
 }
 
-pub async fn metrics_text() -> HttpResponse {
+pub(crate) async fn metrics_text() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(metrics().render())

@@ -8,10 +8,10 @@ use ipnet::IpNet;
 /// An entry of `server.trusted_proxies` that is neither an address nor a CIDR block.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not an IP address or CIDR block")]
-pub struct InvalidProxy(pub String);
+pub(crate) struct InvalidProxy(pub(crate) String);
 
 /// Read one entry of `server.trusted_proxies`: an address (a block of one) or a CIDR block.
-pub fn parse_trusted(raw: &str) -> Result<IpNet, InvalidProxy> {
+pub(crate) fn parse_trusted(raw: &str) -> Result<IpNet, InvalidProxy> {
     let raw = raw.trim();
     raw.parse::<IpNet>()
         .or_else(|_| raw.parse::<IpAddr>().map(IpNet::from))
@@ -29,7 +29,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// Who the client is: the peer, or the right-most untrusted `X-Forwarded-For` hop when the
 /// peer is a trusted proxy. Taking the right-most untrusted hop means a client cannot spoof
 /// its address by sending its own `X-Forwarded-For` through nginx.
-pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
+pub(crate) fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(&ip));
     let peer = canonical(peer);
     if !is_trusted(peer) {

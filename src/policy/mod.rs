@@ -4,6 +4,6 @@
 //! trusted proxies ([`client_ip`]). `config` compiles these from the settings once; the
 //! handshake and HTTP layers apply them.
 
-pub mod client_ip;
+pub(crate) mod client_ip;
 pub mod origin;
-pub mod rate;
+pub(crate) mod rate;

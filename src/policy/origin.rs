@@ -46,7 +46,7 @@ pub struct LegacyOrigin {
 /// Only `origins.legacy` needs dates, and only whole days, so the proleptic Gregorian
 /// arithmetic below (Howard Hinnant's `days_from_civil`) is cheaper than a dependency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Day(pub i64);
+pub struct Day(pub(crate) i64);
 
 const SECONDS_PER_DAY: i64 = 86_400;
 /// Days from 0000-03-01 to 1970-01-01: the shift between Hinnant's era-based count and Unix days.
@@ -61,7 +61,7 @@ const LAST_PRINTABLE_DAY: i64 = 2_932_896;
 impl Day {
     /// Parses `YYYY-MM-DD` strictly: four-digit year, month 1-12, a day that exists in that
     /// month (leap years included). Anything else, padding included, is `None`.
-    pub fn parse(s: &str) -> Option<Day> {
+    pub(crate) fn parse(s: &str) -> Option<Day> {
         let bytes = s.as_bytes();
         if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
             return None;
@@ -76,7 +76,7 @@ impl Day {
     }
 
     /// The UTC day a Unix timestamp falls on (negative timestamps round towards the past).
-    pub fn from_unix_seconds(secs: i64) -> Day {
+    pub(crate) fn from_unix_seconds(secs: i64) -> Day {
         Day(secs.div_euclid(SECONDS_PER_DAY))
     }
 
@@ -779,7 +779,7 @@ enum Admission<'p> {
 impl OriginPolicy {
     /// Validate and compile the config. `Err` holds one message per problem, each naming the
     /// entry (`origins.allowed entry "…"` or `origins.legacy entry "…"`) and what is wrong.
-    pub fn from_config(cfg: &OriginsConfig) -> Result<OriginPolicy, Vec<String>> {
+    pub(crate) fn from_config(cfg: &OriginsConfig) -> Result<OriginPolicy, Vec<String>> {
         let mut errors = Vec::new();
         let mut policy = OriginPolicy {
             exact: HashSet::new(),
@@ -1048,7 +1048,7 @@ impl OriginPolicy {
 
     /// The configured allowlist (`origins.allowed`) as normalised text, deduplicated, in config
     /// order, for log lines. Localhost and legacy admissions are not entries and not listed.
-    pub fn allowlist(&self) -> Vec<String> {
+    pub(crate) fn allowlist(&self) -> Vec<String> {
         self.allowlist.clone()
     }
 

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 /// A classic token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -17,7 +17,7 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    pub fn new(rate_per_s: u32, burst: u32, now: Instant) -> Self {
+    pub(crate) fn new(rate_per_s: u32, burst: u32, now: Instant) -> Self {
         Self {
             rate: rate_per_s as f64,
             burst: burst.max(1) as f64,
@@ -27,7 +27,7 @@ impl TokenBucket {
     }
 
     /// Take one token if there is one.
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.last = now;
@@ -47,7 +47,7 @@ impl TokenBucket {
 }
 
 /// Handshake attempts per client IP. Bounded: full (idle) buckets are forgotten when the map grows.
-pub struct HandshakeLimiter {
+pub(crate) struct HandshakeLimiter {
     rate: u32,
     burst: u32,
     buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
@@ -57,7 +57,7 @@ pub struct HandshakeLimiter {
 const MAX_TRACKED_IPS: usize = 65_536;
 
 impl HandshakeLimiter {
-    pub fn new(rate: u32, burst: u32) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32) -> Self {
         Self {
             rate,
             burst,
@@ -65,7 +65,7 @@ impl HandshakeLimiter {
         }
     }
 
-    pub fn allow(&self, ip: IpAddr) -> bool {
+    pub(crate) fn allow(&self, ip: IpAddr) -> bool {
         let now = Instant::now();
         let mut buckets = self.buckets.lock();
         if buckets.len() >= MAX_TRACKED_IPS && !buckets.contains_key(&ip) {

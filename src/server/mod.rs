@@ -4,7 +4,7 @@
 //! connection, starts the node's background work (the call simulator, cap lease refresh,
 //! heap trimming), and runs until the one drain sequence ([`shutdown`]) ends it.
 
-pub mod shutdown;
+pub(crate) mod shutdown;
 mod trim;
 
 use std::net::SocketAddr;
@@ -22,7 +22,7 @@ use crate::config::Loaded;
 use crate::core::metrics;
 use crate::demo;
 use crate::http;
-use crate::node::{Node, NodeError};
+use crate::node::Node;
 use crate::store::caps::refresh_leases;
 use crate::store::sessions::session_cache_key;
 use crate::transport::handshake;
@@ -31,7 +31,7 @@ use crate::transport::handshake;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Node(Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot open the Redis session store: {0}")]
     SessionStore(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot listen on {bind}:{port}: {source}")]
@@ -57,7 +57,10 @@ pub struct Bound {
 pub async fn bind(loaded: Loaded) -> Result<Bound, StartError> {
     metrics::init();
     let redis_url = loaded.settings.redis.url.clone();
-    let node = web::Data::new(Node::start(loaded.settings, loaded.compiled).await?);
+    let node = Node::start(loaded.settings, loaded.compiled)
+        .await
+        .map_err(|e| StartError::Node(e.into()))?;
+    let node = web::Data::new(node);
     let key = node.cookie_key.clone();
     let auth = node.settings.auth.clone();
     let (server, addrs) = match redis_url {

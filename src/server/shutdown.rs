@@ -23,7 +23,7 @@ const BATCH_PAUSE: Duration = Duration::from_millis(20);
 const POLL: Duration = Duration::from_millis(20);
 
 /// Resolves on the first SIGTERM or SIGINT.
-pub async fn signalled() {
+pub(crate) async fn signalled() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -49,7 +49,7 @@ pub async fn signalled() {
 }
 
 /// Drain this node and stop its server.
-pub async fn drain(node: Arc<Node>, server: ServerHandle) {
+pub(crate) async fn drain(node: Arc<Node>, server: ServerHandle) {
     let deadline = Instant::now() + Duration::from_secs(node.settings.shutdown.drain_timeout_s);
     node.draining.store(true, Ordering::Release);
     let mut sessions = node.registry.all_controls();

@@ -26,7 +26,7 @@ pub enum CapOutcome {
 
 /// Per-user connection caps, counted across pods when clustered.
 #[derive(Clone)]
-pub struct ConnectionCaps {
+pub(crate) struct ConnectionCaps {
     limit: u32,
     policy: CapPolicy,
     store: CapStore,
@@ -39,12 +39,12 @@ enum CapStore {
 }
 
 /// The cap slot token of a connection: sorts by age, and names the connection.
-pub fn slot_token(conn: &str) -> String {
+pub(crate) fn slot_token(conn: &str) -> String {
     format!("{:015}|{conn}", unix_ms())
 }
 
 /// The connection a slot token names.
-pub fn slot_conn(slot: &str) -> &str {
+pub(crate) fn slot_conn(slot: &str) -> &str {
     slot.split_once('|').map_or(slot, |(_, conn)| conn)
 }
 
@@ -54,7 +54,7 @@ pub fn slot_conn(slot: &str) -> &str {
 pub struct CapsUnavailable(#[from] pub CommandError);
 
 impl ConnectionCaps {
-    pub fn in_memory(limit: u32, policy: CapPolicy) -> Self {
+    pub(crate) fn in_memory(limit: u32, policy: CapPolicy) -> Self {
         Self {
             limit,
             policy,
@@ -62,7 +62,7 @@ impl ConnectionCaps {
         }
     }
 
-    pub fn redis(limit: u32, policy: CapPolicy, store: RedisCaps) -> Self {
+    pub(crate) fn redis(limit: u32, policy: CapPolicy, store: RedisCaps) -> Self {
         Self {
             limit,
             policy,
@@ -71,20 +71,20 @@ impl ConnectionCaps {
     }
 
     /// The Redis store, when clustered (its leases need refreshing).
-    pub fn redis_store(&self) -> Option<RedisCaps> {
+    pub(crate) fn redis_store(&self) -> Option<RedisCaps> {
         match &self.store {
             CapStore::Redis(store) => Some(store.clone()),
             CapStore::Memory(_) => None,
         }
     }
 
-    pub fn limit(&self) -> u32 {
-        self.limit
-    }
-
     /// Take `slot` (see [`slot_token`]) for `user_key` (org and user), applying the cap policy.
     /// Evicted entries are slot tokens too.
-    pub async fn acquire(&self, user_key: &str, slot: &str) -> Result<CapOutcome, CapsUnavailable> {
+    pub(crate) async fn acquire(
+        &self,
+        user_key: &str,
+        slot: &str,
+    ) -> Result<CapOutcome, CapsUnavailable> {
         match &self.store {
             CapStore::Memory(users) => {
                 let mut users = users.lock();
@@ -96,7 +96,7 @@ impl ConnectionCaps {
     }
 
     /// Give the slot back (socket closed).
-    pub async fn release(&self, user_key: &str, slot: &str) {
+    pub(crate) async fn release(&self, user_key: &str, slot: &str) {
         match &self.store {
             CapStore::Memory(users) => {
                 let mut users = users.lock();
@@ -239,7 +239,7 @@ impl RedisCaps {
         Ok(CapOutcome::Admitted { evicted })
     }
 
-    pub async fn release(&self, user_key: &str, slot: &str) {
+    pub(crate) async fn release(&self, user_key: &str, slot: &str) {
         let key = Self::key(user_key);
         let released = self
             .commands
@@ -256,7 +256,7 @@ impl RedisCaps {
     /// Give the lease of every slot this pod holds a fresh expiry, in one pipeline, adding the
     /// slots Redis no longer has: it may have restarted empty, or an outage longer than the
     /// lease let another pod prune them, and a live socket must keep counting against the cap.
-    pub async fn refresh(&self, slots: &[(String, String)]) {
+    pub(crate) async fn refresh(&self, slots: &[(String, String)]) {
         if slots.is_empty() {
             return;
         }
@@ -302,7 +302,7 @@ impl RedisCaps {
 /// Periodically re-assert the cap slots of this pod's sockets with fresh leases: a pod that
 /// dies stops doing this, and its slots expire within `cap_lease_s`.
 /// `held` lists the `(org/user, slot)` pairs of this pod's open sockets.
-pub async fn refresh_leases(caps: RedisCaps, held: impl Fn() -> Vec<(String, String)>) {
+pub(crate) async fn refresh_leases(caps: RedisCaps, held: impl Fn() -> Vec<(String, String)>) {
     let every = caps.lease / 3;
     let mut ticker = tokio::time::interval(every.max(Duration::from_millis(100)));
     loop {

@@ -5,5 +5,5 @@
 
 pub mod caps;
 pub mod redis;
-pub mod revocations;
-pub mod sessions;
+pub(crate) mod revocations;
+pub(crate) mod sessions;

@@ -11,10 +11,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::config::redact_url;
 
 /// Bound on any one Redis round trip; a slower answer counts as Redis unavailable.
-pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnect backoff: doubles from the first value up to the cap, so an outage never spins.
-pub const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// Why a Redis command has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +30,8 @@ pub enum CommandError {
 /// The handshake's commands (session, revocation, cap slot) and the cap release go over a
 /// connection of the calling thread's own, opened on its first use: a redis-rs connection is
 /// driven by a task on the thread that opened it, so the shared one (opened on the main
-/// thread) costs every command two cross-thread wake-ups, which profiling showed as a third
-/// of a clustered handshake's CPU. Until a thread's own connection is up it uses the shared
-/// one, as do publishing, history and the lease refresh.
+/// thread) would cost every command two cross-thread wake-ups. Until a thread's own
+/// connection is up it uses the shared one, as do publishing, history and the lease refresh.
 #[derive(Clone)]
 pub struct RedisCommands {
     conn: ConnectionManager,
@@ -85,7 +84,7 @@ impl RedisCommands {
     }
 
     /// The connection shared by the whole process.
-    pub fn manager(&self) -> ConnectionManager {
+    pub(crate) fn manager(&self) -> ConnectionManager {
         self.conn.clone()
     }
 
@@ -131,7 +130,7 @@ impl RedisCommands {
     /// connection. Such a connection may sit idle for a while, so after Redis restarts its
     /// first command finds the old socket dead; the connection manager reconnects and the
     /// command is sent once more, as actix-session's store does.
-    pub async fn run_idempotent<T, F, Fut>(&self, command: F) -> Result<T, CommandError>
+    pub(crate) async fn run_idempotent<T, F, Fut>(&self, command: F) -> Result<T, CommandError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -146,7 +145,7 @@ impl RedisCommands {
 }
 
 /// Run one command, bounded by [`REDIS_TIMEOUT`].
-pub async fn timed<T>(
+pub(crate) async fn timed<T>(
     fut: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, CommandError> {
     answered(tokio::time::timeout(REDIS_TIMEOUT, fut).await)

@@ -16,13 +16,13 @@ fn revoked_key(sid: &str) -> String {
 
 /// Logged-out session ids, remembered until the session would have expired anyway: in
 /// process when embedded, in Redis (`sb:revoked:{sid}`) when clustered so every pod knows.
-pub enum Revocations {
+pub(crate) enum Revocations {
     Memory(Mutex<HashMap<String, u64>>),
     Redis(RedisCommands),
 }
 
 impl Revocations {
-    pub async fn revoke(&self, sid: &str, exp: u64) {
+    pub(crate) async fn revoke(&self, sid: &str, exp: u64) {
         let now = now_s();
         match self {
             Self::Memory(revoked) => {
@@ -42,7 +42,7 @@ impl Revocations {
     }
 
     /// Whether `sid` logged out. Fails closed: an unreachable store counts as revoked.
-    pub async fn is_revoked(&self, sid: &str) -> bool {
+    pub(crate) async fn is_revoked(&self, sid: &str) -> bool {
         match self {
             Self::Memory(revoked) => revoked.lock().contains_key(sid),
             Self::Redis(redis) => {

@@ -12,26 +12,26 @@ use redis::AsyncCommands;
 use super::redis::{CommandError, RedisCommands};
 
 /// A login session's stored state as actix-session keeps it: JSON values by key.
-pub type SessionState = HashMap<String, String>;
+pub(crate) type SessionState = HashMap<String, String>;
 
 // The fields of a login session's state, as `/auth` writes them and the handshake reads them.
-pub const KEY_USER: &str = "user";
-pub const KEY_ORG: &str = "org";
-pub const KEY_SID: &str = "sid";
-pub const KEY_EXP: &str = "exp";
+pub(crate) const KEY_USER: &str = "user";
+pub(crate) const KEY_ORG: &str = "org";
+pub(crate) const KEY_SID: &str = "sid";
+pub(crate) const KEY_EXP: &str = "exp";
 /// Set by logout in place of the identity: a replayed cookie is then refused as `logged out`
 /// rather than `invalid session`, whichever store holds it (Redis drops purged state, so
 /// purging would leave nothing to tell the two apart).
-pub const KEY_LOGGED_OUT: &str = "logged_out";
+pub(crate) const KEY_LOGGED_OUT: &str = "logged_out";
 
 /// The Redis key of a login session (actix-session's store and the handshake both use it).
-pub fn session_cache_key(session_key: &str) -> String {
+pub(crate) fn session_cache_key(session_key: &str) -> String {
     format!("sb:session:{session_key}")
 }
 
 /// Why a session could not be read at all (as opposed to read and found unusable).
 #[derive(Debug, thiserror::Error)]
-pub enum SessionReadError {
+pub(crate) enum SessionReadError {
     /// No session cookie in the request.
     #[error("no session cookie")]
     NoCookie,
@@ -45,7 +45,7 @@ pub enum SessionReadError {
 
 /// Where login sessions live, as the handshake reads them.
 #[derive(Clone)]
-pub enum Sessions {
+pub(crate) enum Sessions {
     /// Embedded: the signed and encrypted cookie is the session.
     Cookie,
     /// Clustered: the cookie names a session in Redis, so every pod can read it.
@@ -54,7 +54,7 @@ pub enum Sessions {
 
 impl Sessions {
     /// The state of the session `key` names; empty when there is none or it does not parse.
-    pub async fn load(&self, key: &SessionKey) -> Result<SessionState, SessionReadError> {
+    pub(crate) async fn load(&self, key: &SessionKey) -> Result<SessionState, SessionReadError> {
         match self {
             Self::Cookie => match CookieSessionStore::default().load(key).await {
                 Ok(state) => Ok(state.unwrap_or_default()),

@@ -25,22 +25,22 @@ use crate::delivery::writer::{Shared, Socket};
 use crate::node::Node;
 
 /// The handshake's verdict, handed to the transport before its session starts.
-pub enum Admission {
+pub(crate) enum Admission {
     Admitted(Admitted),
     /// Send this close and nothing else.
     Refused(Close),
 }
 
 /// A connection that passed every check, with the cap slot it was granted.
-pub struct Admitted {
-    pub identity: Identity,
-    pub conn: ConnId,
+pub(crate) struct Admitted {
+    pub(crate) identity: Identity,
+    pub(crate) conn: ConnId,
     /// The cap slot taken for `conn`; it must be given back when the connection ends.
-    pub slot: String,
+    pub(crate) slot: String,
 }
 
 /// An admitted connection's place in this node. Dropping it detaches the connection.
-pub struct Attachment {
+pub(crate) struct Attachment {
     node: Arc<Node>,
     identity: Identity,
     /// The connection-cap slot this connection holds.
@@ -51,25 +51,25 @@ pub struct Attachment {
 }
 
 /// What a subscription waits for before its live events are released.
-pub type Ready = Pin<Box<dyn Future<Output = Option<Replay>>>>;
+pub(crate) type Ready = Pin<Box<dyn Future<Output = Option<Replay>>>>;
 
 /// A subscription whose live events are held back: until Redis confirmed the channel
 /// (`Ready` gives `None`), or until the history after `since` is read (`Some`).
-pub struct Held {
-    pub channel: ChannelKey,
+pub(crate) struct Held {
+    pub(crate) channel: ChannelKey,
     hold: u64,
 }
 
 /// What a held subscription releases, in order: the replayed events, then the live ones
 /// held meanwhile, without duplicates.
-pub struct Released {
-    pub events: Vec<Arc<Event>>,
+pub(crate) struct Released {
+    pub(crate) events: Vec<Arc<Event>>,
     /// With `since`: whether history still reached back to it (false: reload state).
-    pub recovered: Option<bool>,
+    pub(crate) recovered: Option<bool>,
 }
 
 /// What [`Attachment::subscribe`] came to.
-pub enum Subscribed {
+pub(crate) enum Subscribed {
     /// Live events flow now: acknowledge at once.
     Live,
     /// Live events are held; await `ready`, then [`Attachment::release`] the hold.
@@ -80,7 +80,7 @@ impl Attachment {
     /// Attach an admitted connection. `flush`: how to wake its drainer when events wait in
     /// its outbox (`None`: the drainer registered its task with the outbox, as the WebSocket
     /// writer does); `control`: where orders to it go (close, drain).
-    pub fn attach(
+    pub(crate) fn attach(
         node: Arc<Node>,
         Admitted {
             identity,
@@ -115,24 +115,24 @@ impl Attachment {
         }
     }
 
-    pub fn identity(&self) -> &Identity {
+    pub(crate) fn identity(&self) -> &Identity {
         &self.identity
     }
 
-    pub fn conn(&self) -> ConnId {
+    pub(crate) fn conn(&self) -> ConnId {
         self.link.conn
     }
 
-    pub fn link(&self) -> &Arc<SessionLink> {
+    pub(crate) fn link(&self) -> &Arc<SessionLink> {
         &self.link
     }
 
-    pub fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &Shared {
         &self.shared
     }
 
     /// The `welcome` message this connection starts with.
-    pub fn welcome(&self) -> String {
+    pub(crate) fn welcome(&self) -> String {
         ServerMessage::Welcome {
             conn_id: self.link.conn.to_string(),
             user: self.identity.user.as_str(),
@@ -145,7 +145,7 @@ impl Attachment {
     /// Subscribe `channel`. Without `since`, on a channel whose events already reach this
     /// node, it is live at once; otherwise see [`Self::subscribe_held`]. `socket`: the
     /// WebSocket's output, which the fan-out may write directly.
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &mut self,
         channel: ChannelKey,
         since: Option<EventId>,
@@ -165,7 +165,7 @@ impl Attachment {
     /// `Ready`: the history after `since` has been read, or (without it) Redis has confirmed
     /// this node's SUBSCRIBE of a channel new to it, at most [`CONFIRM_TIMEOUT`]; an event
     /// published right after an early acknowledgement would be missed otherwise.
-    pub fn subscribe_held(
+    pub(crate) fn subscribe_held(
         &mut self,
         channel: ChannelKey,
         since: Option<EventId>,
@@ -202,7 +202,7 @@ impl Attachment {
 
     /// What a held subscription releases once it is ready; `None` when it no longer holds
     /// the channel (unsubscribed, or subscribed again, meanwhile).
-    pub fn release(&self, held: &Held, replay: Option<Replay>) -> Option<Released> {
+    pub(crate) fn release(&self, held: &Held, replay: Option<Replay>) -> Option<Released> {
         let (replayed, recovered) = match replay {
             Some(replay) => (replay.events, Some(replay.recovered)),
             None => (Vec::new(), None),
@@ -216,7 +216,7 @@ impl Attachment {
     }
 
     /// Leave `channel`; false when it was not subscribed.
-    pub fn unsubscribe(&mut self, channel: &ChannelKey) -> bool {
+    pub(crate) fn unsubscribe(&mut self, channel: &ChannelKey) -> bool {
         if !self.shared.borrow_mut().subscriptions.remove(channel) {
             return false;
         }
@@ -235,10 +235,7 @@ impl Attachment {
             .registry
             .subscribe(channel, &self.link, binary, socket)
         {
-            self.node
-                .broker
-                .interest
-                .do_send(Interest::Opened(channel.clone()));
+            self.node.broker.interest.do_send(Interest::Opened);
         }
     }
 }

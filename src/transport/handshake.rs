@@ -36,11 +36,11 @@ use crate::store::sessions::SessionReadError;
 
 /// An answer given over HTTP instead of a WebSocket close.
 #[derive(Debug)]
-pub struct HttpRefusal {
-    pub status: StatusCode,
-    pub body: Value,
+pub(crate) struct HttpRefusal {
+    pub(crate) status: StatusCode,
+    pub(crate) body: Value,
     /// Tell the client to come back in a second (rate limits).
-    pub retry_after: bool,
+    pub(crate) retry_after: bool,
 }
 
 impl HttpRefusal {
@@ -53,12 +53,12 @@ impl HttpRefusal {
     }
 
     /// The refusal of a check that would otherwise close the socket.
-    pub fn of_close(close: &Close) -> Self {
+    pub(crate) fn of_close(close: &Close) -> Self {
         let (status, error) = close.http_refusal();
         Self::new(status, error, close.reason())
     }
 
-    pub fn into_response(self) -> HttpResponse {
+    pub(crate) fn into_response(self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status);
         if self.retry_after {
             response.insert_header((header::RETRY_AFTER, "1"));
@@ -69,7 +69,7 @@ impl HttpRefusal {
 
 /// `GET /ws` through the actix-web router: only requests that lack the upgrade headers get
 /// here (upgrades are handed to [`upgrade`] by the HTTP layer before routing).
-pub async fn websocket_without_upgrade() -> HttpResponse {
+pub(crate) async fn websocket_without_upgrade() -> HttpResponse {
     HttpResponse::UpgradeRequired()
         .insert_header((header::UPGRADE, "websocket"))
         .content_type("text/plain; charset=utf-8")
@@ -85,7 +85,7 @@ pub async fn websocket_without_upgrade() -> HttpResponse {
 /// A WebSocket upgrade request, handed over with its raw connection. The checks run here,
 /// then the 101 goes out and the connection belongs to the session: no HTTP dispatcher (and
 /// none of its per-connection buffers) stays behind it for the socket's life.
-pub async fn upgrade(
+pub(crate) async fn upgrade(
     node: Arc<Node>,
     req: Request,
     mut framed: Framed<TcpStream, h1::Codec>,
@@ -197,7 +197,7 @@ async fn send(
 }
 
 /// The per-IP handshake budget: `Some(429)` when the client is over it.
-pub fn over_handshake_budget(
+pub(crate) fn over_handshake_budget(
     node: &Node,
     peer: Option<SocketAddr>,
     headers: &HeaderMap,
@@ -224,7 +224,7 @@ pub fn over_handshake_budget(
 /// Origin header that the browser marked `Sec-Fetch-Site: same-origin` counts as admitted
 /// (browsers omit Origin on same-origin GETs such as EventSource; they always send it for
 /// WebSockets, so the WebSocket path passes false).
-pub async fn admit(
+pub(crate) async fn admit(
     node: &Node,
     headers: &HeaderMap,
     identity: impl Future<Output = Result<Identity, Close>>,

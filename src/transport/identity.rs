@@ -19,7 +19,7 @@ use crate::store::sessions::{
 /// Load the session named by the `Cookie` headers, exactly as the session middleware would:
 /// the cookie is decrypted with `auth.cookie_key`, and its content is the session key that the
 /// store resolves. A cookie that fails decryption, or names nothing, is an empty state.
-pub async fn load_session(
+pub(crate) async fn load_session(
     node: &Node,
     cookie_headers: impl Iterator<Item = &[u8]>,
 ) -> Result<SessionState, SessionReadError> {
@@ -51,7 +51,10 @@ pub async fn load_session(
 }
 
 /// The identity in a session's state, telling apart every way it can be unusable.
-pub async fn identify_state(node: &Node, state: &SessionState) -> Result<Identity, AuthFailure> {
+pub(crate) async fn identify_state(
+    node: &Node,
+    state: &SessionState,
+) -> Result<Identity, AuthFailure> {
     let get = |key: &str| state.get(key).map(String::as_str);
     if get(KEY_LOGGED_OUT) == Some("true") {
         return Err(AuthFailure::LoggedOut);
@@ -76,7 +79,7 @@ pub async fn identify_state(node: &Node, state: &SessionState) -> Result<Identit
 }
 
 /// The identity of a request that went through the session middleware.
-pub async fn identify(
+pub(crate) async fn identify(
     node: &Node,
     req: &HttpRequest,
     session: &Session,
@@ -91,7 +94,7 @@ pub async fn identify(
 
 /// The identity of a request that went through the session middleware (SSE), for the
 /// handshake's [`admit`](super::handshake::admit).
-pub async fn request_identity(
+pub(crate) async fn request_identity(
     node: &Node,
     req: &HttpRequest,
     session: &Session,

@@ -5,8 +5,8 @@
 //! WebSocket session actor ([`websocket`], the only user of `WebsocketContext`) and the
 //! Server-Sent Events fallback ([`sse`]).
 
-pub mod attach;
-pub mod handshake;
-pub mod identity;
-pub mod sse;
-pub mod websocket;
+pub(crate) mod attach;
+pub(crate) mod handshake;
+pub(crate) mod identity;
+pub(crate) mod sse;
+pub(crate) mod websocket;

@@ -34,7 +34,7 @@ use crate::core::wire::ServerMessage;
 use crate::delivery::registry::{Control, Flush};
 use crate::node::Node;
 
-pub async fn stream(
+pub(crate) async fn stream(
     req: HttpRequest,
     node: web::Data<Node>,
     session: Session,

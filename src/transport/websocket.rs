@@ -36,7 +36,7 @@ use crate::policy::rate::TokenBucket;
 /// Run one admitted (or refused) socket to its end: the session actor in its
 /// `WebsocketContext`, fed from the raw connection and writing straight to it. `early` holds
 /// any bytes the client sent right behind its handshake.
-pub async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, early: Bytes) {
+pub(crate) async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, early: Bytes) {
     let codec = actix_http::ws::Codec::new().max_size(node.settings.limits.max_frame_bytes);
     // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
     let write_stall = Duration::from_millis(node.settings.heartbeat.timeout_ms);
@@ -86,7 +86,7 @@ impl Stream for SocketInput {
     }
 }
 
-pub struct WsSession {
+pub(crate) struct WsSession {
     node: Arc<Node>,
     admission: Option<Admission>,
     live: Option<Live>,
