@@ -1,8 +1,8 @@
 //! The call-centre simulator behind `demo.simulate_calls` and `switchboard simulate`: a pure,
 //! seeded generator of realistic `call.status` events (SPEC section 4) for a pool of agents.
 //! It owns the simulated calls, the agent pool, the arrival process and the event data
-//! format (including the hand-written RFC 3339 timestamps); it does no I/O and keeps no
-//! clock of its own. Callers drive it with [`CallSimulator::advance`] and publish what it
+//! format (RFC 3339 UTC timestamps with milliseconds); it does no I/O and keeps no clock of
+//! its own. Callers drive it with [`CallSimulator::advance`] and publish what it
 //! returns: each status change as two events, one on `calls` (the board) and one on
 //! `call:<call_id>` (the per-call detail).
 //!
@@ -16,6 +16,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::{OffsetDateTime, PrimitiveDateTime};
 
 /// The event name of every simulated event.
 pub(crate) const CALL_STATUS_EVENT: &str = "call.status";
@@ -220,7 +223,7 @@ impl CallSimulator {
         out
     }
 
-    /// Calls currently not ended (for tests/metrics).
+    /// Calls currently not ended.
     #[cfg(test)]
     pub(crate) fn active_calls(&self) -> usize {
         self.calls.len()
@@ -603,23 +606,17 @@ fn emit(out: &mut Vec<SimulatedEvent>, call: &Call) {
     });
 }
 
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`: RFC 3339 in UTC with exactly three fractional digits.
+const TIMESTAMP_FORMAT: &[BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
 /// Formats unix milliseconds as RFC 3339 UTC with millisecond precision,
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (proleptic Gregorian calendar, days-from-civil inverse).
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`. Times past the end of year 9999 print as its last millisecond.
 pub(crate) fn rfc3339_ms(unix_ms: u64) -> String {
-    let ms = unix_ms % 1000;
-    let secs = unix_ms / 1000;
-    let (hh, mm, ss) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    // Howard Hinnant's civil_from_days, for days >= 0 only (unsigned arithmetic).
-    let z = secs / 86_400 + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097; // day of era, [0, 146096]
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // March-based month, [0, 11]
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z")
+    let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .unwrap_or(PrimitiveDateTime::MAX.assume_utc());
+    at.format(TIMESTAMP_FORMAT)
+        .expect("a UTC date-time has every component of the format")
 }
 
 #[cfg(test)]
@@ -954,6 +951,8 @@ mod tests {
         assert_eq!(rfc3339_ms(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
         assert_eq!(rfc3339_ms(1_709_251_199_001), "2024-02-29T23:59:59.001Z");
         assert!(is_timestamp(&rfc3339_ms(T0)));
+        assert_eq!(rfc3339_ms(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_ms(u64::MAX), "9999-12-31T23:59:59.999Z");
     }
 
     /// The first advance already shows a handful of calls in several states; with no agents, or a zero rate, nothing panics.

@@ -5,6 +5,7 @@
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
 use crate::core::event::{PublishBody, PublishRequest};
 use crate::core::ids::{OrgId, Topic};
@@ -32,9 +33,10 @@ fn bad_field(field: &str, message: impl ToString) -> BadField {
     }
 }
 
-/// Compare without leaking, through timing, how much of a key matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compare without leaking, through timing, how much of a key matched. A key of another
+/// length never matches (`subtle` answers that at once: the length is not the secret).
+fn key_matches(key: &[u8], presented: &[u8]) -> bool {
+    key.ct_eq(presented).into()
 }
 
 fn authorised(node: &Node, req: &HttpRequest) -> bool {
@@ -52,7 +54,7 @@ fn authorised(node: &Node, req: &HttpRequest) -> bool {
         .api
         .publish_keys
         .iter()
-        .any(|key| constant_time_eq(key.as_bytes(), presented.trim().as_bytes()))
+        .any(|key| key_matches(key.as_bytes(), presented.trim().as_bytes()))
 }
 
 /// Validate a publish body into a request, or the 400 naming the field at fault.
@@ -165,6 +167,18 @@ mod tests {
             field_of(r#"{"org":"1","topic":"calls","data":1,"x":2}"#),
             "x"
         );
+    }
+
+    /// Only the exact key matches: not a prefix, an extension, an empty key or one differing
+    /// in a single byte.
+    #[test]
+    fn key_matches_only_the_exact_key() {
+        assert!(key_matches(b"s3cret-key", b"s3cret-key"));
+        assert!(!key_matches(b"s3cret-key", b"s3cret-kez"));
+        assert!(!key_matches(b"s3cret-key", b"s3cret"));
+        assert!(!key_matches(b"s3cret-key", b"s3cret-key!"));
+        assert!(!key_matches(b"s3cret-key", b""));
+        assert!(!key_matches(b"", b"s3cret-key"));
     }
 
     /// A good body parses, with a numeric org accepted and the default event name.

@@ -10,9 +10,11 @@
 use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::{Date, OffsetDateTime};
 
 /// The `[origins]` settings, as loaded by `config`: what this policy is compiled from.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -41,38 +43,27 @@ pub struct LegacyOrigin {
 // Dates
 // ---------------------------------------------------------------------------------------------
 
-/// Days since 1970-01-01 (UTC) — a civil date without a date crate.
-///
-/// Only `origins.legacy` needs dates, and only whole days, so the proleptic Gregorian
-/// arithmetic below (Howard Hinnant's `days_from_civil`) is cheaper than a dependency.
+/// A UTC calendar day, counted in days since 1970-01-01; the calendar itself is the `time`
+/// crate's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Day(pub(crate) i64);
 
 const SECONDS_PER_DAY: i64 = 86_400;
-/// Days from 0000-03-01 to 1970-01-01: the shift between Hinnant's era-based count and Unix days.
-const DAYS_BEFORE_EPOCH: i64 = 719_468;
-/// Days in one 400-year Gregorian cycle.
-const DAYS_PER_ERA: i64 = 146_097;
-/// `Display` prints `YYYY-MM-DD` only for 0000-01-01 ..= 9999-12-31; anything outside
-/// (possible because the field is public) prints the raw count rather than overflowing.
-const FIRST_PRINTABLE_DAY: i64 = -719_528;
-const LAST_PRINTABLE_DAY: i64 = 2_932_896;
+/// The Julian day number of 1970-01-01, day 0 here.
+const EPOCH_JULIAN_DAY: i32 = OffsetDateTime::UNIX_EPOCH.date().to_julian_day();
+/// `YYYY-MM-DD`, both read and written: four-digit year, two-digit month and day.
+const DATE_FORMAT: &[BorrowedFormatItem<'_>] = format_description!("[year]-[month]-[day]");
 
 impl Day {
     /// Parses `YYYY-MM-DD` strictly: four-digit year, month 1-12, a day that exists in that
     /// month (leap years included). Anything else, padding included, is `None`.
     pub(crate) fn parse(s: &str) -> Option<Day> {
-        let bytes = s.as_bytes();
-        if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
+        // `[year]` would also take a leading sign ("+2026-03-03"); the setting is four digits.
+        if s.len() != 10 || !s.starts_with(|c: char| c.is_ascii_digit()) {
             return None;
         }
-        let year = decimal(&bytes[0..4])?;
-        let month = decimal(&bytes[5..7])?;
-        let day = decimal(&bytes[8..10])?;
-        if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-            return None;
-        }
-        Some(Day(days_from_civil(year, month, day)))
+        let date = Date::parse(s, DATE_FORMAT).ok()?;
+        Some(Day(i64::from(date.to_julian_day() - EPOCH_JULIAN_DAY)))
     }
 
     /// The UTC day a Unix timestamp falls on (negative timestamps round towards the past).
@@ -82,74 +73,26 @@ impl Day {
 
     /// Today in UTC: the one place this module reads the clock.
     pub fn today() -> Day {
-        let secs = match SystemTime::now().duration_since(UNIX_EPOCH) {
-            Ok(since) => i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-            Err(before) => i64::try_from(before.duration().as_secs()).map_or(i64::MIN, |s| -s),
-        };
-        Day::from_unix_seconds(secs)
+        Day::from_unix_seconds(OffsetDateTime::now_utc().unix_timestamp())
+    }
+
+    /// The calendar date, if it is one `Display` prints: 0000-01-01 ..= 9999-12-31.
+    fn date(self) -> Option<Date> {
+        let julian_day = self.0.checked_add(i64::from(EPOCH_JULIAN_DAY))?;
+        let date = Date::from_julian_day(i32::try_from(julian_day).ok()?).ok()?;
+        (0..=9999).contains(&date.year()).then_some(date)
     }
 }
 
 impl fmt::Display for Day {
+    /// `YYYY-MM-DD`; a count outside the printable years (possible because the field is
+    /// public) prints as the raw count instead.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !(FIRST_PRINTABLE_DAY..=LAST_PRINTABLE_DAY).contains(&self.0) {
+        let Some(date) = self.date() else {
             return write!(f, "day {} since 1970-01-01", self.0);
-        }
-        let (year, month, day) = civil_from_days(self.0);
-        write!(f, "{year:04}-{month:02}-{day:02}")
+        };
+        f.write_str(&date.format(DATE_FORMAT).map_err(|_| fmt::Error)?)
     }
-}
-
-/// ASCII digits to a number; `None` if any byte is not a digit.
-fn decimal(digits: &[u8]) -> Option<i64> {
-    digits.iter().try_fold(0_i64, |value, &byte| {
-        byte.is_ascii_digit()
-            .then(|| value * 10 + i64::from(byte - b'0'))
-    })
-}
-
-fn is_leap_year(year: i64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap_year(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a valid civil date. Years start in March here so that the leap
-/// day is the last day of the (shifted) year.
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let shifted_month = (month + 9) % 12;
-    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * DAYS_PER_ERA + day_of_era - DAYS_BEFORE_EPOCH
-}
-
-/// The inverse of [`days_from_civil`]: (year, month, day).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let shifted = days + DAYS_BEFORE_EPOCH;
-    let era = shifted.div_euclid(DAYS_PER_ERA);
-    let day_of_era = shifted - era * DAYS_PER_ERA;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1585,6 +1528,7 @@ mod tests {
             " 2026-03-03",
             "2026-03-03 ",
             "+026-03-03",
+            "+2026-03-03",
             "2026-03-033",
             "26-03-03",
             "2026-03-0a",
