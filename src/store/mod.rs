@@ -7,3 +7,5 @@ pub mod caps;
 pub mod redis;
 pub mod revocations;
 pub mod sessions;
+#[cfg(test)]
+pub(crate) mod test_redis;
