@@ -9,4 +9,6 @@ pub mod fanout;
 pub mod outbox;
 pub mod registry;
 pub mod subscriptions;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod writer;
