@@ -158,3 +158,161 @@ impl Handler<FetchHistory> for MemoryBroker {
         Ok(self.log.replay(&msg.channel, msg.since))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ids::{OrgId, Topic};
+
+    fn request(n: u32) -> PublishRequest {
+        PublishRequest {
+            org: OrgId::parse("1").unwrap(),
+            topic: Topic::parse("calls").unwrap(),
+            body: PublishBody::Json {
+                event: "call.status".into(),
+                data: serde_json::json!({ "n": n }),
+            },
+            sender: None,
+        }
+    }
+
+    fn channel() -> ChannelKey {
+        request(0).channel()
+    }
+
+    /// How long the tests' logs keep events.
+    const TTL: Duration = Duration::from_secs(60);
+
+    /// A log keeping `max_len` events for [`TTL`], with `count` events published.
+    fn log_with(max_len: usize, count: u32) -> (EventLog, Vec<EventId>) {
+        let limits = HistoryLimits { max_len, ttl: TTL };
+        let log = EventLog::new(Arc::default(), Some(limits));
+        let ids = (1..=count).map(|n| log.publish(&request(n))).collect();
+        (log, ids)
+    }
+
+    fn replayed(replay: &Replay) -> Vec<EventId> {
+        replay.events.iter().map(|e| e.id).collect()
+    }
+
+    /// Ids rise with every publish, even many within one millisecond.
+    #[test]
+    fn ids_rise() {
+        let (log, ids) = log_with(1000, 500);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert_eq!(replayed(&log.replay(&channel(), ids[0])), ids[1..]);
+    }
+
+    /// After an id this process issued, the later events are replayed, recovered; after the
+    /// newest, nothing, still recovered.
+    #[test]
+    fn since_a_kept_id_is_recovered() {
+        let (log, ids) = log_with(10, 3);
+        let replay = log.replay(&channel(), ids[0]);
+        assert_eq!(replayed(&replay), ids[1..]);
+        assert!(replay.recovered);
+        let replay = log.replay(&channel(), ids[2]);
+        assert!(replay.events.is_empty());
+        assert!(replay.recovered);
+    }
+
+    /// A `since` older than the first id this process issued (the client saw events before a
+    /// restart) is not recovered, though everything kept is replayed.
+    #[test]
+    fn since_before_this_process_is_not_recovered() {
+        let (log, ids) = log_with(10, 2);
+        let before = EventId {
+            ms: ids[0].ms - 1,
+            seq: 0,
+        };
+        let replay = log.replay(&channel(), before);
+        assert_eq!(replayed(&replay), ids);
+        assert!(!replay.recovered);
+    }
+
+    /// A `since` newer than any id issued is not recovered.
+    #[test]
+    fn since_in_the_future_is_not_recovered() {
+        let (log, ids) = log_with(10, 2);
+        let future = EventId {
+            ms: ids[1].ms + 60_000,
+            seq: 0,
+        };
+        let replay = log.replay(&channel(), future);
+        assert!(replay.events.is_empty());
+        assert!(!replay.recovered);
+    }
+
+    /// Trimming by `max_len`: a `since` before the newest dropped event is not recovered; the
+    /// newest dropped one itself is (everything after it is kept).
+    #[test]
+    fn since_trimmed_by_length() {
+        let (log, ids) = log_with(2, 4);
+        let replay = log.replay(&channel(), ids[0]);
+        assert_eq!(replayed(&replay), ids[2..]);
+        assert!(!replay.recovered);
+        let replay = log.replay(&channel(), ids[1]);
+        assert_eq!(replayed(&replay), ids[2..]);
+        assert!(replay.recovered);
+    }
+
+    /// Trimming by age: events older than the TTL are dropped at the next replay, and a
+    /// `since` before them is not recovered. (The log ages events by `std::time::Instant`,
+    /// which tokio's paused clock does not move, so the test ages them by hand.)
+    #[test]
+    fn since_trimmed_by_age() {
+        let (log, ids) = log_with(10, 3);
+        let long_ago = Instant::now()
+            .checked_sub(TTL + Duration::from_secs(1))
+            .expect("the monotonic clock reaches back past the TTL");
+        for event in log
+            .channels
+            .lock()
+            .get_mut(&channel())
+            .unwrap()
+            .log
+            .iter_mut()
+            .take(2)
+        {
+            *event = Arc::new(Event {
+                channel: event.channel.clone(),
+                id: event.id,
+                name: event.name.clone(),
+                payload: event.payload.clone(),
+                ws_frame: event.ws_frame.clone(),
+                conflation_key: event.conflation_key.clone(),
+                received_at: long_ago,
+            });
+        }
+        let replay = log.replay(&channel(), ids[0]);
+        assert_eq!(replayed(&replay), ids[2..]);
+        assert!(!replay.recovered);
+        let replay = log.replay(&channel(), ids[1]);
+        assert_eq!(replayed(&replay), ids[2..]);
+        assert!(replay.recovered);
+    }
+
+    /// Binary frames are live-only: not replayed, and they do not break recovery.
+    #[test]
+    fn binary_events_are_not_replayed() {
+        let (log, ids) = log_with(10, 1);
+        let mut binary = request(0);
+        binary.body = PublishBody::Binary(bytes::Bytes::from_static(b"audio"));
+        log.publish(&binary);
+        let last = log.publish(&request(2));
+        let replay = log.replay(&channel(), ids[0]);
+        assert_eq!(replayed(&replay), [last]);
+        assert!(replay.recovered);
+    }
+
+    /// With history off nothing is replayed and nothing is recovered.
+    #[test]
+    fn without_history_nothing_is_recovered() {
+        let log = EventLog::new(Arc::default(), None);
+        let id = log.publish(&request(1));
+        log.publish(&request(2));
+        let replay = log.replay(&channel(), id);
+        assert!(replay.events.is_empty());
+        assert!(!replay.recovered);
+    }
+}

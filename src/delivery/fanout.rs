@@ -191,3 +191,191 @@ fn through_outbox(link: &SessionLink, event: &Arc<Event>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::sync::mpsc::UnboundedReceiver;
+    use tokio::task::spawn_local;
+
+    use crate::config::SlowConsumerPolicy;
+    use crate::core::close::Close;
+    use crate::core::ids::ChannelKey;
+    use crate::delivery::registry::{Control, Registry, SessionLink};
+    use crate::delivery::test_support::{
+        binary, channel, event, frames, link, session, socket_pair, Buffers, Got, Peer, FILL,
+    };
+    use crate::delivery::writer::drive;
+
+    use super::*;
+
+    /// One WebSocket of this worker: its link, the client's end, and its session's output
+    /// (the writer runs while it is held).
+    struct Client {
+        link: Arc<SessionLink>,
+        peer: Peer,
+        mailbox: UnboundedReceiver<Got>,
+        session: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    }
+
+    /// A WebSocket subscribed to `channel` on `registry` (`binary` as it asked), its writer
+    /// running, its welcome read; its outbox holds `queue` events under `policy`.
+    async fn subscribed(
+        registry: &Registry,
+        channel: &ChannelKey,
+        binary: bool,
+        buffers: Buffers,
+        queue: usize,
+        policy: SlowConsumerPolicy,
+    ) -> Client {
+        let (socket, mut peer) = socket_pair(buffers).await;
+        let (link, mailbox) = link(queue, policy, false);
+        {
+            let mut shared = socket.shared().borrow_mut();
+            shared.link = Some(link.clone());
+            shared.subscriptions.insert_live(channel.clone());
+        }
+        registry.subscribe(channel, &link, binary, Some(socket.clone()));
+        let (session, frames_of_session) = session();
+        spawn_local(drive(frames_of_session, socket, Duration::from_secs(3600)));
+        session.send(Bytes::from_static(b"welcome")).unwrap();
+        peer.expect(b"welcome").await;
+        Client {
+            link,
+            peer,
+            mailbox,
+            session,
+        }
+    }
+
+    /// A JSON-only WebSocket with default buffers and a roomy outbox.
+    async fn plain(registry: &Registry, channel: &ChannelKey) -> Client {
+        let policy = SlowConsumerPolicy::Conflate;
+        subscribed(registry, channel, false, Buffers::Default, 64, policy).await
+    }
+
+    /// Events delivered to the registry reach every socket subscribed to their channel on
+    /// this worker, in order, and no other socket.
+    #[actix_web::test]
+    async fn events_reach_the_subscribed_sockets_in_order() {
+        let registry = Registry::default();
+        let (calls, queues) = (channel("calls"), channel("queues"));
+        let mut first = plain(&registry, &calls).await;
+        let mut second = plain(&registry, &calls).await;
+        let mut elsewhere = plain(&registry, &queues).await;
+        let events: Vec<_> = (1..=5).map(|n| event(&calls, n, None)).collect();
+        for e in &events {
+            registry.deliver(e);
+        }
+        let queued = event(&queues, 6, None);
+        registry.deliver(&queued);
+        let expected = frames(&events.iter().collect::<Vec<_>>());
+        first.peer.expect(&expected).await;
+        second.peer.expect(&expected).await;
+        elsewhere.peer.expect(&queued.ws_frame).await;
+    }
+
+    /// Binary frames reach only the sockets that asked for them; JSON events reach all.
+    #[actix_web::test]
+    async fn binary_frames_reach_only_binary_subscribers() {
+        let registry = Registry::default();
+        let voice = channel("voice");
+        let policy = SlowConsumerPolicy::Conflate;
+        let mut listener = subscribed(&registry, &voice, true, Buffers::Default, 64, policy).await;
+        let mut viewer = plain(&registry, &voice).await;
+        let (audio, status) = (binary(&voice, 1), event(&voice, 2, None));
+        registry.deliver(&audio);
+        registry.deliver(&status);
+        listener.peer.expect(&frames(&[&audio, &status])).await;
+        viewer.peer.expect(&status.ws_frame).await;
+    }
+
+    /// A socket that left the channel gets none of its later events.
+    #[actix_web::test]
+    async fn an_unsubscribed_socket_gets_nothing_more() {
+        let registry = Registry::default();
+        let calls = channel("calls");
+        let mut leaving = plain(&registry, &calls).await;
+        let mut staying = plain(&registry, &calls).await;
+        assert!(!registry.unsubscribe(&calls, leaving.link.conn));
+        let after = event(&calls, 1, None);
+        registry.deliver(&after);
+        // The pass that wrote `staying` has written every socket it offered the event to.
+        staying.peer.expect(&after.ws_frame).await;
+        drop(leaving.session);
+        assert!(leaving.peer.read_to_end().await.is_empty());
+    }
+
+    /// An SSE stream (no socket to write) gets events through its outbox, woken by a Flush.
+    #[actix_web::test]
+    async fn an_sse_stream_gets_events_through_its_outbox() {
+        let registry = Registry::default();
+        let calls = channel("calls");
+        let (link, mut mailbox) = link(64, SlowConsumerPolicy::Conflate, true);
+        registry.subscribe(&calls, &link, false, None);
+        let (a, b) = (event(&calls, 1, None), event(&calls, 2, None));
+        registry.deliver(&a);
+        registry.deliver(&b);
+        assert!(matches!(mailbox.recv().await, Some(Got::Flush)));
+        let mut queued = Vec::new();
+        link.outbox.drain_into(&mut queued);
+        assert_eq!(
+            queued.iter().map(|e| e.id).collect::<Vec<_>>(),
+            [a.id, b.id]
+        );
+    }
+
+    /// The client stops reading: events wait in the outbox, behind what the socket has not
+    /// taken, and conflate to the newest state per call; once the client reads, they follow.
+    #[actix_web::test]
+    async fn a_blocked_socket_conflates_to_the_newest_state_per_call() {
+        let registry = Registry::default();
+        let calls = channel("calls");
+        let policy = SlowConsumerPolicy::Conflate;
+        let mut slow = subscribed(&registry, &calls, false, Buffers::Small, 2, policy).await;
+        let big = Bytes::from(vec![7u8; FILL]);
+        slow.session.send(big.clone()).unwrap();
+        let events = [
+            event(&calls, 1, Some("a")),
+            event(&calls, 2, Some("a")),
+            event(&calls, 3, Some("a")),
+            event(&calls, 4, Some("b")),
+        ];
+        for e in &events {
+            registry.deliver(e);
+        }
+        passed(&registry).await;
+        slow.peer.expect(&big).await;
+        slow.peer.expect(&frames(&[&events[2], &events[3]])).await;
+    }
+
+    /// Under `slow_consumer = close`, a blocked socket whose outbox overflows is told to
+    /// close as a slow consumer.
+    #[actix_web::test]
+    async fn a_slow_consumer_is_closed_when_its_outbox_overflows() {
+        let registry = Registry::default();
+        let calls = channel("calls");
+        let policy = SlowConsumerPolicy::Close;
+        let mut slow = subscribed(&registry, &calls, false, Buffers::Small, 2, policy).await;
+        slow.session.send(Bytes::from(vec![7u8; FILL])).unwrap();
+        for n in 1..=3 {
+            registry.deliver(&event(&calls, n, None));
+        }
+        assert!(matches!(
+            slow.mailbox.recv().await,
+            Some(Got::Control(Control::Close(Close::SlowConsumer)))
+        ));
+    }
+
+    /// Wait until this worker's fan-out has passed every event delivered so far: it takes
+    /// events in order, so a marker event reaching an SSE subscriber comes after them.
+    async fn passed(registry: &Registry) {
+        let marker = channel("marker");
+        let (link, mut mailbox) = link(4, SlowConsumerPolicy::Conflate, true);
+        registry.subscribe(&marker, &link, false, None);
+        registry.deliver(&event(&marker, 0, None));
+        assert!(matches!(mailbox.recv().await, Some(Got::Flush)));
+    }
+}

@@ -9,4 +9,6 @@ pub(crate) mod fanout;
 pub(crate) mod outbox;
 pub(crate) mod registry;
 pub(crate) mod subscriptions;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub(crate) mod writer;

@@ -138,6 +138,12 @@ mod tests {
     use bytestring::ByteString;
     use std::time::Instant;
 
+    fn binary(topic: &str, seq: u64) -> Arc<Event> {
+        let mut event = Arc::into_inner(event(topic, None, seq)).unwrap();
+        event.payload = Payload::Binary(Bytes::from_static(b"audio"));
+        Arc::new(event)
+    }
+
     fn event(topic: &str, call: Option<&str>, seq: u64) -> Arc<Event> {
         let channel = ChannelKey::new(&OrgId::parse("1").unwrap(), &Topic::parse(topic).unwrap());
         Arc::new(Event {
@@ -194,6 +200,35 @@ mod tests {
         let outbox = Outbox::new(1, SlowConsumerPolicy::Close);
         outbox.push(&event("calls", Some("a"), 1));
         assert_eq!(outbox.push(&event("calls", Some("a"), 2)), Pushed::Overflow);
+    }
+
+    /// Binary frames are a stream: a full queue conflates the JSON states around them and
+    /// keeps every frame, and a queue of frames alone overflows rather than lose one.
+    #[test]
+    fn binary_frames_never_conflate() {
+        let outbox = Outbox::new(3, SlowConsumerPolicy::Conflate);
+        outbox.push(&binary("voice", 1));
+        outbox.push(&event("voice", Some("a"), 2));
+        outbox.push(&binary("voice", 3));
+        assert_ne!(outbox.push(&event("voice", Some("a"), 4)), Pushed::Overflow);
+        assert_eq!(drained(&outbox), vec![1, 3, 4]);
+
+        let outbox = Outbox::new(2, SlowConsumerPolicy::Conflate);
+        outbox.push(&binary("voice", 1));
+        outbox.push(&binary("voice", 2));
+        assert_eq!(outbox.push(&binary("voice", 3)), Pushed::Overflow);
+    }
+
+    /// After the slow-consumer close, nothing is queued or woken for again.
+    #[test]
+    fn an_overflowed_outbox_stays_empty() {
+        let outbox = Outbox::new(1, SlowConsumerPolicy::Close);
+        outbox.push(&event("calls", None, 1));
+        assert_eq!(outbox.push(&event("calls", None, 2)), Pushed::Overflow);
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.push(&event("calls", None, 3)), Pushed::Dropped);
+        assert!(drained(&outbox).is_empty());
+        assert_eq!(outbox.push(&event("calls", None, 4)), Pushed::Dropped);
     }
 
     /// Events without a call id conflate per topic.

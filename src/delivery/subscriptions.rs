@@ -147,9 +147,20 @@ mod tests {
         ChannelKey::new(&OrgId::parse("1").unwrap(), &Topic::parse("calls").unwrap())
     }
 
+    fn other_channel() -> ChannelKey {
+        ChannelKey::new(
+            &OrgId::parse("1").unwrap(),
+            &Topic::parse("queues").unwrap(),
+        )
+    }
+
     fn event(ms: u64) -> Arc<Event> {
+        event_on(channel(), ms)
+    }
+
+    fn event_on(channel: ChannelKey, ms: u64) -> Arc<Event> {
         Arc::new(Event {
-            channel: channel(),
+            channel,
             id: EventId { ms, seq: 0 },
             name: "e".into(),
             ws_frame: bytes::Bytes::new(),
@@ -219,5 +230,22 @@ mod tests {
         let out = subs.finish_replay(&channel(), hold, Vec::new()).unwrap();
         assert_eq!(ids(&out), vec![7, 7, 6]);
         assert_eq!(subs.admit_live(event(5)).map(|e| e.id.ms), Some(5));
+    }
+
+    /// A replay holds only its own channel: events of the connection's other channels pass
+    /// meanwhile, and its `sent_through` does not skip theirs.
+    #[test]
+    fn a_replay_holds_only_its_own_channel() {
+        let mut subs = Subscriptions::default();
+        subs.insert_live(other_channel());
+        let hold = subs.insert_replaying(channel());
+        assert!(subs.admit_live(event(5)).is_none());
+        assert!(subs.admit_live(event_on(other_channel(), 1)).is_some());
+        let out = subs
+            .finish_replay(&channel(), hold, vec![event(4)])
+            .unwrap();
+        assert_eq!(ids(&out), vec![4, 5]);
+        assert!(subs.admit_live(event_on(other_channel(), 2)).is_some());
+        assert!(subs.admit_live(event(5)).is_none());
     }
 }

@@ -323,6 +323,7 @@ pub(crate) async fn refresh_leases(caps: RedisCaps, held: impl Fn() -> Vec<(Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_redis::TestRedis;
 
     /// reject_new refuses at the limit; evict_oldest names the oldest to close.
     #[test]
@@ -345,5 +346,136 @@ mod tests {
             }
         );
         assert_eq!(held, VecDeque::from(vec!["b".to_string(), "c".to_string()]));
+    }
+
+    /// ACQUIRE_LUA on a real redis-server: the test's Redis, caps with a 30 s lease over it.
+    async fn redis_caps() -> (TestRedis, RedisCaps) {
+        let redis = TestRedis::start();
+        let commands = RedisCommands::connect(&redis.url())
+            .await
+            .expect("connect to the test redis-server");
+        (redis, RedisCaps::new(commands, Duration::from_secs(30)))
+    }
+
+    /// The slots Redis holds for `user_key`, oldest first.
+    fn slots_of(redis: &TestRedis, user_key: &str) -> Vec<String> {
+        redis::cmd("ZRANGE")
+            .arg(RedisCaps::key(user_key))
+            .arg(0)
+            .arg(-1)
+            .query(&mut redis.conn())
+            .expect("ZRANGE caps")
+    }
+
+    fn admitted(evicted: &[&str]) -> CapOutcome {
+        CapOutcome::Admitted {
+            evicted: evicted.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Under reject_new a user at the limit is refused, and admitted again once a slot is
+    /// released.
+    #[tokio::test]
+    async fn reject_new_refuses_at_the_limit_until_a_slot_is_released() {
+        let (redis, caps) = redis_caps().await;
+        let ask = |slot: &'static str| caps.acquire("42/u", slot, 2, CapPolicy::RejectNew);
+        assert_eq!(ask("1|a").await.expect("first"), admitted(&[]));
+        assert_eq!(ask("2|b").await.expect("second"), admitted(&[]));
+        assert_eq!(
+            ask("3|c").await.expect("third"),
+            CapOutcome::Refused { limit: 2 }
+        );
+        assert_eq!(slots_of(&redis, "42/u"), ["1|a", "2|b"]);
+        caps.release("42/u", "1|a").await;
+        assert_eq!(ask("3|c").await.expect("after a release"), admitted(&[]));
+        assert_eq!(slots_of(&redis, "42/u"), ["2|b", "3|c"]);
+    }
+
+    /// Under evict_oldest the oldest slot by age (not by arrival) is named and removed.
+    #[tokio::test]
+    async fn evict_oldest_names_the_oldest_slot() {
+        let (redis, caps) = redis_caps().await;
+        let ask = |slot: &'static str| caps.acquire("42/u", slot, 2, CapPolicy::EvictOldest);
+        // The younger socket's request reaches Redis first.
+        assert_eq!(ask("000000000000002|b").await.expect("b"), admitted(&[]));
+        assert_eq!(ask("000000000000001|a").await.expect("a"), admitted(&[]));
+        assert_eq!(
+            ask("000000000000003|c").await.expect("c"),
+            admitted(&["000000000000001|a"])
+        );
+        assert_eq!(
+            slots_of(&redis, "42/u"),
+            ["000000000000002|b", "000000000000003|c"]
+        );
+    }
+
+    /// A cap request sent again (the pod's connection dropped after Redis ran it, and the pod
+    /// retried) is granted the slot it already holds, rather than counting it twice: at a
+    /// limit of 1 the repeat is admitted and the user's next socket is still refused; under
+    /// evict_oldest the repeat reports the same eviction.
+    #[tokio::test]
+    async fn a_repeated_cap_request_counts_its_slot_once() {
+        let (_redis, caps) = redis_caps().await;
+        let ask = |slot: &'static str| caps.acquire("42/u1", slot, 1, CapPolicy::RejectNew);
+        assert_eq!(ask("1|a").await.expect("first request"), admitted(&[]));
+        assert_eq!(
+            ask("1|a").await.expect("the same request again"),
+            admitted(&[])
+        );
+        assert_eq!(
+            ask("2|b").await.expect("another socket"),
+            CapOutcome::Refused { limit: 1 }
+        );
+
+        // Under evict_oldest the repeat must name the same evicted socket, or it stays open.
+        let evict = |slot: &'static str| caps.acquire("42/u2", slot, 1, CapPolicy::EvictOldest);
+        assert_eq!(evict("1|c").await.expect("first socket"), admitted(&[]));
+        assert_eq!(
+            evict("2|d").await.expect("second socket"),
+            admitted(&["1|c"])
+        );
+        assert_eq!(
+            evict("2|d").await.expect("the same request again"),
+            admitted(&["1|c"])
+        );
+    }
+
+    /// A slot whose lease ran out (its pod died) no longer counts: at the limit, a new socket
+    /// is admitted without evicting anyone, and the stale slot is gone.
+    #[tokio::test]
+    async fn expired_leases_are_pruned() {
+        let (redis, caps) = redis_caps().await;
+        let expired_at = unix_ms() - 1_000;
+        redis::cmd("ZADD")
+            .arg(RedisCaps::key("42/u"))
+            .arg(expired_at)
+            .arg("1|dead")
+            .exec(&mut redis.conn())
+            .expect("ZADD a stale slot");
+        assert_eq!(
+            caps.acquire("42/u", "2|new", 1, CapPolicy::RejectNew)
+                .await
+                .expect("acquire"),
+            admitted(&[])
+        );
+        assert_eq!(slots_of(&redis, "42/u"), ["2|new"]);
+    }
+
+    /// Redis lost the slots (restarted empty): a lease refresh puts them back, so the cap
+    /// still counts the live sockets.
+    #[tokio::test]
+    async fn a_refresh_restores_slots_redis_lost() {
+        let (redis, caps) = redis_caps().await;
+        let ask = |slot: &'static str| caps.acquire("42/u", slot, 1, CapPolicy::RejectNew);
+        assert_eq!(ask("1|a").await.expect("first"), admitted(&[]));
+        redis::cmd("FLUSHALL")
+            .exec(&mut redis.conn())
+            .expect("FLUSHALL");
+        caps.refresh(&[("42/u".to_string(), "1|a".to_string())])
+            .await;
+        assert_eq!(
+            ask("2|b").await.expect("another socket"),
+            CapOutcome::Refused { limit: 1 }
+        );
     }
 }

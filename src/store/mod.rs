@@ -7,3 +7,5 @@ pub mod caps;
 pub mod redis;
 pub(crate) mod revocations;
 pub(crate) mod sessions;
+#[cfg(test)]
+pub(crate) mod test_redis;

@@ -491,43 +491,6 @@ async fn cap_counts_sockets_across_pods_and_frees_a_killed_pods_slots() {
     }
 }
 
-/// A cap request sent again (the pod's connection dropped after Redis ran it, and the pod
-/// retried) is granted the slot it already holds, rather than counting it twice: at a limit
-/// of 1 the repeat is admitted and the user's next socket is still refused; under
-/// evict_oldest the repeat reports the same eviction.
-#[actix_web::test]
-async fn a_repeated_cap_request_counts_its_slot_once() {
-    use switchboard::config::CapPolicy;
-    use switchboard::store::caps::{CapOutcome, RedisCaps};
-    use switchboard::store::redis::RedisCommands;
-
-    let redis = Redis::start();
-    let commands = RedisCommands::connect(&redis.url())
-        .await
-        .expect("connect to the test redis-server");
-    let caps = RedisCaps::new(commands, Duration::from_secs(30));
-    let admitted = CapOutcome::Admitted { evicted: vec![] };
-    let ask = |slot: &'static str| caps.acquire("42/u1", slot, 1, CapPolicy::RejectNew);
-    assert_eq!(ask("1|a").await.expect("first request"), admitted);
-    assert_eq!(ask("1|a").await.expect("the same request again"), admitted);
-    assert_eq!(
-        ask("2|b").await.expect("another socket"),
-        CapOutcome::Refused { limit: 1 }
-    );
-
-    // Under evict_oldest the repeat must name the same evicted socket, or it stays open.
-    let evict = |slot: &'static str| caps.acquire("42/u2", slot, 1, CapPolicy::EvictOldest);
-    assert_eq!(evict("1|c").await.expect("first socket"), admitted);
-    let evicted_c = CapOutcome::Admitted {
-        evicted: vec!["1|c".to_string()],
-    };
-    assert_eq!(evict("2|d").await.expect("second socket"), evicted_c);
-    assert_eq!(
-        evict("2|d").await.expect("the same request again"),
-        evicted_c
-    );
-}
-
 /// Limit 2, a user holds 2 sockets, Redis restarts empty: the pod re-asserts both slots, so a third socket gets 4429; a closed socket's slot is not brought back.
 #[actix_web::test]
 async fn cap_slots_survive_redis_restarting_empty() {
