@@ -30,5 +30,5 @@ mod http;
 mod node;
 pub mod policy;
 pub mod server;
-pub mod store;
+mod store;
 mod transport;

@@ -17,7 +17,7 @@ use crate::core::ids::unix_ms;
 
 /// The result of asking for a connection slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CapOutcome {
+pub(crate) enum CapOutcome {
     /// Admitted; the listed connections (oldest first) must be closed with 4409.
     Admitted { evicted: Vec<String> },
     /// The user is at `limit` and the policy is `reject_new`.
@@ -51,7 +51,7 @@ pub(crate) fn slot_conn(slot: &str) -> &str {
 /// The caps store could not be reached; the handshake fails closed.
 #[derive(Debug, thiserror::Error)]
 #[error("connection caps unavailable: {0}")]
-pub struct CapsUnavailable(#[from] pub CommandError);
+pub(crate) struct CapsUnavailable(#[from] pub(crate) CommandError);
 
 impl ConnectionCaps {
     pub(crate) fn in_memory(limit: u32, policy: CapPolicy) -> Self {
@@ -140,7 +140,7 @@ fn admit(held: &mut VecDeque<String>, conn: &str, limit: u32, policy: CapPolicy)
 /// Per-user connection caps shared by every pod: a sorted set of slots scored by lease expiry,
 /// changed only by Lua scripts so two pods can never both take the last slot.
 #[derive(Clone)]
-pub struct RedisCaps {
+pub(crate) struct RedisCaps {
     commands: RedisCommands,
     lease: Duration,
     acquire: Arc<Script>,
@@ -186,7 +186,7 @@ return out
 "#;
 
 impl RedisCaps {
-    pub fn new(commands: RedisCommands, lease: Duration) -> Self {
+    pub(crate) fn new(commands: RedisCommands, lease: Duration) -> Self {
         Self {
             commands,
             lease,
@@ -198,7 +198,7 @@ impl RedisCaps {
         format!("sb:caps:{user_key}")
     }
 
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         &self,
         user_key: &str,
         slot: &str,

@@ -3,8 +3,8 @@
 //! ([`revocations`]), and per-user connection caps ([`caps`]), over the one Redis command
 //! connection of this layer ([`redis`]). Pub/sub and history are the broker's, not here.
 
-pub mod caps;
-pub mod redis;
+pub(crate) mod caps;
+pub(crate) mod redis;
 pub(crate) mod revocations;
 pub(crate) mod sessions;
 #[cfg(test)]

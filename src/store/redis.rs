@@ -18,7 +18,7 @@ pub(crate) const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// Why a Redis command has no answer.
 #[derive(Debug, thiserror::Error)]
-pub enum CommandError {
+pub(crate) enum CommandError {
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
     #[error("no answer from Redis within {0:?}")]
@@ -33,7 +33,7 @@ pub enum CommandError {
 /// thread) would cost every command two cross-thread wake-ups. Until a thread's own
 /// connection is up it uses the shared one, as do publishing, history and the lease refresh.
 #[derive(Clone)]
-pub struct RedisCommands {
+pub(crate) struct RedisCommands {
     conn: ConnectionManager,
     opener: Arc<Opener>,
 }
@@ -55,7 +55,7 @@ thread_local! {
 
 impl RedisCommands {
     /// Connect, retrying with backoff until Redis answers (pods may start before Redis).
-    pub async fn connect(url: &str) -> Result<Self, CommandError> {
+    pub(crate) async fn connect(url: &str) -> Result<Self, CommandError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(REDIS_TIMEOUT)
