@@ -1,11 +1,12 @@
-//! Rate limits: a token bucket (a client's message budget) and the per-IP handshake limiter,
-//! bounded in memory. Pure: the caller passes the clock.
+//! Rate limits: a token bucket (a client's message budget; pure, the caller passes the clock)
+//! and the per-IP handshake limiter (governor's keyed limiter, on its own clock), bounded in
+//! memory. No I/O.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::time::Instant;
 
-use parking_lot::Mutex;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 /// A classic token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug, Clone)]
@@ -38,47 +39,36 @@ impl TokenBucket {
             false
         }
     }
-
-    /// Whether the bucket has refilled completely (so it can be forgotten).
-    fn is_full(&self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens + elapsed * self.rate >= self.burst
-    }
 }
 
-/// Handshake attempts per client IP. Bounded: full (idle) buckets are forgotten when the map grows.
+/// Handshake attempts per client IP, each with `rate` per second and bursts of `burst`
+/// (governor's keyed GCRA limiter). Bounded: past [`MAX_TRACKED_IPS`] addresses, those whose
+/// budget is full again are forgotten; if every one is still busy, new handshakes are refused
+/// rather than the map growing without bound.
 pub(crate) struct HandshakeLimiter {
-    rate: u32,
-    burst: u32,
-    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
 }
 
-/// Past this many tracked IPs, idle entries are swept on the next insert.
+/// Past this many tracked IPs, idle entries are swept.
 const MAX_TRACKED_IPS: usize = 65_536;
 
 impl HandshakeLimiter {
     pub(crate) fn new(rate: u32, burst: u32) -> Self {
+        let per_s = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         Self {
-            rate,
-            burst,
-            buckets: Mutex::new(HashMap::new()),
+            limiter: RateLimiter::keyed(Quota::per_second(per_s).allow_burst(burst)),
         }
     }
 
     pub(crate) fn allow(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock();
-        if buckets.len() >= MAX_TRACKED_IPS && !buckets.contains_key(&ip) {
-            buckets.retain(|_, b| !b.is_full(now));
-            if buckets.len() >= MAX_TRACKED_IPS {
-                // Every tracked IP is busy: refuse new ones rather than grow without bound.
+        if self.limiter.len() >= MAX_TRACKED_IPS {
+            self.limiter.retain_recent();
+            if self.limiter.len() >= MAX_TRACKED_IPS {
                 return false;
             }
         }
-        buckets
-            .entry(ip)
-            .or_insert_with(|| TokenBucket::new(self.rate, self.burst, now))
-            .try_take(now)
+        self.limiter.check_key(&ip).is_ok()
     }
 }
 
