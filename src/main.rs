@@ -1,5 +1,5 @@
 //! The `switchboard` command: parses arguments, loads and validates configuration, sets up
-//! logging, and hands over to the library (`server`, `origin`, `simulate`).
+//! logging, and hands over to the library (`server`, `policy::origin`, `demo::run`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

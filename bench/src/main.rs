@@ -1,10 +1,10 @@
-//! `switchboard-bench`: the measuring tool of issue 4. Against a running hub on loopback it
-//! logs in simulated users, opens authenticated WebSockets from several 127.0.0.x source
+//! `switchboard-bench`: the hub's measuring tool (BENCHMARKS.md). Against a running hub on loopback
+//! it logs in simulated users, opens authenticated WebSockets from several 127.0.0.x source
 //! addresses, subscribes them, publishes events at a target rate (through `/api/publish` or
-//! straight to Redis), and reports, as a table and as JSON: connections held, handshakes/s,
-//! server RSS per connection fresh and after traffic, deliveries/s, publish→receive latency,
-//! server CPU per delivery, lost and duplicated events, and its own CPU (with a warning when
-//! the bench itself is saturated). Every scenario is bounded in time and count.
+//! straight to Redis), and reports, as a table and as JSON: connections held, handshakes/s, server
+//! RSS per connection fresh and after traffic, deliveries/s, publish→receive latency, server CPU
+//! per delivery, lost and duplicated events, and its own CPU (with a warning when the bench itself
+//! is saturated). Every scenario is bounded in time and count.
 //!
 //! # Layout
 //! - `main.rs`: arguments, the runtime, the watchdog, output.

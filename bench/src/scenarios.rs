@@ -1,4 +1,4 @@
-//! The scenarios of issue 4, each bounded in time and count: who logs in, which sockets
+//! The benchmark scenarios, each bounded in time and count: who logs in, which sockets
 //! subscribe to which topics, which phases publish at what rate, and when memory and CPU are
 //! read. Fanout runs the floor server first at the same size so the hub's CPU per delivery is
 //! reported against it.

@@ -207,7 +207,8 @@ impl SseStream {
     /// subscribed, then each resumed topic's replay and the live events held meanwhile. Every
     /// subscription is held until then: clustered, a channel new to this node counts as
     /// subscribed once Redis has confirmed the node's SUBSCRIBE (at most
-    /// [`CONFIRM_TIMEOUT`](crate::broker::CONFIRM_TIMEOUT)), or an event published right after `welcome` would be missed.
+    /// [`CONFIRM_TIMEOUT`](crate::broker::CONFIRM_TIMEOUT)), or an event published right
+    /// after `welcome` would be missed.
     fn subscribe_all(&mut self, welcome: String, ctx: &mut Context<Self>) {
         let Some(attachment) = self.attachment.as_mut() else {
             return;
