@@ -14,7 +14,7 @@ use switchboard::policy::origin::Day;
 #[command(
     name = "switchboard",
     version,
-    about = "A real-time WebSocket node for live call dashboards"
+    about = "A real-time WebSocket hub for live call dashboards"
 )]
 struct Cli {
     /// Directory holding default.toml and the $SWITCHBOARD_ENV.toml profiles.

@@ -4,9 +4,15 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Instant;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use dashmap::DashMap;
+use governor::clock::DefaultClock;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::{InMemoryState, StateStore};
+use governor::{Quota, RateLimiter};
 
 /// A classic token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug, Clone)]
@@ -42,29 +48,64 @@ impl TokenBucket {
 }
 
 /// Handshake attempts per client IP, each with `rate` per second and bursts of `burst`
-/// (governor's keyed GCRA limiter). Bounded: past [`MAX_TRACKED_IPS`] addresses, those whose
-/// budget is full again are forgotten; if every one is still busy, new handshakes are refused
-/// rather than the map growing without bound.
+/// (governor's keyed GCRA limiter). Bounded: once [`MAX_TRACKED_IPS`] addresses are tracked,
+/// a handshake from a new address first forgets those whose budget is full again; if every
+/// one is still busy, the new address is refused rather than the map growing without bound.
+/// Tracked addresses keep their own budget meanwhile.
 pub(crate) struct HandshakeLimiter {
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    limiter: RateLimiter<IpAddr, TrackedAddresses, DefaultClock>,
+    /// The limiter's own map, read to tell tracked addresses from new ones.
+    tracked: TrackedAddresses,
 }
 
 /// Past this many tracked IPs, idle entries are swept.
 const MAX_TRACKED_IPS: usize = 65_536;
 
+/// governor's per-key state in a map both the limiter and [`HandshakeLimiter`] hold.
+#[derive(Clone, Default)]
+struct TrackedAddresses(Arc<DashMap<IpAddr, InMemoryState>>);
+
+impl StateStore for TrackedAddresses {
+    type Key = IpAddr;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpAddr, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpAddr> for TrackedAddresses {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.retain_recent(drop_below);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl HandshakeLimiter {
     pub(crate) fn new(rate: u32, burst: u32) -> Self {
         let per_s = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let tracked = TrackedAddresses::default();
+        let quota = Quota::per_second(per_s).allow_burst(burst);
         Self {
-            limiter: RateLimiter::keyed(Quota::per_second(per_s).allow_burst(burst)),
+            limiter: RateLimiter::new(quota, tracked.clone(), DefaultClock::default()),
+            tracked,
         }
     }
 
     pub(crate) fn allow(&self, ip: IpAddr) -> bool {
-        if self.limiter.len() >= MAX_TRACKED_IPS {
+        if self.tracked.0.len() >= MAX_TRACKED_IPS && !self.tracked.0.contains_key(&ip) {
             self.limiter.retain_recent();
-            if self.limiter.len() >= MAX_TRACKED_IPS {
+            if self.tracked.0.len() >= MAX_TRACKED_IPS {
                 return false;
             }
         }
@@ -97,5 +138,22 @@ mod tests {
         assert!(l.allow(a) && l.allow(a));
         assert!(!l.allow(a));
         assert!(l.allow(b));
+    }
+
+    /// With every tracked address busy, a new address is refused while tracked ones keep
+    /// their own budget.
+    #[test]
+    fn a_full_limiter_refuses_new_addresses_only() {
+        let l = HandshakeLimiter::new(1, 2);
+        let busy: Vec<IpAddr> = (0..MAX_TRACKED_IPS as u32)
+            .map(|n| IpAddr::from(n.to_be_bytes()))
+            .collect();
+        for ip in &busy {
+            assert!(l.allow(*ip));
+        }
+        let newcomer: IpAddr = "10.255.255.255".parse().unwrap();
+        assert!(!busy.contains(&newcomer));
+        assert!(!l.allow(newcomer), "a new address past the bound");
+        assert!(l.allow(busy[7]), "a tracked address keeps its second token");
     }
 }
