@@ -50,14 +50,20 @@ pub(crate) struct Attachment {
     shared: Shared,
 }
 
-/// What a subscription waits for before its live events are released.
+/// What a held subscription waits for: Redis to confirm the channel (`None`), or the history
+/// after `since` (`Some`).
 pub(crate) type Ready = Pin<Box<dyn Future<Output = Option<Replay>>>>;
 
-/// A subscription whose live events are held back: until Redis confirmed the channel
-/// (`Ready` gives `None`), or until the history after `since` is read (`Some`).
+/// A subscription whose live events are held back until [`Attachment::release`].
 pub(crate) struct Held {
-    pub(crate) channel: ChannelKey,
+    channel: ChannelKey,
     hold: u64,
+}
+
+impl Held {
+    pub(crate) fn channel(&self) -> &ChannelKey {
+        &self.channel
+    }
 }
 
 /// What a held subscription releases, in order: the replayed events, then the live ones
@@ -143,10 +149,14 @@ impl Attachment {
     }
 
     /// Subscribe `channel`. Without `since`, on a channel whose events already reach this
-    /// node, it is live at once; otherwise see [`Self::subscribe_held`]. `socket`: the
-    /// WebSocket's output, which the fan-out may write directly.
+    /// node, it is live at once. Otherwise its live events (already flowing into the outbox)
+    /// are held until `Ready`: the history after `since` has been read, or (without it)
+    /// Redis has confirmed this node's SUBSCRIBE of a channel new to it, at most
+    /// [`CONFIRM_TIMEOUT`]; an event published right after an early acknowledgement would be
+    /// missed otherwise. `socket`: the WebSocket's output, which the fan-out may write
+    /// directly.
     pub(crate) fn subscribe(
-        &mut self,
+        &self,
         channel: ChannelKey,
         since: Option<EventId>,
         binary: bool,
@@ -157,35 +167,13 @@ impl Attachment {
             self.shared.borrow_mut().subscriptions.insert_live(channel);
             return Subscribed::Live;
         }
-        let (held, ready) = self.subscribe_held(channel, since, binary, socket);
-        Subscribed::Held(held, ready)
-    }
-
-    /// Subscribe `channel` and hold its live events (already flowing into the outbox) until
-    /// `Ready`: the history after `since` has been read, or (without it) Redis has confirmed
-    /// this node's SUBSCRIBE of a channel new to it, at most [`CONFIRM_TIMEOUT`]; an event
-    /// published right after an early acknowledgement would be missed otherwise.
-    pub(crate) fn subscribe_held(
-        &mut self,
-        channel: ChannelKey,
-        since: Option<EventId>,
-        binary: bool,
-        socket: Option<Rc<Socket>>,
-    ) -> (Held, Ready) {
-        self.register(&channel, binary, socket);
-        let hold = self
-            .shared
-            .borrow_mut()
-            .subscriptions
-            .insert_replaying(channel.clone());
-        let broker = &self.node.broker;
         let ready: Ready = match since {
             Some(since) => {
-                let replay = broker.replay_since(channel.clone(), since);
+                let replay = self.replay(channel.clone(), since);
                 Box::pin(async move { Some(replay.await) })
             }
             None => {
-                let confirmed = broker.until_live(channel.clone(), CONFIRM_TIMEOUT);
+                let confirmed = self.confirmed(channel.clone());
                 let name = channel.clone();
                 Box::pin(async move {
                     if !confirmed.await {
@@ -197,7 +185,38 @@ impl Attachment {
                 })
             }
         };
-        (Held { channel, hold }, ready)
+        Subscribed::Held(self.subscribe_held(channel, binary, socket), ready)
+    }
+
+    /// Subscribe `channel` and hold its live events until [`Self::release`].
+    pub(crate) fn subscribe_held(
+        &self,
+        channel: ChannelKey,
+        binary: bool,
+        socket: Option<Rc<Socket>>,
+    ) -> Held {
+        self.register(&channel, binary, socket);
+        let hold = self
+            .shared
+            .borrow_mut()
+            .subscriptions
+            .insert_replaying(channel.clone());
+        Held { channel, hold }
+    }
+
+    /// Resolves once events of `channel` reach this node (clustered: Redis has confirmed
+    /// this node's SUBSCRIBE), or after [`CONFIRM_TIMEOUT`]; true when it was in time.
+    pub(crate) fn confirmed(&self, channel: ChannelKey) -> impl Future<Output = bool> + 'static {
+        self.node.broker.until_live(channel, CONFIRM_TIMEOUT)
+    }
+
+    /// The retained events of `channel` after `since`, and whether history reached back.
+    pub(crate) fn replay(
+        &self,
+        channel: ChannelKey,
+        since: EventId,
+    ) -> impl Future<Output = Replay> + 'static {
+        self.node.broker.replay_since(channel, since)
     }
 
     /// What a held subscription releases once it is ready; `None` when it no longer holds
@@ -216,7 +235,7 @@ impl Attachment {
     }
 
     /// Leave `channel`; false when it was not subscribed.
-    pub(crate) fn unsubscribe(&mut self, channel: &ChannelKey) -> bool {
+    pub(crate) fn unsubscribe(&self, channel: &ChannelKey) -> bool {
         if !self.shared.borrow_mut().subscriptions.remove(channel) {
             return false;
         }

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use super::attach::{Admission, Admitted, Attachment, Held};
 use super::handshake::{admit, over_handshake_budget, HttpRefusal};
 use super::identity::request_identity;
-use crate::broker::Replay;
+use crate::broker::{Replay, CONFIRM_TIMEOUT};
 use crate::core::close::Close;
 use crate::core::event::{Event, Payload};
 use crate::core::ids::{ChannelKey, EventId, Topic};
@@ -204,39 +204,65 @@ impl SseStream {
     }
 
     /// Subscribe every topic of the stream, then send `welcome`, its only sign of being
-    /// subscribed, then each resumed topic's replay and the live events held meanwhile. Every
-    /// subscription is held until then: clustered, a channel new to this node counts as
-    /// subscribed once Redis has confirmed the node's SUBSCRIBE (at most
-    /// [`CONFIRM_TIMEOUT`](crate::broker::CONFIRM_TIMEOUT)), or an event published right
-    /// after `welcome` would be missed.
+    /// subscribed. Clustered, a channel new to this node counts as subscribed once Redis has
+    /// confirmed the node's SUBSCRIBE (at most [`CONFIRM_TIMEOUT`]): an event published right
+    /// after `welcome` would otherwise be missed. Live events arriving meanwhile are held and
+    /// follow `welcome`; a resumed topic's follow its replay, read after `welcome`.
     fn subscribe_all(&mut self, welcome: String, ctx: &mut Context<Self>) {
-        let Some(attachment) = self.attachment.as_mut() else {
+        let Some(attachment) = self.attachment.as_ref() else {
             return;
         };
         let org = attachment.identity().org.clone();
         let mut held = Vec::with_capacity(self.topics.len());
-        let mut waits = Vec::with_capacity(self.topics.len());
+        let mut confirmations = Vec::new();
         for topic in &self.topics {
+            let channel = ChannelKey::new(&org, topic);
+            if !self.node.broker.is_live(&channel) {
+                confirmations.push(attachment.confirmed(channel.clone()));
+            }
             let since = self.resume.as_ref().and_then(|c| c.since(topic.as_str()));
             if let Some(since) = since {
                 // Every record's cursor names the resumed topics, replayed yet or not.
                 self.cursor.topics.insert(topic.to_string(), since);
             }
-            let channel = ChannelKey::new(&org, topic);
-            let (hold, ready) = attachment.subscribe_held(channel, since, false, None);
-            held.push((topic.clone(), hold));
-            waits.push(ready);
+            held.push((
+                topic.clone(),
+                attachment.subscribe_held(channel, false, None),
+                since,
+            ));
         }
-        let ready = futures_util::future::join_all(waits);
-        ctx.spawn(ready.into_actor(self).map(move |replays, this, ctx| {
+        let confirmed = futures_util::future::join_all(confirmations);
+        ctx.spawn(confirmed.into_actor(self).map(move |confirmed, this, ctx| {
+            if confirmed.contains(&false) {
+                log::warn!(
+                    "SSE stream {}: Redis has not confirmed every subscription within {CONFIRM_TIMEOUT:?}; welcomed anyway, those events flow once Redis is back",
+                    this.attachment.as_ref().map(|a| a.conn().to_string()).unwrap_or_default()
+                );
+            }
             if !this.send(welcome, ctx) {
                 return;
             }
-            for ((topic, hold), replay) in held.into_iter().zip(replays) {
-                if !this.release(&topic, &hold, replay, ctx) {
-                    return;
+            for (topic, held, since) in held {
+                match since {
+                    Some(since) => this.replay(topic, held, since, ctx),
+                    None => {
+                        if !this.release(&topic, &held, None, ctx) {
+                            return;
+                        }
+                    }
                 }
             }
+        }));
+    }
+
+    /// Send `topic`'s events after `since` from history, then the live ones held meanwhile.
+    fn replay(&mut self, topic: Topic, held: Held, since: EventId, ctx: &mut Context<Self>) {
+        let Some(attachment) = self.attachment.as_ref() else {
+            return;
+        };
+        let fetch = attachment.replay(held.channel().clone(), since);
+        ctx.spawn(fetch.into_actor(self).map(move |replay, this, ctx| {
+            this.release(&topic, &held, Some(replay), ctx);
         }));
     }
 
