@@ -1,10 +1,10 @@
 //! The clustered broker: Redis pub/sub carries events between pods, Redis streams keep their
 //! history, and a control channel carries orders that concern sockets on any pod (logout,
-//! eviction); caps and revocations are the store's. One subscriber connection per pod carries every channel this pod's sessions
-//! need, kept in step with the [`Registry`] by a reconciling task; a canary each pod publishes
-//! to itself proves the subscription is alive, not just connected. When Redis goes away the
-//! broker reports unavailable (readiness and publish answer 503), reconnects with capped
-//! backoff, resubscribes and carries on; sockets stay open throughout.
+//! eviction); caps and revocations are the store's. One subscriber connection per pod carries every
+//! channel this pod's sessions need, kept in step with the [`Registry`] by a reconciling task; a
+//! canary each pod publishes to itself proves the subscription is alive, not just connected. When
+//! Redis goes away the broker reports unavailable (readiness and publish answer 503), reconnects
+//! with capped backoff, resubscribes and carries on; sockets stay open throughout.
 //!
 //! Keys and channels (SPEC section 7): events `sb:{org}:{topic}`, history `sb:{org}:{topic}:log`,
 //! control `sbx:control`, canary `sbx:canary:{node}`.

@@ -297,7 +297,7 @@ impl Settings {
         self.redis.url.is_some()
     }
 
-    pub fn history_enabled(&self) -> bool {
+    pub(crate) fn history_enabled(&self) -> bool {
         self.history.enabled.unwrap_or(self.clustered())
     }
 
@@ -603,17 +603,22 @@ impl Settings {
     }
 }
 
-/// Decode `auth.cookie_key`: base64 of at least 64 bytes. `Err` completes the sentence
-/// "auth.cookie_key …".
-fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, String> {
+/// Why `auth.cookie_key` is unusable; the text completes the sentence "auth.cookie_key …".
+#[derive(Debug, thiserror::Error)]
+enum BadCookieKey {
+    #[error("is not valid base64")]
+    NotBase64(#[source] base64::DecodeError),
+    #[error("decodes to {0} bytes; at least 64 are needed")]
+    TooShort(usize),
+}
+
+/// Decode `auth.cookie_key`: base64 of at least 64 bytes.
+fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, BadCookieKey> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(raw.trim())
-        .map_err(|_| "is not valid base64".to_string())?;
+        .map_err(BadCookieKey::NotBase64)?;
     if bytes.len() < 64 {
-        return Err(format!(
-            "decodes to {} bytes; at least 64 are needed",
-            bytes.len()
-        ));
+        return Err(BadCookieKey::TooShort(bytes.len()));
     }
     Ok(bytes)
 }
@@ -736,7 +741,10 @@ mod tests {
         let good = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
         assert!(decode_cookie_key(&good).is_ok());
         let short = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-        assert!(decode_cookie_key(&short).unwrap_err().contains("32 bytes"));
+        assert!(decode_cookie_key(&short)
+            .unwrap_err()
+            .to_string()
+            .contains("32 bytes"));
         assert!(decode_cookie_key("%%%").is_err());
     }
 }

@@ -48,7 +48,7 @@ pub enum StartError {
 /// A bound, not yet running server: `main` learns the address before it runs.
 pub struct Bound {
     server: actix_server::Server,
-    pub addrs: Vec<SocketAddr>,
+    pub(crate) addrs: Vec<SocketAddr>,
     node: web::Data<Node>,
 }
 
