@@ -16,36 +16,36 @@ use serde::{Deserialize, Serialize};
 use crate::core::ids::TopicPattern;
 use crate::policy::client_ip::parse_trusted;
 use crate::policy::origin::OriginPolicy;
-pub use crate::policy::origin::OriginsConfig;
+pub(crate) use crate::policy::origin::OriginsConfig;
 
 /// Everything switchboard can be configured with. Each section mirrors a TOML table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Settings {
-    pub server: ServerConfig,
-    pub origins: OriginsConfig,
-    pub auth: AuthConfig,
-    pub api: ApiConfig,
-    pub handshake: HandshakeConfig,
-    pub heartbeat: HeartbeatConfig,
-    pub limits: LimitsConfig,
-    pub redis: RedisConfig,
-    pub history: HistoryConfig,
-    pub shutdown: ShutdownConfig,
-    pub demo: DemoConfig,
+    pub(crate) server: ServerConfig,
+    pub(crate) origins: OriginsConfig,
+    pub(crate) auth: AuthConfig,
+    pub(crate) api: ApiConfig,
+    pub(crate) handshake: HandshakeConfig,
+    pub(crate) heartbeat: HeartbeatConfig,
+    pub(crate) limits: LimitsConfig,
+    pub(crate) redis: RedisConfig,
+    pub(crate) history: HistoryConfig,
+    pub(crate) shutdown: ShutdownConfig,
+    pub(crate) demo: DemoConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct ServerConfig {
+pub(crate) struct ServerConfig {
     /// Address to bind; `0.0.0.0` inside containers.
-    pub bind: String,
+    pub(crate) bind: String,
     /// TCP port; 0 picks a free one (the bound address is logged).
-    pub port: u16,
+    pub(crate) port: u16,
     /// Peers whose `X-Forwarded-For` is believed (nginx in front). IPs or CIDR blocks.
-    pub trusted_proxies: Vec<String>,
+    pub(crate) trusted_proxies: Vec<String>,
     /// HTTP worker threads; 0 means one per core.
-    pub workers: usize,
+    pub(crate) workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -61,7 +61,7 @@ impl Default for ServerConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SameSitePolicy {
+pub(crate) enum SameSitePolicy {
     Lax,
     Strict,
     None,
@@ -69,21 +69,21 @@ pub enum SameSitePolicy {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct AuthConfig {
-    pub cookie_name: String,
+pub(crate) struct AuthConfig {
+    pub(crate) cookie_name: String,
     /// Base64 of at least 64 bytes; signs and encrypts the session cookie. Required in production.
-    pub cookie_key: Option<String>,
+    pub(crate) cookie_key: Option<String>,
     /// `Secure` cookie attribute; defaults to on whenever `same_site = "none"` needs it.
-    pub cookie_secure: bool,
-    pub cookie_same_site: SameSitePolicy,
+    pub(crate) cookie_secure: bool,
+    pub(crate) cookie_same_site: SameSitePolicy,
     /// Session lifetime in seconds.
-    pub session_ttl_s: u64,
+    pub(crate) session_ttl_s: u64,
     /// HS256 secret for `POST /auth/session` tokens; unset disables that endpoint.
-    pub jwt_secret: Option<String>,
+    pub(crate) jwt_secret: Option<String>,
     /// `POST /auth/dev-login`: development only, refused by the production profile.
-    pub dev_login: bool,
+    pub(crate) dev_login: bool,
     /// Topic patterns (`*` = one segment without `:`) a browser may publish or stream to.
-    pub client_publish: Vec<String>,
+    pub(crate) client_publish: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -103,26 +103,26 @@ impl Default for AuthConfig {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct ApiConfig {
+pub(crate) struct ApiConfig {
     /// Bearer keys accepted by `POST /api/publish`.
-    pub publish_keys: Vec<String>,
+    pub(crate) publish_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct HandshakeConfig {
+pub(crate) struct HandshakeConfig {
     /// Answer refused handshakes with HTTP 403/401/429 instead of a close frame after the upgrade.
     /// Off by default: browsers only show a refused upgrade as close code 1006.
-    pub reject_before_upgrade: bool,
+    pub(crate) reject_before_upgrade: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct HeartbeatConfig {
+pub(crate) struct HeartbeatConfig {
     /// Protocol Ping period in milliseconds.
-    pub interval_ms: u64,
+    pub(crate) interval_ms: u64,
     /// Close a socket silent for this long; must exceed `interval_ms`.
-    pub timeout_ms: u64,
+    pub(crate) timeout_ms: u64,
 }
 
 impl Default for HeartbeatConfig {
@@ -136,39 +136,39 @@ impl Default for HeartbeatConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CapPolicy {
+pub(crate) enum CapPolicy {
     RejectNew,
     EvictOldest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum SlowConsumerPolicy {
+pub(crate) enum SlowConsumerPolicy {
     Conflate,
     Close,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct LimitsConfig {
+pub(crate) struct LimitsConfig {
     /// Sockets one user may hold across all pods.
-    pub max_connections_per_user: u32,
-    pub cap_policy: CapPolicy,
+    pub(crate) max_connections_per_user: u32,
+    pub(crate) cap_policy: CapPolicy,
     /// Seconds a cap slot survives without a heartbeat refresh (frees slots of a dead pod).
-    pub cap_lease_s: u64,
+    pub(crate) cap_lease_s: u64,
     /// Largest client frame in bytes; larger closes with 1009.
-    pub max_frame_bytes: usize,
+    pub(crate) max_frame_bytes: usize,
     /// Topics one socket may join.
-    pub max_subscriptions: usize,
+    pub(crate) max_subscriptions: usize,
     /// Sustained client messages per second, and the burst allowed above it.
-    pub client_msgs_per_s: u32,
-    pub client_msgs_burst: u32,
+    pub(crate) client_msgs_per_s: u32,
+    pub(crate) client_msgs_burst: u32,
     /// Messages queued for one socket before the slow-consumer policy applies.
-    pub outbound_queue: usize,
-    pub slow_consumer: SlowConsumerPolicy,
+    pub(crate) outbound_queue: usize,
+    pub(crate) slow_consumer: SlowConsumerPolicy,
     /// Handshakes per client IP per second, and the burst allowed above it.
-    pub handshakes_per_ip_per_s: u32,
-    pub handshake_burst: u32,
+    pub(crate) handshakes_per_ip_per_s: u32,
+    pub(crate) handshake_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -191,20 +191,20 @@ impl Default for LimitsConfig {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct RedisConfig {
+pub(crate) struct RedisConfig {
     /// `redis://host:port/db`; unset runs embedded (one node, nothing else needed).
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct HistoryConfig {
+pub(crate) struct HistoryConfig {
     /// Keep recent events for `since` resume; unset means "on when clustered".
-    pub enabled: Option<bool>,
+    pub(crate) enabled: Option<bool>,
     /// Events retained per topic.
-    pub max_len: usize,
+    pub(crate) max_len: usize,
     /// Seconds a topic's history outlives its last event.
-    pub ttl_s: u64,
+    pub(crate) ttl_s: u64,
 }
 
 impl Default for HistoryConfig {
@@ -219,11 +219,11 @@ impl Default for HistoryConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
-pub struct ShutdownConfig {
+pub(crate) struct ShutdownConfig {
     /// Seconds from SIGTERM to exit, whatever is still open.
-    pub drain_timeout_s: u64,
+    pub(crate) drain_timeout_s: u64,
     /// Clients are told to reconnect after a random delay in `0..=reconnect_spread_ms`.
-    pub reconnect_spread_ms: u64,
+    pub(crate) reconnect_spread_ms: u64,
 }
 
 impl Default for ShutdownConfig {
@@ -237,9 +237,9 @@ impl Default for ShutdownConfig {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct DemoConfig {
+pub(crate) struct DemoConfig {
     /// Publish simulated call-status events for org `demo` inside the hub.
-    pub simulate_calls: bool,
+    pub(crate) simulate_calls: bool,
 }
 
 /// What the loader found: the settings, what was compiled from them, and warnings worth
@@ -308,7 +308,7 @@ impl Settings {
     }
 
     /// Load from `dir` and the given environment (tests pass their own).
-    pub fn load_from(dir: &Path, env: &[(String, String)]) -> Result<Loaded, ConfigErrors> {
+    pub(crate) fn load_from(dir: &Path, env: &[(String, String)]) -> Result<Loaded, ConfigErrors> {
         let mut errors = Vec::new();
         let lookup = |name: &str| {
             env.iter()

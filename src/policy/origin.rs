@@ -19,24 +19,24 @@ use time::{Date, OffsetDateTime};
 /// The `[origins]` settings, as loaded by `config`: what this policy is compiled from.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct OriginsConfig {
+pub(crate) struct OriginsConfig {
     /// Exact origins (`scheme://host[:port]`) or one leading-wildcard form `https://*.example.com`.
-    pub allowed: Vec<String>,
+    pub(crate) allowed: Vec<String>,
     /// Development convenience: any port of localhost, 127.0.0.1 and [::1], over http or https.
-    pub allow_localhost: bool,
+    pub(crate) allow_localhost: bool,
     /// Admit requests with no Origin header (non-browser clients).
-    pub allow_missing: bool,
+    pub(crate) allow_missing: bool,
     /// Retired origins still admitted until a date, with a warning per connection.
-    pub legacy: Vec<LegacyOrigin>,
+    pub(crate) legacy: Vec<LegacyOrigin>,
 }
 
 /// One entry of `origins.legacy`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LegacyOrigin {
-    pub origin: String,
+pub(crate) struct LegacyOrigin {
+    pub(crate) origin: String,
     /// Last day (UTC, `YYYY-MM-DD`, inclusive) the origin is admitted.
-    pub until: String,
+    pub(crate) until: String,
 }
 
 // ---------------------------------------------------------------------------------------------
