@@ -465,10 +465,12 @@ where
 mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
+    use crate::core::ids::ChannelKey;
     use crate::delivery::test_support::{
-        channel, event, frames, link, session, socket_pair, Buffers, FILL,
+        channel, event, frames, link, session, socket_pair, Buffers, Peer, FILL,
     };
     use tokio::io::AsyncReadExt;
+    use tokio::sync::mpsc::UnboundedSender;
     use tokio::task::{spawn_local, JoinHandle};
 
     /// A stall timeout no test that is not about stalls reaches.
@@ -483,21 +485,32 @@ mod tests {
         spawn_local(drive(frames, socket.clone(), stall_after))
     }
 
+    /// Start the socket's writer and see the session's first frame through it: from here on
+    /// the writer is idle and the socket open. Returns the session's input and the writer.
+    async fn welcomed(
+        socket: &Rc<Socket>,
+        peer: &mut Peer,
+    ) -> (UnboundedSender<Bytes>, JoinHandle<()>) {
+        let (session, frames_of_session) = session();
+        let writer = writer(frames_of_session, socket, NEVER);
+        session.send(Bytes::from_static(b"welcome")).unwrap();
+        peer.expect(b"welcome").await;
+        (session, writer)
+    }
+
+    fn subscribe_live(socket: &Socket, channel: &ChannelKey) {
+        let subscriptions = &mut socket.shared().borrow_mut().subscriptions;
+        subscriptions.insert_live(channel.clone());
+    }
+
     /// Offered events are written when the fan-out's pass ends, not before, in the order
     /// offered.
     #[actix_web::test]
     async fn offered_events_go_out_in_order_when_the_pass_ends() {
         let (socket, mut peer) = socket_pair(Buffers::Default).await;
         let calls = channel("calls");
-        socket
-            .shared()
-            .borrow_mut()
-            .subscriptions
-            .insert_live(calls.clone());
-        let (session, frames_of_session) = session();
-        let _writer = writer(frames_of_session, &socket, NEVER);
-        session.send(Bytes::from_static(b"welcome")).unwrap();
-        peer.expect(b"welcome").await;
+        subscribe_live(&socket, &calls);
+        let (_session, _writer) = welcomed(&socket, &mut peer).await;
 
         let (a, b) = (event(&calls, 1, None), event(&calls, 2, None));
         assert!(matches!(socket.offer(&a), Offer::Taken { first: true }));
@@ -513,15 +526,8 @@ mod tests {
     async fn an_event_waits_for_what_the_session_is_about_to_write() {
         let (socket, mut peer) = socket_pair(Buffers::Default).await;
         let calls = channel("calls");
-        socket
-            .shared()
-            .borrow_mut()
-            .subscriptions
-            .insert_live(calls.clone());
-        let (session, frames_of_session) = session();
-        let _writer = writer(frames_of_session, &socket, NEVER);
-        session.send(Bytes::from_static(b"welcome")).unwrap();
-        peer.expect(b"welcome").await;
+        subscribe_live(&socket, &calls);
+        let (session, _writer) = welcomed(&socket, &mut peer).await;
 
         let a = event(&calls, 1, None);
         session.send(Bytes::from_static(b"reply")).unwrap();
@@ -544,10 +550,7 @@ mod tests {
             shared.link = Some(link.clone());
             shared.subscriptions.insert_live(calls.clone());
         }
-        let (session, frames_of_session) = session();
-        let _writer = writer(frames_of_session, &socket, NEVER);
-        session.send(Bytes::from_static(b"welcome")).unwrap();
-        peer.expect(b"welcome").await;
+        let (_session, _writer) = welcomed(&socket, &mut peer).await;
 
         let (a, b) = (event(&calls, 1, None), event(&calls, 2, None));
         link.outbox.push(&a);
@@ -565,11 +568,7 @@ mod tests {
     async fn an_event_waits_while_the_socket_is_blocked() {
         let (socket, mut peer) = socket_pair(Buffers::Small).await;
         let calls = channel("calls");
-        socket
-            .shared()
-            .borrow_mut()
-            .subscriptions
-            .insert_live(calls.clone());
+        subscribe_live(&socket, &calls);
         let (session, frames_of_session) = session();
         let _writer = writer(frames_of_session, &socket, NEVER);
         let big = Bytes::from(vec![7u8; FILL]);
@@ -591,10 +590,7 @@ mod tests {
     async fn unwanted_events_are_declined() {
         let (socket, mut peer) = socket_pair(Buffers::Default).await;
         let (calls, queues) = (channel("calls"), channel("queues"));
-        let (session, frames_of_session) = session();
-        let _writer = writer(frames_of_session, &socket, NEVER);
-        session.send(Bytes::from_static(b"welcome")).unwrap();
-        peer.expect(b"welcome").await;
+        let (_session, _writer) = welcomed(&socket, &mut peer).await;
 
         assert!(matches!(
             socket.offer(&event(&queues, 1, None)),
