@@ -196,18 +196,26 @@ async fn send(
     Ok(())
 }
 
+/// The client address of a request: the peer, or what trusted proxies say it forwarded for.
+pub(crate) fn request_ip(
+    node: &Node,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+) -> std::net::IpAddr {
+    peer.map(|peer| {
+        let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        client_ip(peer.ip(), xff, &node.trusted_proxies)
+    })
+    .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
+}
+
 /// The per-IP handshake budget: `Some(429)` when the client is over it.
 pub(crate) fn over_handshake_budget(
     node: &Node,
     peer: Option<SocketAddr>,
     headers: &HeaderMap,
 ) -> Option<HttpRefusal> {
-    let ip = peer
-        .map(|peer| {
-            let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-            client_ip(peer.ip(), xff, &node.trusted_proxies)
-        })
-        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let ip = request_ip(node, peer, headers);
     if node.handshakes.allow(ip) {
         return None;
     }
