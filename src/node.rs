@@ -87,7 +87,7 @@ impl Node {
                 (
                     BrokerHandle::embedded(&addr, log, health),
                     ConnectionCaps::in_memory(limits.max_connections_per_user, limits.cap_policy),
-                    Revocations::Memory(Default::default()),
+                    Revocations::in_memory(),
                     Sessions::Cookie,
                     None,
                 )

@@ -82,8 +82,11 @@ pub(crate) struct AuthConfig {
     /// `Secure` cookie attribute; defaults to on whenever `same_site = "none"` needs it.
     pub(crate) cookie_secure: bool,
     pub(crate) cookie_same_site: SameSitePolicy,
-    /// Session lifetime in seconds.
+    /// Session lifetime in seconds; sockets close when it runs out.
     pub(crate) session_ttl_s: u64,
+    /// Seconds between re-checks of the sessions of open sockets against the logged-out list
+    /// (catches a logout whose broadcast a pod missed).
+    pub(crate) revocation_check_s: u64,
     /// HS256 secret for `POST /auth/session` tokens (32+ bytes); unset disables that endpoint.
     pub(crate) jwt_secret: Option<String>,
     /// When set, tokens must carry this `iss`.
@@ -104,6 +107,7 @@ impl Default for AuthConfig {
             cookie_secure: false,
             cookie_same_site: SameSitePolicy::Lax,
             session_ttl_s: 86_400,
+            revocation_check_s: 10,
             jwt_secret: None,
             jwt_issuer: None,
             jwt_audience: None,
@@ -565,6 +569,9 @@ impl Settings {
         }
         if self.auth.session_ttl_s == 0 {
             errors.push("auth.session_ttl_s must be at least 1 second".into());
+        }
+        if self.auth.revocation_check_s == 0 {
+            errors.push("auth.revocation_check_s must be at least 1 second".into());
         }
         if self.auth.cookie_same_site == SameSitePolicy::None && !self.auth.cookie_secure {
             errors.push(

@@ -16,8 +16,8 @@ use crate::config::{AuthConfig, SameSitePolicy};
 use crate::core::close::{AuthFailure, Close};
 use crate::core::ids::{now_s, InvalidId, OrgId, UserId};
 use crate::node::Node;
-use crate::store::sessions::{KEY_EXP, KEY_LOGGED_OUT, KEY_ORG, KEY_SID, KEY_USER};
-use crate::transport::identity::identify;
+use crate::store::sessions::{KEY_BOOT, KEY_EXP, KEY_LOGGED_OUT, KEY_ORG, KEY_SID, KEY_USER};
+use crate::transport::identity::{identify, session_id};
 
 /// The session middleware over any store (the cookie itself, or Redis when clustered).
 pub(crate) fn session_middleware<S: SessionStore>(
@@ -55,7 +55,11 @@ fn start_session(node: &Node, session: &Session, user: &UserId, org: &OrgId) -> 
         .insert(KEY_USER, user.as_str())
         .and_then(|_| session.insert(KEY_ORG, org.as_str()))
         .and_then(|_| session.insert(KEY_SID, &sid))
-        .and_then(|_| session.insert(KEY_EXP, exp));
+        .and_then(|_| session.insert(KEY_EXP, exp))
+        .and_then(|_| match node.revocations.boot() {
+            Some(boot) => session.insert(KEY_BOOT, boot),
+            None => Ok(()),
+        });
     match stored {
         Ok(()) => {
             log::info!("session started for user {user} of org {org}");
@@ -326,28 +330,35 @@ pub(crate) async fn dev_login(
     start_session(&node, &session, &user, &org)
 }
 
-/// `DELETE /auth/session`: end the session and close its sockets everywhere.
+/// `DELETE /auth/session`: end the session and close its sockets everywhere. The session is
+/// revoked by its id whatever state it is in (expired, or unverifiable while Redis is away):
+/// sockets opened before it expired must close too.
 pub(crate) async fn logout(
     node: web::Data<Node>,
     req: HttpRequest,
     session: Session,
 ) -> HttpResponse {
-    if let Ok(identity) = identify(&node, &req, &session).await {
-        node.revocations.revoke(&identity.sid, identity.exp).await;
-        let closed = node.registry.close_session(
-            &identity.sid,
-            Close::Unauthenticated(AuthFailure::LoggedOut),
-        );
+    let state = session.entries().clone();
+    // `identify` only names who it was for the log; the id is what is revoked.
+    let who = identify(&node, &req, &session).await.ok();
+    if let Some((sid, exp)) = session_id(&state) {
+        node.revocations.revoke(&sid, exp).await;
+        let closed = node
+            .registry
+            .close_session(&sid, Close::Unauthenticated(AuthFailure::LoggedOut));
         if let Some(control) = &node.control {
-            if let Err(e) = control.broadcast_logout(&identity.sid).await {
+            if let Err(e) = control.broadcast_logout(&sid).await {
                 log::warn!("cannot tell other pods about the logout: {e}");
             }
         }
-        log::info!(
-            "user {} of org {} logged out; closed {closed} socket(s) here",
-            identity.user,
-            identity.org
-        );
+        match who {
+            Some(identity) => log::info!(
+                "user {} of org {} logged out; closed {closed} socket(s) here",
+                identity.user,
+                identity.org
+            ),
+            None => log::info!("an ended session logged out; closed {closed} socket(s) here"),
+        }
         session.clear();
         if session.insert(KEY_LOGGED_OUT, true).is_ok() {
             return HttpResponse::NoContent().finish();
@@ -355,6 +366,34 @@ pub(crate) async fn logout(
     }
     session.purge();
     HttpResponse::NoContent().finish()
+}
+
+/// Every `auth.revocation_check_s`, close the local sockets of sessions that logged out
+/// meanwhile: a pod whose subscriber was reconnecting when the logout was broadcast never
+/// heard it. An unreachable store skips a round (closing every socket over a Redis blip would
+/// be worse than a late close).
+pub(crate) async fn recheck_revocations(node: std::sync::Arc<Node>) {
+    let period = std::time::Duration::from_secs(node.settings.auth.revocation_check_s);
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let sids = node.registry.session_ids();
+        if sids.is_empty() {
+            continue;
+        }
+        match node.revocations.revoked_among(&sids).await {
+            Ok(revoked) => {
+                for sid in revoked {
+                    let closed = node
+                        .registry
+                        .close_session(&sid, Close::Unauthenticated(AuthFailure::LoggedOut));
+                    log::info!("closed {closed} socket(s) of a session that logged out");
+                }
+            }
+            Err(e) => log::warn!("cannot re-check logged-out sessions: {e}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -111,9 +111,11 @@ pub(crate) async fn upgrade(
         .map(HeaderValue::as_bytes);
     let identity = async {
         match load_session(&node, cookies).await {
-            Ok(state) => identify_state(&node, &state)
+            Ok(Some(state)) => identify_state(&node, &state)
                 .await
                 .map_err(Close::Unauthenticated),
+            // Our cookie, but its session is gone from the store: it ran out.
+            Ok(None) => Err(Close::Unauthenticated(AuthFailure::Expired)),
             Err(SessionReadError::NoCookie) => Err(Close::Unauthenticated(AuthFailure::NoCookie)),
             Err(e) => {
                 log::warn!("websocket refused: {e}");
