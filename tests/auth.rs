@@ -339,6 +339,26 @@ async fn a_socket_closes_when_its_session_expires() {
     );
 }
 
+/// An SSE stream ends with its session too: a `close` record with 4401 `session expired`.
+#[actix_web::test]
+async fn an_sse_stream_ends_when_its_session_expires() {
+    let hub = Hub::start(&[("SWITCHBOARD__AUTH__SESSION_TTL_S", "2")]);
+    let cookie = dev_login(&hub, "u1", "42").await;
+    let headers = [("origin", ORIGIN), ("cookie", cookie.as_str())];
+    let mut sse = sse_stream(open_sse(&hub, "topic=calls", &headers).await);
+    sse.expect_welcome().await;
+    let record = sse
+        .record_within(Duration::from_secs(5))
+        .await
+        .expect("the stream should end with a close record when the session expires");
+    assert_eq!(record.event.as_deref(), Some("close"), "{record:?}");
+    assert_eq!(
+        (record.data["code"].as_u64(), record.data["reason"].as_str()),
+        (Some(4401), Some("unauthenticated: session expired")),
+        "{record:?}"
+    );
+}
+
 /// Restarting an embedded hub (same cookie key) does not bring back a logged-out session:
 /// a cookie copied before its logout is refused after the restart.
 #[actix_web::test]
