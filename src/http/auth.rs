@@ -1,8 +1,10 @@
 //! Login and logout over HTTP: the session middleware (actix-session: a signed and
 //! encrypted cookie, naming a Redis session when clustered), the JWT exchange
-//! `POST /auth/session`, logout `DELETE /auth/session` (which revokes the session and closes
-//! its sockets on every pod), and the development login. Reading a session back into an
-//! identity is the transport's ([`crate::transport::identity`]).
+//! `POST /auth/session` (HS256 only, through a crypto provider of its own), logout
+//! `DELETE /auth/session` (which revokes the session and closes its sockets on every pod),
+//! the periodic re-check that catches a logout a pod did not hear, and the development login.
+//! Reading a session back into an identity is the transport's
+//! ([`crate::transport::identity`]).
 
 use actix_session::config::{CookieContentSecurity, PersistentSession};
 use actix_session::storage::SessionStore;
