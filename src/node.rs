@@ -20,11 +20,16 @@ use crate::config::{Compiled, Settings};
 use crate::core::ids::TopicPattern;
 use crate::delivery::registry::Registry;
 use crate::policy::origin::OriginPolicy;
-use crate::policy::rate::HandshakeLimiter;
+use crate::policy::rate::{FailureThrottle, HandshakeLimiter};
 use crate::store::caps::{ConnectionCaps, RedisCaps};
 use crate::store::redis::{CommandError, RedisCommands};
 use crate::store::revocations::Revocations;
 use crate::store::sessions::Sessions;
+
+/// Wrong publish keys one client address may present at once, and how many more per second
+/// (a real key has 32+ random characters: this only keeps guessers and their log lines down).
+const FAILED_KEYS_BURST: u32 = 10;
+const FAILED_KEYS_PER_S: u32 = 1;
 
 /// Everything a request handler or session needs, shared by all workers.
 pub(crate) struct Node {
@@ -41,6 +46,8 @@ pub(crate) struct Node {
     pub(crate) broker: BrokerHandle,
     pub(crate) caps: ConnectionCaps,
     pub(crate) handshakes: HandshakeLimiter,
+    /// Wrong publish keys per client address (`POST /api/publish`).
+    pub(crate) publish_failures: FailureThrottle,
     pub(crate) revocations: Revocations,
     /// Where the handshake reads login sessions.
     pub(crate) sessions: Sessions,
@@ -80,7 +87,7 @@ impl Node {
                 (
                     BrokerHandle::embedded(&addr, log, health),
                     ConnectionCaps::in_memory(limits.max_connections_per_user, limits.cap_policy),
-                    Revocations::Memory(Default::default()),
+                    Revocations::in_memory(),
                     Sessions::Cookie,
                     None,
                 )
@@ -127,6 +134,7 @@ impl Node {
                 limits.handshakes_per_ip_per_s,
                 limits.handshake_burst,
             ),
+            publish_failures: FailureThrottle::new(FAILED_KEYS_PER_S, FAILED_KEYS_BURST),
             origins: compiled.origins,
             trusted_proxies: compiled.trusted_proxies,
             client_publish: compiled.client_publish,

@@ -4,6 +4,8 @@
 mod common;
 
 use common::*;
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 async fn exchange(hub: &Hub, token: &str) -> HttpResp {
@@ -321,4 +323,62 @@ async fn jwt_with_invalid_org_is_refused() {
     let resp = exchange(&hub, &token).await;
     assert!(resp.status == 401 || resp.status == 400, "{resp}");
     assert!(session_cookie(&resp).is_none(), "{resp}");
+}
+
+/// A socket opened just before its session expires is closed when the session does, with
+/// 4401 `session expired`, not left open for as long as the client keeps it.
+#[actix_web::test]
+async fn a_socket_closes_when_its_session_expires() {
+    let hub = Hub::start(&[("SWITCHBOARD__AUTH__SESSION_TTL_S", "2")]);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    assert_close(
+        ws.expect_close(Duration::from_secs(5)).await,
+        4401,
+        "unauthenticated: session expired",
+        "a socket whose session ran out",
+    );
+}
+
+/// An SSE stream ends with its session too: a `close` record with 4401 `session expired`.
+#[actix_web::test]
+async fn an_sse_stream_ends_when_its_session_expires() {
+    let hub = Hub::start(&[("SWITCHBOARD__AUTH__SESSION_TTL_S", "2")]);
+    let cookie = dev_login(&hub, "u1", "42").await;
+    let headers = [("origin", ORIGIN), ("cookie", cookie.as_str())];
+    let mut sse = sse_stream(open_sse(&hub, "topic=calls", &headers).await);
+    sse.expect_welcome().await;
+    let record = sse
+        .record_within(Duration::from_secs(5))
+        .await
+        .expect("the stream should end with a close record when the session expires");
+    assert_eq!(record.event.as_deref(), Some("close"), "{record:?}");
+    assert_eq!(
+        (record.data["code"].as_u64(), record.data["reason"].as_str()),
+        (Some(4401), Some("unauthenticated: session expired")),
+        "{record:?}"
+    );
+}
+
+/// Restarting an embedded hub (same cookie key) does not bring back a logged-out session:
+/// a cookie copied before its logout is refused after the restart.
+#[actix_web::test]
+async fn a_logout_survives_a_restart() {
+    let mut hub = Hub::start(&[]);
+    let cookie = dev_login(&hub, "u1", "42").await;
+    let resp = http(
+        &hub,
+        "DELETE",
+        "/auth/session",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(resp.status, 204, "{resp}");
+    hub.sigterm();
+    hub.wait_exit(Duration::from_secs(15));
+
+    let hub = Hub::start(&[]);
+    let mut copied = ws_open(&hub, Some(ORIGIN), Some(&cookie)).await;
+    let (code, reason) = copied.expect_only_close(T).await;
+    assert_eq!(code, 4401, "the copied cookie must be refused: {reason}");
 }

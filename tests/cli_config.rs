@@ -500,3 +500,125 @@ fn production_profile_refuses_the_demo_simulator() {
         "no config error names demo.simulate_calls: {errors:?}\n{out}"
     );
 }
+
+/// The lines of `errors` that name `key`; each problem is one line naming its key.
+fn naming<'a>(errors: &'a [String], key: &str) -> Vec<&'a String> {
+    errors.iter().filter(|l| l.contains(key)).collect()
+}
+
+/// Any profile but `development` is strict: with `SWITCHBOARD_ENV=staging` (a profile file of
+/// its own that changes nothing), dev login, the simulator and every secret shipped in
+/// config/default.toml are refused, one `config error:` line each, naming the key.
+#[test]
+fn a_profile_other_than_development_refuses_dev_conveniences_and_shipped_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+            .expect("config/default.toml");
+    std::fs::write(dir.path().join("default.toml"), &shipped).unwrap();
+    std::fs::write(dir.path().join("staging.toml"), "# nothing of its own\n").unwrap();
+    let path = dir.path().to_str().unwrap().to_string();
+    let table: toml::Table = shipped.parse().expect("default.toml parses");
+    let shipped_jwt = table["auth"]["jwt_secret"].as_str().unwrap().to_string();
+    let shipped_key = table["api"]["publish_keys"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = run_cli(
+        &["serve", "--config", &path],
+        &[
+            ("SWITCHBOARD_ENV", "staging"),
+            ("SWITCHBOARD__DEMO__SIMULATE_CALLS", "true"),
+            // The harness sets its own; these are the shipped ones again.
+            ("SWITCHBOARD__AUTH__JWT_SECRET", &shipped_jwt),
+            ("SWITCHBOARD__API__PUBLISH_KEYS", &shipped_key),
+        ],
+    );
+    assert_eq!(out.code(), Some(2), "{out}");
+    let errors = config_errors(&out);
+    for key in [
+        "auth.dev_login",
+        "demo.simulate_calls",
+        "auth.cookie_key",
+        "auth.jwt_secret",
+        "api.publish_keys",
+    ] {
+        assert_eq!(
+            naming(&errors, key).len(),
+            1,
+            "want one config error naming {key}: {errors:?}\n{out}"
+        );
+    }
+}
+
+/// The development profile on a public bind is strict too: only development AND loopback
+/// allows the conveniences.
+#[test]
+fn development_on_a_public_bind_is_strict() {
+    let out = run_cli(&["serve"], &[("BIND", "0.0.0.0")]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    let errors = config_errors(&out);
+    for key in ["auth.dev_login", "auth.cookie_key", "api.publish_keys"] {
+        let lines = naming(&errors, key);
+        assert_eq!(
+            lines.len(),
+            1,
+            "want one config error naming {key}: {errors:?}\n{out}"
+        );
+        assert!(
+            lines[0].contains("not loopback"),
+            "{key}: say why it is strict: {lines:?}"
+        );
+    }
+}
+
+/// Outside development a publish key needs 32+ characters; development takes shorter ones.
+#[test]
+fn publish_keys_need_32_characters_outside_development() {
+    let key = "k".repeat(31);
+    let out = run_cli(
+        &["serve"],
+        &[
+            ("SWITCHBOARD_ENV", "production"),
+            ("SWITCHBOARD__API__PUBLISH_KEYS", &key),
+        ],
+    );
+    assert_eq!(out.code(), Some(2), "{out}");
+    let errors = config_errors(&out);
+    let lines = naming(&errors, "api.publish_keys");
+    assert!(
+        lines.len() == 1 && lines[0].contains("32"),
+        "want one error naming api.publish_keys and 32: {errors:?}\n{out}"
+    );
+    let long = "k".repeat(32);
+    let out = run_cli(
+        &["serve"],
+        &[
+            ("SWITCHBOARD_ENV", "production"),
+            ("SWITCHBOARD__API__PUBLISH_KEYS", &long),
+        ],
+    );
+    assert!(
+        naming(&config_errors(&out), "api.publish_keys").is_empty(),
+        "a 32-character key is enough: {out}"
+    );
+}
+
+/// A JWT secret shorter than 32 bytes (HS256's key size) is refused in every profile.
+#[test]
+fn jwt_secret_needs_32_bytes() {
+    let out = run_cli(
+        &["serve"],
+        &[(
+            "SWITCHBOARD__AUTH__JWT_SECRET",
+            "0123456789abcdef0123456789abcde",
+        )],
+    );
+    assert_eq!(out.code(), Some(2), "{out}");
+    let errors = config_errors(&out);
+    let lines = naming(&errors, "auth.jwt_secret");
+    assert!(
+        lines.len() == 1 && lines[0].contains("32"),
+        "want one error naming auth.jwt_secret and 32: {errors:?}\n{out}"
+    );
+}

@@ -136,13 +136,83 @@ async fn publish_requires_the_bearer_key() {
     }
 }
 
+/// The key is checked before the body is read: a wrong key is answered at once, even when
+/// the promised body never comes.
+#[actix_web::test]
+async fn publish_checks_the_key_before_reading_the_body() {
+    let hub = Hub::start(&[]);
+    let resp = raw_http(
+        &hub,
+        "POST /api/publish HTTP/1.1\r\nAuthorization: Bearer wrong-key-0123456789\r\n\
+         Content-Type: application/json\r\nContent-Length: 100",
+    )
+    .await;
+    assert_eq!(resp.status, 401, "{resp}");
+}
+
+/// A body slower than `api.body_timeout_ms` is 408 naming the body, not a handler held open.
+#[actix_web::test]
+async fn publish_times_out_a_slow_body() {
+    let hub = Hub::start(&[("SWITCHBOARD__API__BODY_TIMEOUT_MS", "300")]);
+    let resp = raw_http(
+        &hub,
+        &format!(
+            "POST /api/publish HTTP/1.1\r\nAuthorization: Bearer {PUBLISH_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100"
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 408, "{resp}");
+    assert_eq!(resp.json()["field"], "body", "{resp}");
+}
+
+/// An address that keeps presenting wrong keys is held back with 429, whatever key it
+/// presents next; another address is not.
+#[actix_web::test]
+async fn publish_throttles_wrong_keys_per_address() {
+    let hub = Hub::start(&[("SWITCHBOARD__SERVER__TRUSTED_PROXIES", "127.0.0.1,::1")]);
+    let body = json!({"org": "42", "topic": "calls", "event": "e", "data": {}}).to_string();
+    let from = |ip: &'static str| [("x-forwarded-for", ip)];
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        let resp = publish_raw(
+            &hub,
+            Some("wrong-key-0123456789"),
+            &body,
+            &from("203.0.113.7"),
+        )
+        .await;
+        statuses.push(resp.status);
+        if resp.status == 429 {
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&429), "never throttled: {statuses:?}");
+    assert!(
+        statuses[..statuses.len() - 1].iter().all(|s| *s == 401),
+        "{statuses:?}"
+    );
+    let right = publish_raw(&hub, Some(PUBLISH_KEY), &body, &from("203.0.113.7")).await;
+    assert_eq!(
+        right.status, 429,
+        "the right key must not be told apart: {right}"
+    );
+    let other = publish_raw(&hub, Some(PUBLISH_KEY), &body, &from("203.0.113.8")).await;
+    assert_eq!(other.status, 202, "another address: {other}");
+}
+
 /// Each malformed publish is 400 `bad_request` naming the offending field.
 #[actix_web::test]
 async fn publish_rejects_bad_input_naming_the_field() {
     let hub = Hub::start(&[]);
     let long_topic = "a".repeat(129);
     let long_org = "o".repeat(65);
-    let cases: [(&str, String, &str); 9] = [
+    let cases: [(&str, String, &str); 10] = [
+        (
+            "missing event",
+            json!({"org": "42", "topic": "calls", "data": {}}).to_string(),
+            "event",
+        ),
         (
             "129-char topic",
             json!({"org": "42", "topic": long_topic, "event": "e", "data": {}}).to_string(),

@@ -31,9 +31,10 @@ async fn subscribed_client_receives_event_frame() {
     );
 }
 
-/// An event published without `event` arrives as event "message".
+/// An event published without `event` is refused (400 naming the field) and reaches nobody:
+/// SPEC 2 lists `event` in the body.
 #[actix_web::test]
-async fn event_name_defaults_to_message() {
+async fn an_event_without_a_name_is_refused() {
     let hub = Hub::start(&[]);
     let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
     ws.subscribe("calls").await;
@@ -44,12 +45,14 @@ async fn event_name_defaults_to_message() {
         &[],
     )
     .await;
-    assert_eq!(resp.status, 202, "{resp}");
+    assert_eq!(resp.status, 400, "{resp}");
+    assert_eq!(resp.json()["field"], "event", "{resp}");
+    let id = publish_ok(&hub, "42", "calls", "call.status", json!(8)).await;
     let ev = ws.next_json(T).await;
     assert_eq!(
-        (ev["event"].as_str(), &ev["data"]),
-        (Some("message"), &json!(7)),
-        "{ev}"
+        ev["id"].as_str(),
+        Some(id.as_str()),
+        "only the named event: {ev}"
     );
 }
 

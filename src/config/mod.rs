@@ -38,6 +38,10 @@ pub struct Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub(crate) struct ServerConfig {
+    /// Which profile this is: `SWITCHBOARD_ENV` when set, else what the files say
+    /// (`development` in config/default.toml). Only `development` on a loopback bind allows
+    /// the development conveniences and shipped secrets; anything else is strict.
+    pub(crate) profile: String,
     /// Address to bind; `0.0.0.0` inside containers.
     pub(crate) bind: String,
     /// TCP port; 0 picks a free one (the bound address is logged).
@@ -51,6 +55,8 @@ pub(crate) struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
+            // Unnamed means strict: only a file (or SWITCHBOARD_ENV) can ask for development.
+            profile: PRODUCTION.into(),
             bind: "127.0.0.1".into(),
             port: 8080,
             trusted_proxies: Vec::new(),
@@ -76,10 +82,17 @@ pub(crate) struct AuthConfig {
     /// `Secure` cookie attribute; defaults to on whenever `same_site = "none"` needs it.
     pub(crate) cookie_secure: bool,
     pub(crate) cookie_same_site: SameSitePolicy,
-    /// Session lifetime in seconds.
+    /// Session lifetime in seconds; sockets close when it runs out.
     pub(crate) session_ttl_s: u64,
-    /// HS256 secret for `POST /auth/session` tokens; unset disables that endpoint.
+    /// Seconds between re-checks of the sessions of open sockets against the logged-out list
+    /// (catches a logout whose broadcast a pod missed).
+    pub(crate) revocation_check_s: u64,
+    /// HS256 secret for `POST /auth/session` tokens (32+ bytes); unset disables that endpoint.
     pub(crate) jwt_secret: Option<String>,
+    /// When set, tokens must carry this `iss`.
+    pub(crate) jwt_issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub(crate) jwt_audience: Option<String>,
     /// `POST /auth/dev-login`: development only, refused by the production profile.
     pub(crate) dev_login: bool,
     /// Topic patterns (`*` = one segment without `:`) a browser may publish or stream to.
@@ -94,18 +107,32 @@ impl Default for AuthConfig {
             cookie_secure: false,
             cookie_same_site: SameSitePolicy::Lax,
             session_ttl_s: 86_400,
+            revocation_check_s: 10,
             jwt_secret: None,
+            jwt_issuer: None,
+            jwt_audience: None,
             dev_login: false,
             client_publish: vec!["voice:*:in".into()],
         }
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub(crate) struct ApiConfig {
-    /// Bearer keys accepted by `POST /api/publish`.
+    /// Bearer keys accepted by `POST /api/publish`: 32+ characters outside development.
     pub(crate) publish_keys: Vec<String>,
+    /// Milliseconds a publish body may take to arrive once its key is accepted (408 after).
+    pub(crate) body_timeout_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            publish_keys: Vec::new(),
+            body_timeout_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -283,6 +310,58 @@ impl std::fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// The profile that allows development conveniences (on a loopback bind).
+pub(crate) const DEVELOPMENT: &str = "development";
+const PRODUCTION: &str = "production";
+
+/// Secrets this repository ships or shows (config/default.toml, docker-compose.yml, the
+/// docs): public, so refused outside development. `(key, value, where it comes from)`.
+const SHIPPED_SECRETS: &[(&str, &str, &str)] = &[
+    (
+        "auth.cookie_key",
+        "ZGV2ZWxvcG1lbnQtb25seS1jb29raWUta2V5LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbi0wMTIzNDU2Nzg5YWJjZGVm",
+        "config/default.toml",
+    ),
+    (
+        "auth.cookie_key",
+        "RVhBTVBMRS1PTkxZLWNvb2tpZS1rZXkuIFJlcGxhY2Ugd2l0aCB0aGUgb3V0cHV0IG9mOiBvcGVuc3NsIHJhbmQgLWJhc2U2NCA2NCAobmV2ZXIgY29tbWl0IGl0KS4=",
+        "docker-compose.yml",
+    ),
+    (
+        "auth.jwt_secret",
+        "dev-jwt-secret-change-me-0123456789abcdef",
+        "config/default.toml",
+    ),
+    ("auth.jwt_secret", "dev-jwt-secret-change-me", "an earlier config/default.toml"),
+    (
+        "auth.jwt_secret",
+        "example-jwt-secret-REPLACE-ME",
+        "docker-compose.yml",
+    ),
+    ("api.publish_keys", "dev-publish-key", "config/default.toml"),
+    (
+        "api.publish_keys",
+        "example-publish-key-REPLACE-ME",
+        "docker-compose.yml",
+    ),
+];
+
+/// Where `value` of `key` was published, if this repository ships it.
+fn shipped(key: &str, value: &str) -> Option<&'static str> {
+    SHIPPED_SECRETS
+        .iter()
+        .find(|(k, v, _)| *k == key && *v == value.trim())
+        .map(|(_, _, source)| *source)
+}
+
+/// Fewest bytes of an `auth.jwt_secret`: RFC 7518 section 3.2 requires HS256 keys of at
+/// least the hash size, 256 bits.
+const MIN_JWT_SECRET_BYTES: usize = 32;
+/// Fewest characters of an `api.publish_keys` entry outside development (`openssl rand -hex
+/// 24` gives 48); development accepts [`MIN_DEV_PUBLISH_KEY_CHARS`].
+const MIN_PUBLISH_KEY_CHARS: usize = 32;
+const MIN_DEV_PUBLISH_KEY_CHARS: usize = 8;
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
     "server.trusted_proxies",
@@ -354,6 +433,8 @@ impl Settings {
         builder = builder.add_source(env_source);
 
         let conventional = [
+            // The profile whose file was loaded is the profile, whatever the files say.
+            ("SWITCHBOARD_ENV", "server.profile"),
             ("PORT", "server.port"),
             ("BIND", "server.bind"),
             ("REDIS_URL", "redis.url"),
@@ -402,7 +483,7 @@ impl Settings {
             );
         }
 
-        match settings.validate(profile.as_deref(), &mut warnings) {
+        match settings.validate(&mut warnings) {
             Ok(compiled) if errors.is_empty() => Ok(Loaded {
                 settings,
                 compiled,
@@ -419,13 +500,23 @@ impl Settings {
 
     /// Semantic checks that serde cannot express, compiling what passes. `Err` holds one
     /// message per problem.
-    fn validate(
-        &self,
-        profile: Option<&str>,
-        warnings: &mut Vec<String>,
-    ) -> Result<Compiled, Vec<String>> {
+    fn validate(&self, warnings: &mut Vec<String>) -> Result<Compiled, Vec<String>> {
         let mut errors = Vec::new();
-        let production = profile == Some("production");
+        let profile = self.server.profile.as_str();
+        let loopback = self.server.bind == "localhost"
+            || self
+                .server
+                .bind
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        // Development conveniences and shipped secrets need both: a development profile
+        // reachable from this machine only.
+        let development = profile == DEVELOPMENT && loopback;
+        let strict_because = if profile == DEVELOPMENT {
+            format!("server.bind = {:?} is not loopback", self.server.bind)
+        } else {
+            format!("profile {profile:?} is not {DEVELOPMENT:?}")
+        };
 
         let origins = OriginPolicy::from_config(&self.origins)
             .map_err(|origin_errors| errors.extend(origin_errors))
@@ -447,15 +538,18 @@ impl Settings {
 
         let mut cookie_key = None;
         match &self.auth.cookie_key {
-            Some(key) => match decode_cookie_key(key) {
-                Ok(bytes) => cookie_key = Some(Key::from(&bytes)),
-                Err(why) => errors.push(format!("auth.cookie_key {why}")),
+            Some(key) => match (decode_cookie_key(key), shipped("auth.cookie_key", key)) {
+                (Ok(_), Some(source)) if !development => errors.push(format!(
+                    "auth.cookie_key is the example key from {source}, which anyone can read \
+                     ({strict_because}): generate one with `openssl rand -base64 64`"
+                )),
+                (Ok(bytes), _) => cookie_key = Some(Key::from(&bytes)),
+                (Err(why), _) => errors.push(format!("auth.cookie_key {why}")),
             },
-            None if production => errors.push(
-                "auth.cookie_key is required in production (64+ random bytes, base64): \
+            None if !development => errors.push(format!(
+                "auth.cookie_key is required ({strict_because}): 64+ random bytes, base64; \
                  generate one with `openssl rand -base64 64`"
-                    .into(),
-            ),
+            )),
             None => warnings.push(
                 "auth.cookie_key is unset: using a random key, so sessions end when the process restarts"
                     .into(),
@@ -476,6 +570,9 @@ impl Settings {
         if self.auth.session_ttl_s == 0 {
             errors.push("auth.session_ttl_s must be at least 1 second".into());
         }
+        if self.auth.revocation_check_s == 0 {
+            errors.push("auth.revocation_check_s must be at least 1 second".into());
+        }
         if self.auth.cookie_same_site == SameSitePolicy::None && !self.auth.cookie_secure {
             errors.push(
                 "auth.cookie_same_site = \"none\" needs auth.cookie_secure = true (browsers drop the cookie otherwise)"
@@ -483,8 +580,27 @@ impl Settings {
             );
         }
         if let Some(secret) = &self.auth.jwt_secret {
-            if secret.len() < 16 {
-                errors.push("auth.jwt_secret must be at least 16 bytes".into());
+            if secret.len() < MIN_JWT_SECRET_BYTES {
+                errors.push(format!(
+                    "auth.jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes (HS256): \
+                     generate one with `openssl rand -base64 32`"
+                ));
+            } else if let Some(source) = shipped("auth.jwt_secret", secret).filter(|_| !development)
+            {
+                errors.push(format!(
+                    "auth.jwt_secret is the example secret from {source}, which anyone can read \
+                     ({strict_because}): generate one with `openssl rand -base64 32`"
+                ));
+            }
+        }
+        for (key, value) in [
+            ("auth.jwt_issuer", &self.auth.jwt_issuer),
+            ("auth.jwt_audience", &self.auth.jwt_audience),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                errors.push(format!(
+                    "{key} is empty: remove it or name the expected value"
+                ));
             }
         }
         let mut client_publish = Vec::new();
@@ -494,25 +610,50 @@ impl Settings {
                 Err(why) => errors.push(format!("auth.client_publish entry {pattern:?}: {why}")),
             }
         }
-        if production && self.auth.dev_login {
-            errors.push(
-                "auth.dev_login = true is refused in production: it lets anyone log in as anyone"
-                    .into(),
-            );
+        if !development && self.auth.dev_login {
+            errors.push(format!(
+                "auth.dev_login = true is refused ({strict_because}): it lets anyone log in as anyone"
+            ));
         }
-        if production && self.demo.simulate_calls {
-            errors.push("demo.simulate_calls = true is refused in production".into());
+        if !development && self.demo.simulate_calls {
+            errors.push(format!(
+                "demo.simulate_calls = true is refused ({strict_because}): made-up calls would reach real boards"
+            ));
         }
-        if production && !self.auth.cookie_secure {
-            warnings.push("auth.cookie_secure is off in production: the session cookie will also travel over plain http".into());
+        if !development && !self.auth.cookie_secure {
+            warnings.push(format!("auth.cookie_secure is off for profile {profile:?}: the session cookie will also travel over plain http"));
         }
-        for key in &self.api.publish_keys {
-            if key.len() < 8 {
-                errors.push("api.publish_keys: every key must be at least 8 characters".into());
-                break;
-            }
+        let min_key = if development {
+            MIN_DEV_PUBLISH_KEY_CHARS
+        } else {
+            MIN_PUBLISH_KEY_CHARS
+        };
+        if let Some(short) = self.api.publish_keys.iter().find(|k| k.len() < min_key) {
+            let why = if development {
+                String::new()
+            } else {
+                format!(" ({strict_because})")
+            };
+            errors.push(format!(
+                "api.publish_keys: every key must be at least {min_key} characters{why}; one has {}: generate one with `openssl rand -hex 24`",
+                short.len()
+            ));
+        } else if let Some(source) = self
+            .api
+            .publish_keys
+            .iter()
+            .find_map(|k| shipped("api.publish_keys", k))
+            .filter(|_| !development)
+        {
+            errors.push(format!(
+                "api.publish_keys holds the example key from {source}, which anyone can read \
+                 ({strict_because}): generate one with `openssl rand -hex 24`"
+            ));
         }
 
+        if self.api.body_timeout_ms == 0 {
+            errors.push("api.body_timeout_ms must be at least 1".into());
+        }
         if self.heartbeat.interval_ms == 0 {
             errors.push("heartbeat.interval_ms must be above 0".into());
         }
@@ -746,5 +887,18 @@ mod tests {
             .to_string()
             .contains("32 bytes"));
         assert!(decode_cookie_key("%%%").is_err());
+    }
+
+    /// Every secret config/default.toml ships is on the list refused outside development.
+    #[test]
+    fn shipped_secrets_cover_default_toml() {
+        let table: toml::Table = include_str!("../../config/default.toml").parse().unwrap();
+        let text = |section: &str, key: &str| table[section][key].as_str().unwrap().to_string();
+        assert!(shipped("auth.cookie_key", &text("auth", "cookie_key")).is_some());
+        assert!(shipped("auth.jwt_secret", &text("auth", "jwt_secret")).is_some());
+        for key in table["api"]["publish_keys"].as_array().unwrap() {
+            assert!(shipped("api.publish_keys", key.as_str().unwrap()).is_some());
+        }
+        assert_eq!(text("server", "profile"), DEVELOPMENT);
     }
 }

@@ -236,6 +236,13 @@ impl Registry {
         self.channels.read().keys().cloned().collect()
     }
 
+    /// The login sessions of local sockets, each once (the periodic revocation re-check).
+    pub(crate) fn session_ids(&self) -> Vec<String> {
+        let sessions = self.sessions.lock();
+        let ids: std::collections::HashSet<&String> = sessions.values().map(|e| &e.sid).collect();
+        ids.into_iter().cloned().collect()
+    }
+
     /// `org/user` keys of local sessions and their cap slots (lease refresh).
     pub(crate) fn cap_slots(&self) -> Vec<(String, String)> {
         self.sessions

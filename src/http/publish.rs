@@ -1,9 +1,14 @@
-//! `POST /api/publish`: a backend service's event into the hub. It validates every field and
-//! answers 202 only once the broker has taken the event; anything else is a 4xx naming the
-//! problem or a 503.
+//! `POST /api/publish`: a backend service's event into the hub. The publish key is checked
+//! before the body is read (an address that keeps presenting wrong keys is held back with
+//! 429), the body must arrive within `api.body_timeout_ms` and [`MAX_BODY_BYTES`], every field is
+//! validated, and 202 comes only once the broker has taken the event; anything else is a 4xx
+//! naming the problem or a 503.
+
+use std::time::{Duration, Instant};
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
@@ -11,6 +16,11 @@ use crate::core::event::{PublishBody, PublishRequest};
 use crate::core::ids::{OrgId, Topic};
 use crate::core::wire::validate_event_name;
 use crate::node::Node;
+use crate::transport::handshake::request_ip;
+
+/// The largest publish body (actix-web's default payload limit, which the handler enforces
+/// itself now that it reads the body after the key check).
+pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// A publish body that cannot be accepted, naming the field at fault.
 #[derive(Debug)]
@@ -77,7 +87,7 @@ pub(crate) fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
         None => return Err(bad_field("topic", "topic is required")),
     };
     let event = match object.get("event") {
-        None | Some(Value::Null) => "message".to_string(),
+        None | Some(Value::Null) => return Err(bad_field("event", "event is required")),
         Some(Value::String(s)) => {
             validate_event_name(s).map_err(|e| bad_field("event", e))?;
             s.clone()
@@ -103,23 +113,72 @@ pub(crate) fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
     })
 }
 
+/// Why a publish body could not be read.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("body larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    #[error("body not received within {0:?}")]
+    TimedOut(Duration),
+    #[error("cannot read body: {0}")]
+    Read(#[source] actix_web::error::PayloadError),
+}
+
+impl BodyError {
+    fn response(&self) -> HttpResponse {
+        let status = match self {
+            Self::TooLarge => actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TimedOut(_) => actix_web::http::StatusCode::REQUEST_TIMEOUT,
+            Self::Read(_) => actix_web::http::StatusCode::BAD_REQUEST,
+        };
+        HttpResponse::build(status)
+            .json(json!({"error":"bad_request","field":"body","message":self.to_string()}))
+    }
+}
+
+/// The whole body, at most [`MAX_BODY_BYTES`], within `timeout`.
+async fn read_body(
+    mut payload: web::Payload,
+    timeout: Duration,
+) -> Result<web::BytesMut, BodyError> {
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(BodyError::Read)?;
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(BodyError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(BodyError::TimedOut(timeout)))
+}
+
 pub(crate) async fn publish(
     node: web::Data<Node>,
     req: HttpRequest,
-    body: Result<web::Bytes, actix_web::Error>,
+    payload: web::Payload,
 ) -> HttpResponse {
+    let ip = request_ip(&node, req.peer_addr(), req.headers());
+    if node.publish_failures.blocked(ip, Instant::now()) {
+        return HttpResponse::TooManyRequests()
+            .insert_header((header::RETRY_AFTER, "1"))
+            .json(json!({"error":"rate_limited","message":format!("too many wrong publish keys from {ip}; retry later")}));
+    }
     if !authorised(&node, &req) {
+        node.publish_failures.failed(ip, Instant::now());
+        log::warn!("publish refused: missing or unknown publish key from {ip}");
         return HttpResponse::Unauthorized()
             .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
             .json(json!({"error":"unauthorized","message":"missing or unknown publish key (Authorization: Bearer <key from api.publish_keys>)"}));
     }
-    let body = match body {
+    let timeout = Duration::from_millis(node.settings.api.body_timeout_ms);
+    let body = match read_body(payload, timeout).await {
         Ok(body) => body,
-        Err(e) => {
-            let status = e.as_response_error().status_code();
-            return HttpResponse::build(status)
-                .json(json!({"error":"bad_request","field":"body","message":e.to_string()}));
-        }
+        Err(e) => return e.response(),
     };
     let request = match parse_publish(&body) {
         Ok(r) => r,
@@ -158,13 +217,17 @@ mod tests {
             field_of(r#"{"org":"1","topic":"Bad Topic!","data":{}}"#),
             "topic"
         );
-        assert_eq!(field_of(r#"{"org":"1","topic":"calls"}"#), "data");
+        assert_eq!(
+            field_of(r#"{"org":"1","topic":"calls","event":"e"}"#),
+            "data"
+        );
+        assert_eq!(field_of(r#"{"org":"1","topic":"calls","data":1}"#), "event");
         assert_eq!(
             field_of(r#"{"org":"1","topic":"calls","event":"a b","data":1}"#),
             "event"
         );
         assert_eq!(
-            field_of(r#"{"org":"1","topic":"calls","data":1,"x":2}"#),
+            field_of(r#"{"org":"1","topic":"calls","event":"e","data":1,"x":2}"#),
             "x"
         );
     }
@@ -184,8 +247,8 @@ mod tests {
     /// A good body parses, with a numeric org accepted and the default event name.
     #[test]
     fn good_body() {
-        let r = parse_publish(br#"{"org":42,"topic":"calls","data":{"a":1}}"#).unwrap();
+        let r = parse_publish(br#"{"org":42,"topic":"calls","event":"e","data":{"a":1}}"#).unwrap();
         assert_eq!(r.org.as_str(), "42");
-        assert!(matches!(r.body, PublishBody::Json { ref event, .. } if event == "message"));
+        assert!(matches!(r.body, PublishBody::Json { ref event, .. } if event == "e"));
     }
 }

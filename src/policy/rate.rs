@@ -113,6 +113,60 @@ impl HandshakeLimiter {
     }
 }
 
+impl TokenBucket {
+    /// The tokens there would be at `now`, taking none.
+    fn tokens_at(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * self.rate).min(self.burst)
+    }
+}
+
+/// Failed attempts per client IP (wrong publish keys): each failure spends a token of that
+/// address's bucket, and an address with none left is refused before its next attempt is even
+/// checked, so a right guess cannot be told from a wrong one while it waits. Bounded like
+/// [`HandshakeLimiter`]: past [`MAX_TRACKED_IPS`] addresses, those whose bucket is full again
+/// are forgotten; if none is, a new address is not tracked (it cannot be blocked, but it
+/// cannot crowd out the addresses already held back either).
+pub(crate) struct FailureThrottle {
+    /// Refill rate and burst of each address's bucket.
+    rate_per_s: u32,
+    burst: u32,
+    failures: parking_lot::Mutex<std::collections::HashMap<IpAddr, TokenBucket>>,
+}
+
+impl FailureThrottle {
+    pub(crate) fn new(rate_per_s: u32, burst: u32) -> Self {
+        Self {
+            rate_per_s,
+            burst,
+            failures: Default::default(),
+        }
+    }
+
+    /// Whether `ip` has used up its failures for now.
+    pub(crate) fn blocked(&self, ip: IpAddr, now: Instant) -> bool {
+        self.failures
+            .lock()
+            .get(&ip)
+            .is_some_and(|bucket| bucket.tokens_at(now) < 1.0)
+    }
+
+    /// Count a failed attempt from `ip`.
+    pub(crate) fn failed(&self, ip: IpAddr, now: Instant) {
+        let mut failures = self.failures.lock();
+        if failures.len() >= MAX_TRACKED_IPS && !failures.contains_key(&ip) {
+            failures.retain(|_, bucket| bucket.tokens_at(now) < bucket.burst);
+            if failures.len() >= MAX_TRACKED_IPS {
+                return;
+            }
+        }
+        failures
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(self.rate_per_s, self.burst, now))
+            .try_take(now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +209,21 @@ mod tests {
         assert!(!busy.contains(&newcomer));
         assert!(!l.allow(newcomer), "a new address past the bound");
         assert!(l.allow(busy[7]), "a tracked address keeps its second token");
+    }
+
+    /// Failures past the burst block an address (and only it) until a token refills.
+    #[test]
+    fn failure_throttle() {
+        let t0 = Instant::now();
+        let throttle = FailureThrottle::new(1, 2);
+        let a: IpAddr = "1.1.1.1".parse().unwrap();
+        let b: IpAddr = "2.2.2.2".parse().unwrap();
+        assert!(!throttle.blocked(a, t0));
+        throttle.failed(a, t0);
+        assert!(!throttle.blocked(a, t0));
+        throttle.failed(a, t0);
+        assert!(throttle.blocked(a, t0));
+        assert!(!throttle.blocked(b, t0));
+        assert!(!throttle.blocked(a, t0 + Duration::from_secs(1)));
     }
 }

@@ -19,6 +19,8 @@ pub(crate) const KEY_USER: &str = "user";
 pub(crate) const KEY_ORG: &str = "org";
 pub(crate) const KEY_SID: &str = "sid";
 pub(crate) const KEY_EXP: &str = "exp";
+/// Embedded only: the boot the session was started in (see [`super::revocations`]).
+pub(crate) const KEY_BOOT: &str = "boot";
 /// Set by logout in place of the identity: a replayed cookie is then refused as `logged out`
 /// rather than `invalid session`, whichever store holds it (Redis drops purged state, so
 /// purging would leave nothing to tell the two apart).
@@ -53,12 +55,16 @@ pub(crate) enum Sessions {
 }
 
 impl Sessions {
-    /// The state of the session `key` names; empty when there is none or it does not parse.
-    pub(crate) async fn load(&self, key: &SessionKey) -> Result<SessionState, SessionReadError> {
+    /// The state of the session `key` names (empty when it does not parse); `None` when the
+    /// store holds no such session any more (Redis drops a session when its TTL runs out).
+    pub(crate) async fn load(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<SessionState>, SessionReadError> {
         match self {
             Self::Cookie => match CookieSessionStore::default().load(key).await {
-                Ok(state) => Ok(state.unwrap_or_default()),
-                Err(LoadError::Deserialization(_)) => Ok(SessionState::new()),
+                Ok(state) => Ok(Some(state.unwrap_or_default())),
+                Err(LoadError::Deserialization(_)) => Ok(Some(SessionState::new())),
                 Err(e) => Err(SessionReadError::Cookie(e)),
             },
             Self::Redis(redis) => {
@@ -70,9 +76,7 @@ impl Sessions {
                         async move { conn.get(redis_key).await }
                     })
                     .await?;
-                Ok(raw
-                    .map(|raw| serde_json::from_str(&raw).unwrap_or_default())
-                    .unwrap_or_default())
+                Ok(raw.map(|raw| serde_json::from_str(&raw).unwrap_or_default()))
             }
         }
     }

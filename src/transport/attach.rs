@@ -2,8 +2,9 @@
 //! (registered with the registry, so logout, eviction and drain reach it; counted; holding
 //! the cap slot the handshake took), subscribe channels (live at once, or held until Redis
 //! confirms the channel or until the history after `since` is read, then released in order
-//! without duplicates), and detach when the [`Attachment`] is dropped (every channel left,
-//! unregistered, the cap slot given back). The transports only frame what this decides.
+//! without duplicates), close it when its login session expires (4401 `session expired`),
+//! and detach when the [`Attachment`] is dropped (every channel left, unregistered, the cap
+//! slot given back). The transports only frame what this decides.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::broker::{Interest, Replay, CONFIRM_TIMEOUT};
-use crate::core::close::Close;
+use crate::core::close::{AuthFailure, Close};
 use crate::core::event::Event;
 use crate::core::identity::Identity;
 use crate::core::ids::{ChannelKey, ConnId, EventId};
@@ -48,6 +49,8 @@ pub(crate) struct Attachment {
     link: Arc<SessionLink>,
     /// The subscriptions, shared with the socket's writer (WebSocket).
     shared: Shared,
+    /// Closes the connection when its session expires; stopped on detach.
+    expiry: tokio::task::JoinHandle<()>,
 }
 
 /// What a held subscription waits for: Redis to confirm the channel (`None`), or the history
@@ -112,12 +115,14 @@ impl Attachment {
             identity.sid.clone(),
         );
         metrics().connections.inc();
+        let expiry = close_at_expiry(identity.exp, link.control.clone());
         Self {
             node,
             identity,
             slot,
             link,
             shared,
+            expiry,
         }
     }
 
@@ -259,8 +264,22 @@ impl Attachment {
     }
 }
 
+/// Order the connection closed as `session expired` when `exp` (unix seconds) passes: a socket
+/// admitted just before its session ran out must not outlive it.
+fn close_at_expiry(exp: u64, control: Recipient<Control>) -> tokio::task::JoinHandle<()> {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp);
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    actix::spawn(async move {
+        tokio::time::sleep(left).await;
+        control.do_send(Control::Close(Close::Unauthenticated(AuthFailure::Expired)));
+    })
+}
+
 impl Drop for Attachment {
     fn drop(&mut self) {
+        self.expiry.abort();
         metrics().connections.dec();
         let emptied = self.node.registry.unregister(
             self.link.conn,

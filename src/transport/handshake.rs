@@ -111,9 +111,11 @@ pub(crate) async fn upgrade(
         .map(HeaderValue::as_bytes);
     let identity = async {
         match load_session(&node, cookies).await {
-            Ok(state) => identify_state(&node, &state)
+            Ok(Some(state)) => identify_state(&node, &state)
                 .await
                 .map_err(Close::Unauthenticated),
+            // Our cookie, but its session is gone from the store: it ran out.
+            Ok(None) => Err(Close::Unauthenticated(AuthFailure::Expired)),
             Err(SessionReadError::NoCookie) => Err(Close::Unauthenticated(AuthFailure::NoCookie)),
             Err(e) => {
                 log::warn!("websocket refused: {e}");
@@ -196,18 +198,26 @@ async fn send(
     Ok(())
 }
 
+/// The client address of a request: the peer, or what trusted proxies say it forwarded for.
+pub(crate) fn request_ip(
+    node: &Node,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+) -> std::net::IpAddr {
+    peer.map(|peer| {
+        let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        client_ip(peer.ip(), xff, &node.trusted_proxies)
+    })
+    .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
+}
+
 /// The per-IP handshake budget: `Some(429)` when the client is over it.
 pub(crate) fn over_handshake_budget(
     node: &Node,
     peer: Option<SocketAddr>,
     headers: &HeaderMap,
 ) -> Option<HttpRefusal> {
-    let ip = peer
-        .map(|peer| {
-            let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-            client_ip(peer.ip(), xff, &node.trusted_proxies)
-        })
-        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let ip = request_ip(node, peer, headers);
     if node.handshakes.allow(ip) {
         return None;
     }

@@ -13,16 +13,17 @@ use crate::core::identity::Identity;
 use crate::core::ids::{now_s, OrgId, UserId};
 use crate::node::Node;
 use crate::store::sessions::{
-    SessionReadError, SessionState, KEY_EXP, KEY_LOGGED_OUT, KEY_ORG, KEY_SID, KEY_USER,
+    SessionReadError, SessionState, KEY_BOOT, KEY_EXP, KEY_LOGGED_OUT, KEY_ORG, KEY_SID, KEY_USER,
 };
 
 /// Load the session named by the `Cookie` headers, exactly as the session middleware would:
 /// the cookie is decrypted with `auth.cookie_key`, and its content is the session key that the
-/// store resolves. A cookie that fails decryption, or names nothing, is an empty state.
+/// store resolves. A cookie that fails decryption, or names nothing, is an empty state; a
+/// cookie of ours whose session the store no longer holds is `None` (it expired).
 pub(crate) async fn load_session(
     node: &Node,
     cookie_headers: impl Iterator<Item = &[u8]>,
-) -> Result<SessionState, SessionReadError> {
+) -> Result<Option<SessionState>, SessionReadError> {
     let name = node.settings.auth.cookie_name.as_str();
     // Parsed as actix-web parses cookies: percent-decoded, as the middleware set them. A
     // cookie of ours that does not even decode (tampered) is there, and invalid.
@@ -36,18 +37,31 @@ pub(crate) async fn load_session(
         })
         .ok_or(SessionReadError::NoCookie)?;
     let Ok(cookie) = Cookie::parse_encoded(raw.to_string()) else {
-        return Ok(SessionState::new());
+        return Ok(Some(SessionState::new()));
     };
-    let mut jar = CookieJar::new();
-    jar.add_original(cookie);
-    let Some(key) = jar
-        .private(&node.cookie_key)
-        .get(name)
-        .and_then(|c| SessionKey::try_from(c.value().to_string()).ok())
-    else {
-        return Ok(SessionState::new());
+    let Some(key) = session_key(node, cookie) else {
+        return Ok(Some(SessionState::new()));
     };
     node.sessions.load(&key).await
+}
+
+/// The session key in a cookie of ours: `None` when it does not decrypt with
+/// `auth.cookie_key` (tampered, or written under another key).
+fn session_key(node: &Node, cookie: Cookie<'static>) -> Option<SessionKey> {
+    let name = cookie.name().to_string();
+    let mut jar = CookieJar::new();
+    jar.add_original(cookie);
+    jar.private(&node.cookie_key)
+        .get(&name)
+        .and_then(|c| SessionKey::try_from(c.value().to_string()).ok())
+}
+
+/// The session id and expiry a session's state names, whether or not it is still usable:
+/// logout revokes by it whatever state the session is in.
+pub(crate) fn session_id(state: &SessionState) -> Option<(String, u64)> {
+    let sid = serde_json::from_str::<String>(state.get(KEY_SID)?).ok()?;
+    let exp = serde_json::from_str(state.get(KEY_EXP)?).ok()?;
+    Some((sid, exp))
 }
 
 /// The identity in a session's state, telling apart every way it can be unusable.
@@ -72,6 +86,14 @@ pub(crate) async fn identify_state(
     if identity.exp <= now_s() {
         return Err(AuthFailure::Expired);
     }
+    // A session of an earlier boot of this (embedded) node: its logout may be forgotten.
+    if !node.revocations.same_boot(
+        get(KEY_BOOT)
+            .and_then(|v| serde_json::from_str::<String>(v).ok())
+            .as_deref(),
+    ) {
+        return Err(AuthFailure::Expired);
+    }
     if node.revocations.is_revoked(&identity.sid).await {
         return Err(AuthFailure::LoggedOut);
     }
@@ -84,11 +106,15 @@ pub(crate) async fn identify(
     req: &HttpRequest,
     session: &Session,
 ) -> Result<Identity, AuthFailure> {
-    if req.cookie(&node.settings.auth.cookie_name).is_none() {
+    let Some(cookie) = req.cookie(&node.settings.auth.cookie_name) else {
         return Err(AuthFailure::NoCookie);
-    }
-    // A cookie that fails decryption or verification reaches us as an empty session.
+    };
+    // A cookie that fails decryption, or whose session the store no longer holds, reaches
+    // us as an empty session: only the first is invalid, the second expired.
     let state = session.entries().clone();
+    if state.is_empty() && session_key(node, cookie.into_owned()).is_some() {
+        return Err(AuthFailure::Expired);
+    }
     identify_state(node, &state).await
 }
 

@@ -432,6 +432,86 @@ async fn logout_on_one_pod_closes_sockets_on_every_pod() {
     );
 }
 
+/// A cookie whose session Redis dropped when its TTL ran out is refused as `session expired`
+/// (SPEC 3), as embedded mode does, not as `invalid session`.
+#[actix_web::test]
+async fn an_expired_session_is_reported_as_expired() {
+    let redis = Redis::start();
+    let pods = start_pods(
+        &redis.url(),
+        1,
+        &[("SWITCHBOARD__AUTH__SESSION_TTL_S", "1")],
+    );
+    let cookie = dev_login(&pods[0], "alice", ORG).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("sb:session:*")
+            .query(&mut redis.conn())
+            .expect("KEYS");
+        if keys.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never left Redis: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ws = ws_open(&pods[0], Some(ORIGIN), Some(&cookie)).await;
+    assert_close(
+        ws.expect_only_close(T).await,
+        4401,
+        "unauthenticated: session expired",
+        "a cookie whose session expired",
+    );
+    let opened = open_sse(
+        &pods[0],
+        "topic=calls",
+        &[("origin", ORIGIN), ("cookie", cookie.as_str())],
+    )
+    .await;
+    match opened {
+        Opened::Refused(status, body) => assert!(
+            status == 401 && body.to_string().contains("session expired"),
+            "SSE with the expired cookie: {status} {body}"
+        ),
+        Opened::Stream(_) => panic!("SSE opened with an expired session"),
+    }
+}
+
+/// A pod whose subscriber missed the logout broadcast (its Redis answers held back) still
+/// closes the session's socket, at its next re-check of logged-out sessions.
+#[actix_web::test]
+async fn a_pod_that_missed_the_logout_broadcast_still_closes_the_socket() {
+    let redis = Redis::start();
+    let proxy = WedgeProxy::start(redis.port());
+    let env = [("SWITCHBOARD__AUTH__REVOCATION_CHECK_S", "1")];
+    let direct = start_pods(&redis.url(), 1, &env);
+    let behind = start_pods(&proxy.url(), 1, &env);
+    wait_ready(&behind[0], Duration::from_secs(10)).await;
+    let cookie = dev_login(&direct[0], "alice", ORG).await;
+    let mut ws = ws_open(&behind[0], Some(ORIGIN), Some(&cookie)).await;
+    assert_eq!(ws.next_json(T).await["type"], "welcome");
+
+    proxy.wedge();
+    let resp = http(
+        &direct[0],
+        "DELETE",
+        "/auth/session",
+        &[("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(resp.status, 204, "logout: {resp}");
+    assert_close(
+        ws.expect_close(T).await,
+        4401,
+        "unauthenticated: logged out",
+        "socket on the pod that missed the broadcast",
+    );
+}
+
 /// Cap env: 3 sockets per user, 200 ms heartbeat, 1 s timeout, 2 s leases.
 const CAP_ENV: &[(&str, &str)] = &[
     ("SWITCHBOARD__LIMITS__MAX_CONNECTIONS_PER_USER", "3"),

@@ -60,12 +60,19 @@ pub fn now_s() -> u64 {
         .as_secs()
 }
 
-/// An HS256 JWT over `claims` signed with `secret`.
+/// An HS256 JWT over `claims` signed with `secret`. Signed here, by hand: the hub's
+/// jsonwebtoken has no crypto backend of its own (the hub installs HS256 in-process only).
 pub fn jwt(secret: &str, claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("encode JWT")
+    use base64::Engine;
+    use hmac::Mac;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(signed.as_bytes());
+    format!("{signed}.{}", b64(&mac.finalize().into_bytes()))
 }

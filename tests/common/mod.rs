@@ -50,7 +50,7 @@ pub const ORIGIN: &str = "http://localhost:3000";
 /// The publish key every test hub accepts.
 pub const PUBLISH_KEY: &str = "test-publish-key";
 /// The JWT secret every test hub verifies `/auth/session` tokens with.
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef-0123";
 /// The default cookie name.
 pub const COOKIE_NAME: &str = "sb_session";
 /// Default bound on every wait for a frame or a response.
