@@ -301,7 +301,8 @@ pub fn kill(pid: u32, signal: &str) {
 // ---------------------------------------------------------------------------------------------
 
 /// `config/nginx.conf` turned into a loopback variant: the upstream servers between the
-/// `@upstream-servers-begin@`/`-end@` markers replaced by `upstreams`, `listen 8080;` by
+/// `@upstream-servers-begin@`/`-end@` markers replaced by `upstreams` (with the template's
+/// server options), `listen 8080;` by
 /// `listen 127.0.0.1:PORT;`, and temp paths put under `dir` at the `@local-paths@` marker
 /// (the same edits scripts/cluster.sh makes). Logs stay on stderr/stdout, which the test
 /// reads.
@@ -322,15 +323,20 @@ pub fn render_nginx_conf(
             "config/nginx.conf lost the line `{marker}` that scripts/cluster.sh and the cluster tests rely on"
         );
     }
+    // The template's own server options (max_fails, fail_timeout), so the tests run them.
+    let options = template
+        .lines()
+        .skip_while(|l| !l.contains("# @upstream-servers-begin@"))
+        .find_map(|l| l.trim().strip_prefix("server "))
+        .and_then(|server| server.split_once(' '))
+        .map_or(";", |(_, options)| options);
     let dir = dir.display();
     let mut out = String::new();
     let mut skipping = false;
     for line in template.lines() {
         if line.contains("# @upstream-servers-begin@") {
             for up in upstreams {
-                out.push_str(&format!(
-                    "        server {up} max_fails=2 fail_timeout=10s;\n"
-                ));
+                out.push_str(&format!("        server {up} {options}\n"));
             }
             skipping = true;
             continue;
