@@ -182,6 +182,21 @@ impl Redis {
         self.spawn();
     }
 
+    /// Freeze redis-server with SIGSTOP: its connections stay open and nothing answers, as
+    /// with a Redis stuck behind a long fork or a stalled disk.
+    pub fn pause(&self) {
+        kill(self.pid(), "STOP");
+    }
+
+    /// Let a paused redis-server run again (SIGCONT); it then works through what it was sent.
+    pub fn resume(&self) {
+        kill(self.pid(), "CONT");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server is running").id()
+    }
+
     /// Connections that hold subscriptions (`sub=` or `psub=` or `ssub=` above 0 in CLIENT
     /// LIST), as `(addr, CLIENT LIST line)`.
     pub fn subscriber_connections(&self) -> Vec<(String, String)> {
@@ -272,18 +287,35 @@ pub fn start_pods(redis_url: &str, n: usize, env: &[(&str, &str)]) -> Vec<Hub> {
     all.extend_from_slice(env);
     let pods: Vec<Hub> = (0..n).map(|_| Hub::start(&all)).collect();
     for pod in &pods {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while blocking_get_status(pod.addr(), "/readyz") != Some(200) {
-            assert!(
-                Instant::now() < deadline,
-                "pod {} not ready within {READY_TIMEOUT:?} of listening; output:\n{}",
-                pod.name(),
-                pod.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_pod_ready(pod);
     }
     pods
+}
+
+/// Start one pod like [`start_pods`] does, on `port` (a restarted pod taking its
+/// predecessor's place behind nginx), and wait until it is ready.
+pub fn start_pod_on(redis_url: &str, port: u16, env: &[(&str, &str)]) -> Hub {
+    let port = port.to_string();
+    let mut all: Vec<(&str, &str)> = vec![("REDIS_URL", redis_url)];
+    all.extend_from_slice(env);
+    all.push(("SWITCHBOARD__SERVER__PORT", &port));
+    let pod = Hub::start(&all);
+    wait_pod_ready(&pod);
+    pod
+}
+
+/// Wait until a listening pod answers `/readyz` with 200.
+fn wait_pod_ready(pod: &Hub) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while blocking_get_status(pod.addr(), "/readyz") != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "pod {} not ready within {READY_TIMEOUT:?} of listening; output:\n{}",
+            pod.name(),
+            pod.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Send `signal` (e.g. "KILL") to process `pid`.
@@ -368,6 +400,9 @@ pub fn render_nginx_conf(
 pub struct Nginx {
     port: u16,
     child: Option<Child>,
+    /// The command line options naming its configuration, prefix and pid file, which
+    /// `nginx -s reload` needs too.
+    options: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -388,18 +423,18 @@ impl Nginx {
             render_nginx_conf(&template, upstreams, port, dir.path()),
         )
         .expect("write nginx.conf");
+        let options = vec![
+            "-c".to_string(),
+            conf.display().to_string(),
+            "-p".to_string(),
+            format!("{}/", dir.path().display()),
+            "-e".to_string(),
+            dir.path().join("startup-error.log").display().to_string(),
+            "-g".to_string(),
+            format!("daemon off; pid {}/nginx.pid;", dir.path().display()),
+        ];
         let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(format!("{}/", dir.path().display()))
-            .arg("-e")
-            .arg(dir.path().join("startup-error.log"))
-            .arg("-g")
-            .arg(format!(
-                "daemon off; pid {}/nginx.pid;",
-                dir.path().display()
-            ))
+            .args(&options)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -416,6 +451,7 @@ impl Nginx {
         let mut nginx = Nginx {
             port,
             child: Some(child),
+            options,
             _dir: dir,
         };
         nginx.wait_serving();
@@ -447,6 +483,43 @@ impl Nginx {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr())
+    }
+
+    /// `nginx -s reload`, as an operator runs it: the master re-reads its configuration,
+    /// starts new workers and tells the old ones to finish gracefully.
+    pub fn reload(&self) {
+        let out = Command::new(require_tool("nginx"))
+            .args(&self.options)
+            .args(["-s", "reload"])
+            .output()
+            .expect("run nginx -s reload");
+        assert!(
+            out.status.success(),
+            "nginx -s reload failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The pids of the master's worker processes right now (from /proc).
+    pub fn workers(&self) -> Vec<u32> {
+        let master = self.child.as_ref().expect("nginx is running").id();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                // /proc/PID/stat: `pid (comm) state ppid ...`; comm may hold spaces.
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        let after = stat.rsplit_once(')')?.1;
+                        after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                    })
+                    == Some(master)
+            })
+            .collect()
     }
 }
 
