@@ -553,12 +553,15 @@ fn blocking_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
 /// A TCP proxy between the pods and Redis. While wedged, it stops forwarding Redis's bytes to
 /// every connection that has sent a SUBSCRIBE (the pods' subscriber connections): the
 /// connection stays up and Redis stays healthy, but no message reaches the pod, which is how
-/// a wedged subscriber looks from inside. Unwedging forwards what was held back.
+/// a wedged subscriber looks from inside. Unwedging forwards what was held back. While cut, it
+/// drops every connection and refuses new ones, as a network partition between one pod and
+/// Redis would.
 /// Runs on its own thread and runtime, so a test thread blocked in a harness call cannot
 /// stall it.
 pub struct WedgeProxy {
     port: u16,
     wedged: Arc<tokio::sync::watch::Sender<bool>>,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
     subscribers: Arc<AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -574,10 +577,13 @@ impl WedgeProxy {
             .expect("nonblocking listener");
         let (wedged, _) = tokio::sync::watch::channel(false);
         let wedged = Arc::new(wedged);
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cut = Arc::new(cut);
         let subscribers = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = {
             let wedged = wedged.clone();
+            let cut = cut.clone();
             let subscribers = subscribers.clone();
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -592,10 +598,14 @@ impl WedgeProxy {
                             let Ok((client, _)) = listener.accept().await else {
                                 continue;
                             };
+                            if *cut.borrow() {
+                                continue; // dropped: the pod sees its connection closed
+                            }
                             tokio::spawn(proxy_connection(
                                 client,
                                 upstream,
                                 wedged.subscribe(),
+                                cut.subscribe(),
                                 subscribers.clone(),
                             ));
                         }
@@ -610,6 +620,7 @@ impl WedgeProxy {
         WedgeProxy {
             port,
             wedged,
+            cut,
             subscribers,
             stop: Some(stop),
             thread: Some(thread),
@@ -629,6 +640,16 @@ impl WedgeProxy {
     /// Forward again, held-back bytes first.
     pub fn unwedge(&self) {
         self.wedged.send_replace(false);
+    }
+
+    /// Drop every connection and refuse new ones, from now on.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Accept and forward connections again.
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
     }
 
     /// Connections seen so far that sent a SUBSCRIBE.
@@ -664,6 +685,7 @@ async fn proxy_connection(
     client: tokio::net::TcpStream,
     upstream: u16,
     mut wedged: tokio::sync::watch::Receiver<bool>,
+    mut cut: tokio::sync::watch::Receiver<bool>,
     subscribers: Arc<AtomicUsize>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -722,5 +744,6 @@ async fn proxy_connection(
     tokio::select! {
         _ = to_server => {}
         _ = to_client => {}
+        _ = cut.wait_for(|cut| *cut) => {}
     }
 }
