@@ -478,11 +478,14 @@ async fn pod_killed_under_2000_sockets_frees_caps_and_clients_resume_on_the_othe
     publisher.wait_count(10, T).await;
     kill(victim.pid(), "KILL");
     let killed_at = Instant::now();
-    let margin = Duration::from_secs(8);
+    // Generous: 2,000 clients backing off and handshaking again on a shared CI machine.
+    let margin = Duration::from_secs(15);
     fleet
         .wait_subscribed(2 * sockets, KILL_LEASE + margin)
         .await;
     let all_back = killed_at.elapsed();
+    // The surviving pod, serving every client, says so.
+    wait_ready(survivor, Duration::ZERO).await;
     // The caps count exactly the live sockets: five per user, all on pod B.
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -507,7 +510,10 @@ async fn pod_killed_under_2000_sockets_frees_caps_and_clients_resume_on_the_othe
         "(user, live cap slots) after every client resumed, expected {KILL_PER_USER}: {wrong:?}"
     );
     let resumed = publisher.count();
-    publisher.wait_count(resumed + 10, T).await;
+    // Each event is 2,000 frames for this one test thread to read: publishing slows down.
+    publisher
+        .wait_count(resumed + 10, Duration::from_secs(20))
+        .await;
     let published = publisher.stop().await;
     assert!(
         publisher.refused.borrow().is_empty(),
@@ -596,29 +602,33 @@ impl ConnectionSampler {
         ConnectionSampler { samples, stop }
     }
 
-    /// The most sockets `pods` gained together within any one second of `[from, to]`
-    /// (gains between consecutive samples of a pod, attributed to the later sample).
+    /// The most sockets `pods` gained together within one second of `[from, to]`: the gains
+    /// between consecutive samples of each pod, summed over the sample intervals that lie
+    /// wholly inside some one-second window (so a late sample, covering a longer interval,
+    /// can only lower the count, never pass a slow trickle off as a burst).
     fn max_gain_per_second(&self, pods: &[SocketAddr], from: Instant, to: Instant) -> f64 {
         let samples = self.samples.borrow();
-        let mut gains: Vec<(Instant, f64)> = Vec::new();
+        // (interval start, interval end, sockets gained in it)
+        let mut gains: Vec<(Instant, Instant, f64)> = Vec::new();
         for pod in pods {
-            let mut last: Option<f64> = None;
+            let mut last: Option<(Instant, f64)> = None;
             for (at, _, v) in samples.iter().filter(|(at, a, _)| a == pod && *at <= to) {
-                if let Some(prev) = last {
+                if let Some((prev_at, prev)) = last {
                     if *at >= from && *v > prev {
-                        gains.push((*at, v - prev));
+                        gains.push((prev_at, *at, v - prev));
                     }
                 }
-                last = Some(*v);
+                last = Some((*at, *v));
             }
         }
         gains
             .iter()
-            .map(|(start, _)| {
+            .map(|(start, _, _)| {
+                let end = *start + Duration::from_secs(1);
                 gains
                     .iter()
-                    .filter(|(at, _)| *at >= *start && *at < *start + Duration::from_secs(1))
-                    .map(|(_, g)| g)
+                    .filter(|(since, until, _)| since >= start && *until <= end)
+                    .map(|(_, _, g)| g)
                     .sum::<f64>()
             })
             .fold(0.0, f64::max)
@@ -650,13 +660,13 @@ async fn exited(pod: &mut Hub, timeout: Duration) -> std::process::ExitStatus {
 }
 
 /// The most handshakes per second the surviving pods may see when `moved` clients come back
-/// after a drain with `after_ms` uniform over `spread_ms`: the expected share of one second
-/// (plus 10 % for sampling), four standard deviations, and 3 for rounding. A reconnect storm
-/// (every client at once) is above it for the loads used here.
+/// after a drain with `after_ms` uniform over `spread_ms`: the expected share of one second,
+/// four standard deviations, and 3 for rounding. A reconnect storm (every client at once) is
+/// above it for the loads used here.
 fn reconnect_bound(moved: usize, spread_ms: u64) -> f64 {
     let p = (1000.0 / spread_ms as f64).min(1.0);
     let n = moved as f64;
-    n * p * 1.1 + 4.0 * (n * p * (1.0 - p)).sqrt() + 3.0
+    n * p + 4.0 * (n * p * (1.0 - p)).sqrt() + 3.0
 }
 
 /// Three pods behind nginx, 150 followers through it, publishing through nginx every 20 ms; each pod in turn SIGTERMed and started again on its port: its clients get reconnect (after_ms within the spread) then 1012, come back through nginx to the others with since (recovered), the surviving pods gain at most the spread's share of them per second (no reconnect storm), and every client ends with every accepted event once, in order.

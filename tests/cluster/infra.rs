@@ -334,9 +334,8 @@ pub fn kill(pid: u32, signal: &str) {
 
 /// `config/nginx.conf` turned into a loopback variant: the upstream servers between the
 /// `@upstream-servers-begin@`/`-end@` markers replaced by `upstreams` (with the template's
-/// server options), `listen 8080;` by
-/// `listen 127.0.0.1:PORT;`, and temp paths put under `dir` at the `@local-paths@` marker
-/// (the same edits scripts/cluster.sh makes). Logs stay on stderr/stdout, which the test
+/// server options), `listen 8080;` by `listen 127.0.0.1:PORT;`, and temp paths put under
+/// `dir` at the `@local-paths@` marker (the same edits scripts/cluster.sh makes). Logs stay on stderr/stdout, which the test
 /// reads.
 pub fn render_nginx_conf(
     template: &str,
