@@ -234,6 +234,22 @@ async fn followers_on(redis: &Redis, pods: &[Hub], n: usize, deadline: Instant) 
     fleet
 }
 
+/// The unexpired cap slots of users `{prefix}0..{prefix}{n-1}` (ZCOUNT from now on).
+fn live_cap_slots(redis: &Redis, prefix: &str, n: usize) -> Vec<usize> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let mut pipe = redis::pipe();
+    for i in 0..n {
+        pipe.cmd("ZCOUNT")
+            .arg(format!("sb:caps:{ORG}/{prefix}{i}"))
+            .arg(now_ms)
+            .arg("+inf");
+    }
+    pipe.query(&mut redis.conn()).expect("ZCOUNT caps")
+}
+
 /// No follower's socket closed or dropped: the fault was invisible to the clients.
 fn assert_no_socket_lost(logs: &[FollowLog], fault: &str) {
     for (i, log) in logs.iter().enumerate() {
@@ -392,6 +408,19 @@ async fn redis_frozen_past_every_timeout_loses_no_accepted_event() {
     let refused_when_ready = publisher.refused.borrow().len();
     let resumed = publisher.count();
     publisher.wait_count(resumed + 30, T).await;
+    // The freeze outlasted the cap lease: every open socket's slot must be leased again.
+    let deadline_caps = Instant::now() + Duration::from_secs(2) + T;
+    loop {
+        let held = live_cap_slots(&redis, "f", fleet.len());
+        if held.iter().all(|n| *n == 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline_caps,
+            "live cap slots per user after the freeze (one socket each): {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let published = publisher.stop().await;
     assert_eq!(
         publisher.refused.borrow().len(),
@@ -487,18 +516,7 @@ async fn pod_killed_under_2000_sockets_frees_caps_and_clients_resume_on_the_othe
     // The surviving pod, serving every client, says so.
     wait_ready(survivor, Duration::ZERO).await;
     // The caps count exactly the live sockets: five per user, all on pod B.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64;
-    let mut pipe = redis::pipe();
-    for i in 0..KILL_USERS {
-        pipe.cmd("ZCOUNT")
-            .arg(format!("sb:caps:{ORG}/k{i}"))
-            .arg(now_ms)
-            .arg("+inf");
-    }
-    let live: Vec<usize> = pipe.query(&mut redis.conn()).expect("ZCOUNT caps");
+    let live = live_cap_slots(&redis, "k", KILL_USERS);
     let wrong: Vec<(usize, usize)> = live
         .iter()
         .copied()
