@@ -96,9 +96,13 @@ pod_ready() {
 
 # config/nginx.conf with loopback upstreams, our listen port, and temp/log paths under $1.
 render_nginx_conf() {
-    local dir="$1" servers="" port
+    local dir="$1" servers="" port options
+    # The template's own server options (max_fails, fail_timeout).
+    options=$(awk '/# @upstream-servers-begin@/ { on = 1; next }
+                   on && $1 == "server" { $1 = ""; $2 = ""; sub(/^ +/, ""); print; exit }' \
+        "$ROOT/config/nginx.conf")
     for port in "${POD_PORTS[@]}"; do
-        servers+="        server 127.0.0.1:$port max_fails=2 fail_timeout=10s;"$'\n'
+        servers+="        server 127.0.0.1:$port ${options:-;}"$'\n'
     done
     awk -v servers="$servers" -v port="$NGINX_PORT" -v dir="$dir" '
         /# @upstream-servers-begin@/ { printf "%s", servers; skip = 1; next }

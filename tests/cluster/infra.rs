@@ -182,6 +182,21 @@ impl Redis {
         self.spawn();
     }
 
+    /// Freeze redis-server with SIGSTOP: its connections stay open and nothing answers, as
+    /// with a Redis stuck behind a long fork or a stalled disk.
+    pub fn pause(&self) {
+        kill(self.pid(), "STOP");
+    }
+
+    /// Let a paused redis-server run again (SIGCONT); it then works through what it was sent.
+    pub fn resume(&self) {
+        kill(self.pid(), "CONT");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server is running").id()
+    }
+
     /// Connections that hold subscriptions (`sub=` or `psub=` or `ssub=` above 0 in CLIENT
     /// LIST), as `(addr, CLIENT LIST line)`.
     pub fn subscriber_connections(&self) -> Vec<(String, String)> {
@@ -272,18 +287,35 @@ pub fn start_pods(redis_url: &str, n: usize, env: &[(&str, &str)]) -> Vec<Hub> {
     all.extend_from_slice(env);
     let pods: Vec<Hub> = (0..n).map(|_| Hub::start(&all)).collect();
     for pod in &pods {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while blocking_get_status(pod.addr(), "/readyz") != Some(200) {
-            assert!(
-                Instant::now() < deadline,
-                "pod {} not ready within {READY_TIMEOUT:?} of listening; output:\n{}",
-                pod.name(),
-                pod.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_pod_ready(pod);
     }
     pods
+}
+
+/// Start one pod like [`start_pods`] does, on `port` (a restarted pod taking its
+/// predecessor's place behind nginx), and wait until it is ready.
+pub fn start_pod_on(redis_url: &str, port: u16, env: &[(&str, &str)]) -> Hub {
+    let port = port.to_string();
+    let mut all: Vec<(&str, &str)> = vec![("REDIS_URL", redis_url)];
+    all.extend_from_slice(env);
+    all.push(("SWITCHBOARD__SERVER__PORT", &port));
+    let pod = Hub::start(&all);
+    wait_pod_ready(&pod);
+    pod
+}
+
+/// Wait until a listening pod answers `/readyz` with 200.
+fn wait_pod_ready(pod: &Hub) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while blocking_get_status(pod.addr(), "/readyz") != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "pod {} not ready within {READY_TIMEOUT:?} of listening; output:\n{}",
+            pod.name(),
+            pod.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Send `signal` (e.g. "KILL") to process `pid`.
@@ -301,9 +333,9 @@ pub fn kill(pid: u32, signal: &str) {
 // ---------------------------------------------------------------------------------------------
 
 /// `config/nginx.conf` turned into a loopback variant: the upstream servers between the
-/// `@upstream-servers-begin@`/`-end@` markers replaced by `upstreams`, `listen 8080;` by
-/// `listen 127.0.0.1:PORT;`, and temp paths put under `dir` at the `@local-paths@` marker
-/// (the same edits scripts/cluster.sh makes). Logs stay on stderr/stdout, which the test
+/// `@upstream-servers-begin@`/`-end@` markers replaced by `upstreams` (with the template's
+/// server options), `listen 8080;` by `listen 127.0.0.1:PORT;`, and temp paths put under
+/// `dir` at the `@local-paths@` marker (the same edits scripts/cluster.sh makes). Logs stay on stderr/stdout, which the test
 /// reads.
 pub fn render_nginx_conf(
     template: &str,
@@ -322,15 +354,20 @@ pub fn render_nginx_conf(
             "config/nginx.conf lost the line `{marker}` that scripts/cluster.sh and the cluster tests rely on"
         );
     }
+    // The template's own server options (max_fails, fail_timeout), so the tests run them.
+    let options = template
+        .lines()
+        .skip_while(|l| !l.contains("# @upstream-servers-begin@"))
+        .find_map(|l| l.trim().strip_prefix("server "))
+        .and_then(|server| server.split_once(' '))
+        .map_or(";", |(_, options)| options);
     let dir = dir.display();
     let mut out = String::new();
     let mut skipping = false;
     for line in template.lines() {
         if line.contains("# @upstream-servers-begin@") {
             for up in upstreams {
-                out.push_str(&format!(
-                    "        server {up} max_fails=2 fail_timeout=10s;\n"
-                ));
+                out.push_str(&format!("        server {up} {options}\n"));
             }
             skipping = true;
             continue;
@@ -362,6 +399,9 @@ pub fn render_nginx_conf(
 pub struct Nginx {
     port: u16,
     child: Option<Child>,
+    /// The command line options naming its configuration, prefix and pid file, which
+    /// `nginx -s reload` needs too.
+    options: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -382,18 +422,18 @@ impl Nginx {
             render_nginx_conf(&template, upstreams, port, dir.path()),
         )
         .expect("write nginx.conf");
+        let options = vec![
+            "-c".to_string(),
+            conf.display().to_string(),
+            "-p".to_string(),
+            format!("{}/", dir.path().display()),
+            "-e".to_string(),
+            dir.path().join("startup-error.log").display().to_string(),
+            "-g".to_string(),
+            format!("daemon off; pid {}/nginx.pid;", dir.path().display()),
+        ];
         let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(format!("{}/", dir.path().display()))
-            .arg("-e")
-            .arg(dir.path().join("startup-error.log"))
-            .arg("-g")
-            .arg(format!(
-                "daemon off; pid {}/nginx.pid;",
-                dir.path().display()
-            ))
+            .args(&options)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -410,6 +450,7 @@ impl Nginx {
         let mut nginx = Nginx {
             port,
             child: Some(child),
+            options,
             _dir: dir,
         };
         nginx.wait_serving();
@@ -441,6 +482,43 @@ impl Nginx {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr())
+    }
+
+    /// `nginx -s reload`, as an operator runs it: the master re-reads its configuration,
+    /// starts new workers and tells the old ones to finish gracefully.
+    pub fn reload(&self) {
+        let out = Command::new(require_tool("nginx"))
+            .args(&self.options)
+            .args(["-s", "reload"])
+            .output()
+            .expect("run nginx -s reload");
+        assert!(
+            out.status.success(),
+            "nginx -s reload failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The pids of the master's worker processes right now (from /proc).
+    pub fn workers(&self) -> Vec<u32> {
+        let master = self.child.as_ref().expect("nginx is running").id();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                // /proc/PID/stat: `pid (comm) state ppid ...`; comm may hold spaces.
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        let after = stat.rsplit_once(')')?.1;
+                        after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                    })
+                    == Some(master)
+            })
+            .collect()
     }
 }
 
@@ -474,12 +552,15 @@ fn blocking_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
 /// A TCP proxy between the pods and Redis. While wedged, it stops forwarding Redis's bytes to
 /// every connection that has sent a SUBSCRIBE (the pods' subscriber connections): the
 /// connection stays up and Redis stays healthy, but no message reaches the pod, which is how
-/// a wedged subscriber looks from inside. Unwedging forwards what was held back.
+/// a wedged subscriber looks from inside. Unwedging forwards what was held back. While cut, it
+/// drops every connection and refuses new ones, as a network partition between one pod and
+/// Redis would.
 /// Runs on its own thread and runtime, so a test thread blocked in a harness call cannot
 /// stall it.
 pub struct WedgeProxy {
     port: u16,
     wedged: Arc<tokio::sync::watch::Sender<bool>>,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
     subscribers: Arc<AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -495,10 +576,13 @@ impl WedgeProxy {
             .expect("nonblocking listener");
         let (wedged, _) = tokio::sync::watch::channel(false);
         let wedged = Arc::new(wedged);
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cut = Arc::new(cut);
         let subscribers = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = {
             let wedged = wedged.clone();
+            let cut = cut.clone();
             let subscribers = subscribers.clone();
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -513,10 +597,14 @@ impl WedgeProxy {
                             let Ok((client, _)) = listener.accept().await else {
                                 continue;
                             };
+                            if *cut.borrow() {
+                                continue; // dropped: the pod sees its connection closed
+                            }
                             tokio::spawn(proxy_connection(
                                 client,
                                 upstream,
                                 wedged.subscribe(),
+                                cut.subscribe(),
                                 subscribers.clone(),
                             ));
                         }
@@ -531,6 +619,7 @@ impl WedgeProxy {
         WedgeProxy {
             port,
             wedged,
+            cut,
             subscribers,
             stop: Some(stop),
             thread: Some(thread),
@@ -550,6 +639,16 @@ impl WedgeProxy {
     /// Forward again, held-back bytes first.
     pub fn unwedge(&self) {
         self.wedged.send_replace(false);
+    }
+
+    /// Drop every connection and refuse new ones, from now on.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Accept and forward connections again.
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
     }
 
     /// Connections seen so far that sent a SUBSCRIBE.
@@ -585,6 +684,7 @@ async fn proxy_connection(
     client: tokio::net::TcpStream,
     upstream: u16,
     mut wedged: tokio::sync::watch::Receiver<bool>,
+    mut cut: tokio::sync::watch::Receiver<bool>,
     subscribers: Arc<AtomicUsize>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -643,5 +743,6 @@ async fn proxy_connection(
     tokio::select! {
         _ = to_server => {}
         _ = to_client => {}
+        _ = cut.wait_for(|cut| *cut) => {}
     }
 }

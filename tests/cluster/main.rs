@@ -2,8 +2,10 @@
 //! several real switchboard pods sharing it, and a real nginx in front configured from
 //! `config/nginx.conf`, all on loopback. Each test checks what a user or an operator would
 //! notice: events reaching every pod, one Redis subscriber per pod, sockets surviving a Redis
-//! outage, readiness catching a wedged subscriber, logout and connection caps across pods,
-//! resume with `since` on another pod, and a rolling restart that loses nothing.
+//! outage, readiness catching a wedged subscriber, logout and connection caps across pods, and
+//! resume with `since` on another pod. The `faults` module injects faults under traffic (Redis
+//! killed or frozen, a pod killed, a rolling restart, nginx reloaded) and checks that no
+//! accepted event is lost.
 //!
 //! Needs `redis-server` and `nginx` (`apt-get install -y redis-server nginx`); a missing one
 //! fails the test with that command. Nothing here touches port 6379 or a running Redis.
@@ -12,23 +14,18 @@
 mod common;
 
 mod client;
+mod faults;
 mod follow;
 mod infra;
 
-use std::net::SocketAddr;
-use std::rc::Rc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use client::{
-    connect, event_id, first_difference, http_at, open_welcomed, post_json_at, wait_readyz,
-    Publisher,
-};
+use client::{connect, event_id, first_difference, open_welcomed, wait_readyz, Publisher};
 use common::*;
-use follow::{follow, FollowLog, Shared};
-use infra::{kill, start_pods, Nginx, Redis, WedgeProxy};
+use infra::{kill, start_pods, Redis, WedgeProxy};
 
 const ORG: &str = "42";
 const TOPIC: &str = "calls";
@@ -818,151 +815,6 @@ async fn reconnect_to_another_pod_mid_stream_loses_and_repeats_nothing() {
         }
     }
     assert!(got == published, "{}", first_difference(&got, &published));
-}
-
-// ---------------------------------------------------------------------------------------------
-// rolling restart through nginx
-// ---------------------------------------------------------------------------------------------
-
-const SPREAD_MS: u64 = 1000;
-
-/// Six clients through nginx to three pods; SIGTERM one pod: its clients get reconnect + 1012, come back through nginx to the others with since, and every client ends with every published event exactly once, in order.
-#[actix_web::test]
-async fn rolling_restart_through_nginx_loses_and_repeats_nothing() {
-    let redis = Redis::start();
-    let mut pods = start_pods(
-        &redis.url(),
-        3,
-        &[
-            (
-                "SWITCHBOARD__SHUTDOWN__RECONNECT_SPREAD_MS",
-                &SPREAD_MS.to_string(),
-            ),
-            ("SWITCHBOARD__SHUTDOWN__DRAIN_TIMEOUT_S", "5"),
-            ("SWITCHBOARD__SERVER__TRUSTED_PROXIES", "127.0.0.1"),
-        ],
-    );
-    let upstreams: Vec<SocketAddr> = pods.iter().map(Hub::addr).collect();
-    let nginx = Nginx::start(&upstreams);
-
-    // Plain HTTP through nginx reaches a pod (sockets are checked by the followers below).
-    let resp = http_at("GET", &nginx.url("/readyz"), &[], None)
-        .await
-        .expect("GET /readyz via nginx");
-    assert_eq!(resp.status, 200, "/readyz through nginx: {resp}");
-
-    let shared = Rc::new(Shared::default());
-    let deadline = Instant::now() + Duration::from_secs(18);
-    let mut followers = Vec::new();
-    for i in 0..6 {
-        let login = post_json_at(
-            &nginx.url("/auth/dev-login"),
-            &[],
-            &json!({"user": format!("f{i}"), "org": ORG}),
-        )
-        .await;
-        assert_eq!(login.status, 204, "dev-login through nginx: {login}");
-        let cookie = session_cookie(&login).expect("session cookie through nginx");
-        followers.push(actix_web::rt::spawn(follow(
-            nginx.addr(),
-            cookie,
-            TOPIC.to_string(),
-            shared.clone(),
-            deadline,
-        )));
-    }
-    wait_until("all six followers subscribed", T, || {
-        shared.subscribed.get() == 6
-    })
-    .await;
-
-    // Which pods hold the sockets (nginx spreads them); each of those must be subscribed
-    // in Redis before publishing starts.
-    let mut per_pod = Vec::new();
-    for pod in &pods {
-        per_pod.push(metric_value(&metrics(pod).await, "switchboard_connections") as usize);
-    }
-    assert_eq!(
-        per_pod.iter().sum::<usize>(),
-        6,
-        "switchboard_connections per pod: {per_pod:?}"
-    );
-    let holding = per_pod.iter().filter(|n| **n > 0).count() as u64;
-    redis.wait_numsub(CHANNEL, holding, T).await;
-    let victim = (0..3).max_by_key(|i| per_pod[*i]).expect("three pods");
-    let stable = (victim + 1) % 3;
-    eprintln!("sockets per pod {per_pod:?}; SIGTERM pod {victim}, publish through pod {stable}");
-
-    let mut publisher = Publisher::start(
-        &pods[stable].base_url(),
-        ORG,
-        TOPIC,
-        Duration::from_millis(20),
-    );
-    publisher.wait_count(20, T).await;
-    pods[victim].sigterm();
-    let exit = loop {
-        if let Some(status) = pods[victim].try_wait_exit(Duration::ZERO) {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the SIGTERMed pod did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(exit.success(), "SIGTERMed pod exit status {exit}");
-    wait_until(
-        "the moved clients resubscribed",
-        Duration::from_secs(8),
-        || shared.subscribed.get() == 6 + per_pod[victim],
-    )
-    .await;
-    let resumed = publisher.count();
-    publisher.wait_count(resumed + 20, T).await;
-    let published = publisher.stop().await;
-    assert!(
-        publisher.refused.borrow().is_empty(),
-        "refused publishes: {:?}",
-        publisher.refused.borrow()
-    );
-    *shared.last_id.borrow_mut() = published.last().cloned();
-
-    let mut logs: Vec<FollowLog> = Vec::new();
-    for f in followers {
-        logs.push(f.await.expect("follower task"));
-    }
-    let restarted: Vec<&FollowLog> = logs.iter().filter(|l| !l.restarts.is_empty()).collect();
-    assert_eq!(
-        restarted.len(),
-        per_pod[victim],
-        "clients closed by the restart vs sockets the pod held; logs: {logs:#?}"
-    );
-    for (i, log) in logs.iter().enumerate() {
-        assert!(
-            log.unexpected.is_empty(),
-            "follower {i}: unexpected {:?}",
-            log.unexpected
-        );
-        for (after, code, reason) in &log.restarts {
-            assert_eq!(
-                (*code, reason.as_str()),
-                (1012, "server restarting"),
-                "follower {i}: {log:?}"
-            );
-            let after = after
-                .unwrap_or_else(|| panic!("follower {i}: 1012 without a reconnect message first"));
-            assert!(
-                after <= SPREAD_MS,
-                "follower {i}: after_ms {after} > spread {SPREAD_MS}"
-            );
-        }
-        for resume in &log.resumes {
-            assert_eq!(resume["recovered"], true, "follower {i}: resume {resume}");
-        }
-        assert!(
-            log.ids == published,
-            "follower {i}: {}",
-            first_difference(&log.ids, &published)
-        );
-    }
 }
 
 /// Poll `cond` every 20 ms until it holds; panics naming `what` after `timeout`.
