@@ -125,6 +125,69 @@ async fn message_flood_closes_1008() {
     );
 }
 
+/// A client sending steadily at ten times its message rate gets a message through at every
+/// refill; it is closed 1008 all the same, once its refusals within the window outnumber the
+/// burst (counting refusals in a row, each refill started the count again).
+#[actix_web::test]
+async fn a_steady_flood_that_trickles_through_closes_1008() {
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__LIMITS__CLIENT_MSGS_PER_S", "5"),
+        ("SWITCHBOARD__LIMITS__CLIENT_MSGS_BURST", "40"),
+    ]);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    let ping = Message::text(json!({"type": "ping"}).to_string());
+    // 50 messages a second, evenly: no hiccup of the test may send a burst of its own.
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut pongs = 0;
+    let close = 'flood: loop {
+        pace.tick().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "still open after flooding at 10x the rate for {:?} ({pongs} pongs)",
+            started.elapsed()
+        );
+        if ws.try_send(ping.clone()).await.is_err() {
+            break ws.expect_close(T).await;
+        }
+        // Take what has arrived, without waiting for more.
+        while let Some(frame) = ws.recv(Duration::ZERO).await {
+            match frame {
+                Frame::Close(code, reason) => break 'flood (code, reason),
+                Frame::Ended(why) => break 'flood (1006, why),
+                Frame::Json(v, _) if v["type"] == "pong" => pongs += 1,
+                _ => {}
+            }
+        }
+    };
+    assert_close(close, 1008, "message rate exceeded", "steady flood");
+    assert!(pongs >= 40, "the burst was not served first: {pongs} pongs");
+}
+
+/// Protocol Pings count against the message budget like any message: a client flooding
+/// Pings is refused, then closed 1008.
+#[actix_web::test]
+async fn protocol_ping_flood_closes_1008() {
+    let hub = Hub::start(&FLOOD_ENV);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    for _ in 0..40 {
+        if ws
+            .try_send(Message::Ping(vec![7u8; 125].into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_close(
+        ws.expect_close(T).await,
+        1008,
+        "message rate exceeded",
+        "protocol ping flood",
+    );
+}
+
 /// `reject_new`: the socket over the per-user cap is closed 4429; closing one frees a slot; others unaffected.
 #[actix_web::test]
 async fn connection_cap_rejects_new() {

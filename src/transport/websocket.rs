@@ -31,7 +31,7 @@ use crate::core::wire::{validate_event_name, ClientMessage, ErrorCode, ServerMes
 use crate::delivery::registry::Control;
 use crate::delivery::writer::{self, Shared, Socket};
 use crate::node::Node;
-use crate::policy::rate::TokenBucket;
+use crate::policy::rate::{FloodMeter, Refusal, TokenBucket};
 
 /// Run one admitted (or refused) socket to its end: the session actor in its
 /// `WebsocketContext`, fed from the raw connection and writing straight to it. `early` holds
@@ -104,8 +104,8 @@ struct Live {
     last_heard: Instant,
     text_budget: TokenBucket,
     binary_budget: TokenBucket,
-    /// Messages refused in a row for the rate limit; past the burst the socket is closed.
-    refused_in_row: u32,
+    /// Messages refused for the rate limit lately; past the burst the socket is closed.
+    refusals: FloodMeter,
 }
 
 impl Actor for WsSession {
@@ -151,7 +151,7 @@ impl WsSession {
                 limits.client_msgs_burst.saturating_mul(4),
                 now,
             ),
-            refused_in_row: 0,
+            refusals: FloodMeter::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
         });
         self.heartbeat(ctx);
     }
@@ -198,7 +198,6 @@ impl WsSession {
 
     /// Spend one message of the client's budget; false when it must be refused.
     fn within_budget(&mut self, ctx: &mut WebsocketContext<Self>, binary: bool) -> bool {
-        let burst = self.node.settings.limits.client_msgs_burst;
         let Some(live) = self.live.as_mut() else {
             return false;
         };
@@ -209,23 +208,24 @@ impl WsSession {
             &mut live.text_budget
         };
         if bucket.try_take(now) {
-            live.refused_in_row = 0;
+            live.refusals.allowed();
             return true;
         }
-        live.refused_in_row += 1;
-        if live.refused_in_row == 1 {
-            Self::reply_error(
+        match live.refusals.refused(now) {
+            Refusal::First => Self::reply_error(
                 ctx,
                 ErrorCode::RateLimited,
                 "too many messages: slow down (further messages are dropped until you do)",
-            );
-        } else if live.refused_in_row > burst {
-            log::warn!(
-                "closing socket {} of user {}: kept flooding after rate_limited",
-                live.conn_text,
-                live.attachment.identity().user
-            );
-            self.close(ctx, &Close::MessageFlood);
+            ),
+            Refusal::Again => {}
+            Refusal::Flooding => {
+                log::warn!(
+                    "closing socket {} of user {}: kept flooding after rate_limited",
+                    live.conn_text,
+                    live.attachment.identity().user
+                );
+                self.close(ctx, &Close::MessageFlood);
+            }
         }
         false
     }
@@ -453,7 +453,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
         match item {
             Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Binary(bytes)) => self.on_binary(bytes, ctx),
-            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
+            // A Ping costs its answer like any message: it counts against the budget.
+            Ok(ws::Message::Ping(payload)) => {
+                if self.within_budget(ctx, false) {
+                    ctx.pong(&payload);
+                }
+            }
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
                 self.socket.shared().borrow_mut().closing = true;
