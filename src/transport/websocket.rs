@@ -29,7 +29,7 @@ use crate::core::ids::{ChannelKey, EventId, Topic};
 use crate::core::metrics::metrics;
 use crate::core::wire::{validate_event_name, ClientMessage, ErrorCode, ServerMessage};
 use crate::delivery::registry::Control;
-use crate::delivery::writer::{self, Shared, Socket};
+use crate::delivery::writer::{self, Bounds, Shared, Socket};
 use crate::node::Node;
 use crate::policy::rate::{FloodMeter, Refusal, TokenBucket};
 
@@ -37,9 +37,17 @@ use crate::policy::rate::{FloodMeter, Refusal, TokenBucket};
 /// `WebsocketContext`, fed from the raw connection and writing straight to it. `early` holds
 /// any bytes the client sent right behind its handshake.
 pub(crate) async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, early: Bytes) {
-    let codec = actix_http::ws::Codec::new().max_size(node.settings.limits.max_frame_bytes);
-    // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
-    let write_stall = Duration::from_millis(node.settings.heartbeat.timeout_ms);
+    let limits = &node.settings.limits;
+    let codec = actix_http::ws::Codec::new().max_size(limits.max_frame_bytes);
+    let bounds = Bounds {
+        // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
+        stall_after: Duration::from_millis(node.settings.heartbeat.timeout_ms),
+        // What the session may leave waiting for a blocked socket (replies, replays): the
+        // budget's burst of messages, each answered by at most a frame's worth. A client
+        // that stops reading while it keeps asking is closed 1013 at this bound, not after
+        // the stall timeout.
+        max_backlog: (limits.client_msgs_burst as usize).saturating_mul(limits.max_frame_bytes),
+    };
     let (read, write) = io.into_split();
     let socket = Socket::new(write, Shared::default());
     let session = WsSession {
@@ -53,7 +61,7 @@ pub(crate) async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, ea
         early: Some(early),
     };
     let context = WebsocketContext::with_codec(session, input, codec);
-    writer::drive(context, socket, write_stall).await;
+    writer::drive(context, socket, bounds).await;
 }
 
 /// The client's bytes as the WebSocket context wants them. Reads go through a buffer on the
