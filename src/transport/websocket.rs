@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::error::PayloadError;
+use actix_http::ws::Item;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
@@ -114,6 +115,14 @@ struct Live {
     binary_budget: TokenBucket,
     /// Messages refused for the rate limit lately; past the burst the socket is closed.
     refusals: FloodMeter,
+    /// A fragmented message being assembled (RFC 6455 section 5.4).
+    fragments: Option<Fragments>,
+}
+
+/// The fragments of one message received so far.
+struct Fragments {
+    binary: bool,
+    bytes: BytesMut,
 }
 
 impl Actor for WsSession {
@@ -160,6 +169,7 @@ impl WsSession {
                 now,
             ),
             refusals: FloodMeter::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
+            fragments: None,
         });
         self.heartbeat(ctx);
     }
@@ -442,6 +452,50 @@ impl WsSession {
             self.node.broker.publish_detached(request);
         }
     }
+
+    /// Assemble a fragmented message and handle it as one once its last fragment is in. The
+    /// whole message is held to `limits.max_frame_bytes`, like a single frame (1009 past it);
+    /// the codec has already refused a fragment out of sequence.
+    fn on_fragment(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
+        let limit = self.node.settings.limits.max_frame_bytes;
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let (first, data, last) = match item {
+            Item::FirstText(data) => (Some(false), data, false),
+            Item::FirstBinary(data) => (Some(true), data, false),
+            Item::Continue(data) => (None, data, false),
+            Item::Last(data) => (None, data, true),
+        };
+        if let Some(binary) = first {
+            live.fragments = Some(Fragments {
+                binary,
+                bytes: BytesMut::new(),
+            });
+        }
+        let Some(fragments) = live.fragments.as_mut() else {
+            return self.close(ctx, &Close::ProtocolError);
+        };
+        if fragments.bytes.len() + data.len() > limit {
+            live.fragments = None;
+            return self.close(ctx, &Close::FrameTooLarge { limit });
+        }
+        fragments.bytes.extend_from_slice(&data);
+        if !last {
+            return;
+        }
+        let Some(Fragments { binary, bytes }) = live.fragments.take() else {
+            return;
+        };
+        if binary {
+            self.on_binary(bytes.freeze(), ctx);
+        } else {
+            match std::str::from_utf8(&bytes) {
+                Ok(text) => self.on_text(text, ctx),
+                Err(_) => self.close(ctx, &Close::ProtocolError),
+            }
+        }
+    }
 }
 
 fn write_event(ctx: &mut WebsocketContext<WsSession>, event: &Event) {
@@ -473,10 +527,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                 ctx.close(reason);
                 ctx.stop();
             }
-            Ok(ws::Message::Continuation(_)) => self.close(
-                ctx,
-                &Close::UnsupportedData("fragmented messages are not supported"),
-            ),
+            Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
             Err(ws::ProtocolError::Overflow) => {
                 let limit = self.node.settings.limits.max_frame_bytes;
                 self.close(ctx, &Close::FrameTooLarge { limit });
