@@ -522,7 +522,10 @@ where
                 Poll::Ready(())
             }
             Poll::Ready(End::Stalled) => {
-                metrics().slow_consumer_disconnects.inc();
+                // Counted already if it was closed for its backlog and stalled on the close.
+                if !this.overflowed {
+                    metrics().slow_consumer_disconnects.inc();
+                }
                 log::info!(
                     "dropping a socket that accepted nothing for {:?}",
                     this.stall_after
