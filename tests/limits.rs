@@ -125,6 +125,129 @@ async fn message_flood_closes_1008() {
     );
 }
 
+/// A client sending steadily at ten times its message rate gets a message through at every
+/// refill; it is closed 1008 all the same, once its refusals within the window outnumber the
+/// burst (counting refusals in a row, each refill started the count again).
+#[actix_web::test]
+async fn a_steady_flood_that_trickles_through_closes_1008() {
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__LIMITS__CLIENT_MSGS_PER_S", "5"),
+        ("SWITCHBOARD__LIMITS__CLIENT_MSGS_BURST", "40"),
+    ]);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    let ping = Message::text(json!({"type": "ping"}).to_string());
+    // 50 messages a second, evenly: no hiccup of the test may send a burst of its own.
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut pongs = 0;
+    let close = 'flood: loop {
+        pace.tick().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "still open after flooding at 10x the rate for {:?} ({pongs} pongs)",
+            started.elapsed()
+        );
+        if ws.try_send(ping.clone()).await.is_err() {
+            break ws.expect_close(T).await;
+        }
+        // Take what has arrived, without waiting for more.
+        while let Some(frame) = ws.recv(Duration::ZERO).await {
+            match frame {
+                Frame::Close(code, reason) => break 'flood (code, reason),
+                Frame::Ended(why) => break 'flood (1006, why),
+                Frame::Json(v, _) if v["type"] == "pong" => pongs += 1,
+                _ => {}
+            }
+        }
+    };
+    assert_close(close, 1008, "message rate exceeded", "steady flood");
+    assert!(pongs >= 40, "the burst was not served first: {pongs} pongs");
+}
+
+/// Protocol Pings count against the message budget like any message: a client flooding
+/// Pings is refused, then closed 1008.
+#[actix_web::test]
+async fn protocol_ping_flood_closes_1008() {
+    let hub = Hub::start(&FLOOD_ENV);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    for _ in 0..40 {
+        if ws
+            .try_send(Message::Ping(vec![7u8; 125].into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_close(
+        ws.expect_close(T).await,
+        1008,
+        "message rate exceeded",
+        "protocol ping flood",
+    );
+}
+
+/// A client that stops reading while it keeps asking (here: protocol Pings, each answered)
+/// is closed as a slow consumer once the answers waiting for it pass the bound, and counted;
+/// not only at the write-stall timeout (`heartbeat.timeout_ms`, 30 s).
+#[actix_web::test]
+async fn answers_piling_up_for_a_client_that_does_not_read_close_it_1013() {
+    // Bound: client_msgs_burst x max_frame_bytes = 25,600 bytes; a rate no flood reaches.
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__LIMITS__MAX_FRAME_BYTES", "256"),
+        ("SWITCHBOARD__LIMITS__CLIENT_MSGS_BURST", "100"),
+        ("SWITCHBOARD__LIMITS__CLIENT_MSGS_PER_S", "1000000000"),
+    ]);
+    let cookie = dev_login(&hub, "u1", "42").await;
+    let mut raw = RawWs::connect_with_recv_buffer(&hub, ORIGIN, &cookie, 4096).await;
+    // 12.7 MB of answers, far more than the kernel buffers hold (on loopback a send buffer
+    // starts at megabytes), with the bound on top.
+    let pings: Vec<u8> = (0..1000)
+        .flat_map(|_| client_frame(0x9, true, &[7u8; 125]))
+        .collect();
+    for _ in 0..100 {
+        // Once closed, the hub no longer reads: a write may fail or stall, and that is fine.
+        match tokio::time::timeout(T, raw.send_raw(&pings)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+    let mut pongs = 0;
+    let ended = loop {
+        match raw.next_frame(T).await {
+            None => panic!("still open {T:?} after its last frame ({pongs} pongs read)"),
+            Some(RawFrame::Eof) => break None,
+            Some(RawFrame::Frame { opcode: 0xA, .. }) => pongs += 1,
+            Some(RawFrame::Frame {
+                opcode: 0x8,
+                payload,
+            }) => break Some(payload),
+            Some(RawFrame::Frame { .. }) => {} // welcome, the hub's own pings
+        }
+    };
+    eprintln!("{pongs} pongs, then {ended:?}");
+    assert!(
+        pongs < 100_000,
+        "every Ping was answered: nothing was bounded"
+    );
+    // The close frame arrives unless the hub's close met Pings it had not read (the kernel
+    // then resets the connection, and what was still on its way is lost).
+    if let Some(payload) = ended {
+        let code = u16::from_be_bytes([payload[0], payload[1]]);
+        let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+        assert_close((code, reason), 1013, "slow consumer", "answers piling up");
+    }
+    let (v, ok) = wait_metric(
+        &hub,
+        "switchboard_slow_consumer_disconnects_total",
+        T,
+        |v| v >= 1.0,
+    )
+    .await;
+    assert!(ok, "switchboard_slow_consumer_disconnects_total = {v}");
+}
+
 /// `reject_new`: the socket over the per-user cap is closed 4429; closing one frees a slot; others unaffected.
 #[actix_web::test]
 async fn connection_cap_rejects_new() {

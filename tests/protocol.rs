@@ -1,5 +1,5 @@
 //! The wire protocol on one embedded hub: subscribe/unsubscribe, event frames, app ping,
-//! org isolation, recoverable errors, client publish, and binary streams.
+//! org isolation, recoverable errors, client publish, binary streams, and fragmented messages.
 
 mod common;
 
@@ -338,6 +338,87 @@ async fn stream_to_forbidden_topic_is_refused() {
         (reply["type"].as_str(), reply["code"].as_str()),
         (Some("error"), Some("forbidden")),
         "{reply}"
+    );
+}
+
+/// The next text frame of `raw` as JSON, skipping the hub's pings.
+async fn next_text(raw: &mut RawWs) -> serde_json::Value {
+    loop {
+        match raw.next_frame(T).await {
+            Some(RawFrame::Frame {
+                opcode: 0x1,
+                payload,
+            }) => return serde_json::from_slice(&payload).expect("JSON text frame"),
+            Some(RawFrame::Frame { opcode: 0x9, .. }) => {}
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// A message sent in fragments (RFC 6455 section 5.4), with a Ping between them as the RFC
+/// allows, is handled as the whole message: a text one split inside a UTF-8 character, and a
+/// binary one streamed to a topic.
+#[actix_web::test]
+async fn fragmented_messages_are_assembled() {
+    let hub = Hub::start(&[]);
+    let (mut listener, _, _) = connect_user(&hub, "agent", "42").await;
+    let reply = listener
+        .request(&json!({"type": "subscribe", "topic": "voice:abc:in", "binary": true}))
+        .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    let cookie = dev_login(&hub, "caller", "42").await;
+    let mut raw = RawWs::connect(&hub, ORIGIN, &cookie).await;
+    assert_eq!(next_text(&mut raw).await["type"], "welcome");
+
+    let publish = json!({"type": "publish", "topic": "voice:abc:in", "data": "é"}).to_string();
+    let cut = publish.find('é').unwrap() + 1; // inside the two bytes of 'é'
+    let mut frames = client_frame(0x1, false, &publish.as_bytes()[..cut]);
+    frames.extend(client_frame(0x9, true, b"between"));
+    frames.extend(client_frame(0x0, true, &publish.as_bytes()[cut..]));
+    raw.send_raw(&frames).await.expect("send");
+    let event = listener.next_json(T).await;
+    assert_eq!(event["data"], "é", "{event}");
+
+    let stream = json!({"type": "stream", "topic": "voice:abc:in"}).to_string();
+    raw.send_raw(&client_frame(0x1, true, stream.as_bytes()))
+        .await
+        .expect("send");
+    let audio: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    let mut frames = client_frame(0x2, false, &audio[..1000]);
+    frames.extend(client_frame(0x0, false, &audio[1000..2000]));
+    frames.extend(client_frame(0x0, true, &audio[2000..]));
+    raw.send_raw(&frames).await.expect("send");
+    assert_eq!(listener.next_binary(T).await, audio);
+}
+
+/// A fragmented message is held to `limits.max_frame_bytes` as a whole: fragments each under
+/// the limit but over it together close the socket with 1009, as one large frame does.
+#[actix_web::test]
+async fn fragmented_message_over_the_frame_limit_closes_1009() {
+    let hub = Hub::start(&[("SWITCHBOARD__LIMITS__MAX_FRAME_BYTES", "1024")]);
+    let cookie = dev_login(&hub, "u1", "42").await;
+    let mut raw = RawWs::connect(&hub, ORIGIN, &cookie).await;
+    assert_eq!(next_text(&mut raw).await["type"], "welcome");
+    let mut frames = client_frame(0x1, false, &[b' '; 700]);
+    frames.extend(client_frame(0x0, true, &[b' '; 700]));
+    raw.send_raw(&frames).await.expect("send");
+    let close = loop {
+        match raw.next_frame(T).await {
+            Some(RawFrame::Frame {
+                opcode: 0x8,
+                payload,
+            }) => break payload,
+            Some(RawFrame::Frame { opcode: 0x9, .. }) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let code = u16::from_be_bytes([close[0], close[1]]);
+    let reason = String::from_utf8_lossy(&close[2..]).into_owned();
+    assert_close(
+        (code, reason),
+        1009,
+        "frame too large (limit 1024 bytes)",
+        "fragments over the limit",
     );
 }
 

@@ -1,11 +1,15 @@
 //! The Server-Sent Events fallback (`GET /sse`): the same origin and session rules as the
-//! WebSocket, answered as HTTP refusals; events as `id:`/`event:`/`data:` records; and resume
-//! from `Last-Event-ID` without a gap or a repeat.
+//! WebSocket, answered as HTTP refusals; events as `id:`/`event:`/`data:` records; resume
+//! from `Last-Event-ID` without a gap or a repeat; and a client that stops reading is cut off.
 
 mod common;
 
+use std::time::Instant;
+
 use common::*;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// A foreign origin gets 403 and no cookie 401, each with the JSON error the WebSocket's
 /// `reject_before_upgrade` gives; nothing is streamed.
@@ -87,4 +91,128 @@ async fn sse_streams_events_and_resumes_from_last_event_id() {
         );
         assert_eq!(record.data["data"]["n"], n, "{record:?}");
     }
+}
+
+/// `GET /sse?topic=calls` as user `u1` of org 42, by hand over a connection with a 4 KiB
+/// receive buffer, read up to the `welcome` record. The test then reads no more until it
+/// chooses to, so the hub's writes block soon.
+async fn sse_that_stops_reading(hub: &Hub) -> TcpStream {
+    let cookie = dev_login(hub, "u1", "42").await;
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stream = socket.connect(hub.addr()).await.expect("connect");
+    let request = format!(
+        "GET /sse?topic=calls HTTP/1.1\r\nHost: {}\r\nOrigin: {ORIGIN}\r\nCookie: {cookie}\r\n\
+         Connection: close\r\n\r\n",
+        hub.addr()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("event: welcome") {
+        let n = tokio::time::timeout(T, stream.read(&mut chunk))
+            .await
+            .expect("welcome within 5 s")
+            .expect("read");
+        assert!(
+            n > 0,
+            "ended before welcome: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    stream
+}
+
+/// Publish 80 events of 60 KB to org 42's `calls`: far more than the kernel buffers of a
+/// loopback connection hold.
+async fn publish_a_flood(hub: &Hub) {
+    let client = client();
+    let pad = "x".repeat(60_000);
+    for n in 0..80 {
+        let data = json!({"call_id": format!("c{n}"), "pad": pad});
+        let (status, body) = publish_with(&client, hub, "42", "calls", "call.status", data).await;
+        assert_eq!(status, 202, "publish {n}: {body}");
+    }
+}
+
+/// Read until the hub ends the connection (a reset counts); panics if it lasts `T`.
+async fn read_to_the_end(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => panic!("the response still runs {T:?} after the client read again"),
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A client that stops reading its stream (records queued, not enough to overflow) is cut
+/// off after `heartbeat.timeout_ms` without taking anything, as a WebSocket is, and counted
+/// as a slow consumer; it does not hold its records (and connection) for ever.
+#[actix_web::test]
+async fn sse_client_that_takes_nothing_is_cut_off_after_the_stall_timeout() {
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__HEARTBEAT__INTERVAL_MS", "200"),
+        ("SWITCHBOARD__HEARTBEAT__TIMEOUT_MS", "1000"),
+    ]);
+    let mut stream = sse_that_stops_reading(&hub).await;
+    let started = Instant::now();
+    publish_a_flood(&hub).await;
+    let (v, ok) = wait_metric(
+        &hub,
+        "switchboard_slow_consumer_disconnects_total",
+        T,
+        |v| v >= 1.0,
+    )
+    .await;
+    assert!(
+        ok,
+        "not cut off {:?} after it stopped reading (stall timeout 1 s): slow consumers {v}",
+        started.elapsed()
+    );
+    let got = read_to_the_end(&mut stream).await;
+    let events = String::from_utf8_lossy(&got)
+        .matches("event: call.status")
+        .count();
+    assert!(
+        events < 80,
+        "all 80 events arrived: the client was not cut off"
+    );
+}
+
+/// A stream ended as a slow consumer (its queue of `limits.outbound_queue` records full) ends
+/// its HTTP response with it, at once: the queued records are not kept for a client that
+/// takes nothing, waiting to complete the response once it reads again.
+#[actix_web::test]
+async fn sse_slow_consumer_ends_its_response_with_the_stream() {
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__LIMITS__OUTBOUND_QUEUE", "16"),
+        // No stall timeout within the test: only the end of the stream may end the response.
+        ("SWITCHBOARD__HEARTBEAT__TIMEOUT_MS", "60000"),
+    ]);
+    let mut stream = sse_that_stops_reading(&hub).await;
+    publish_a_flood(&hub).await;
+    let (v, ok) = wait_metric(
+        &hub,
+        "switchboard_slow_consumer_disconnects_total",
+        T,
+        |v| v >= 1.0,
+    )
+    .await;
+    assert!(ok, "the stream was not ended as a slow consumer: {v}");
+    let got = read_to_the_end(&mut stream).await;
+    assert!(
+        !got.ends_with(b"0\r\n\r\n"),
+        "the response was completed after the stream ended, its queued records held for the client meanwhile: {}",
+        String::from_utf8_lossy(&got[got.len().saturating_sub(300)..])
+    );
 }

@@ -207,7 +207,7 @@ mod tests {
     use crate::delivery::test_support::{
         binary, channel, event, frames, link, session, socket_pair, Buffers, Got, Peer, FILL,
     };
-    use crate::delivery::writer::drive;
+    use crate::delivery::writer::{drive, Bounds};
 
     use super::*;
 
@@ -239,7 +239,14 @@ mod tests {
         }
         registry.subscribe(channel, &link, binary, Some(socket.clone()));
         let (session, frames_of_session) = session();
-        spawn_local(drive(frames_of_session, socket, Duration::from_secs(3600)));
+        spawn_local(drive(
+            frames_of_session,
+            socket,
+            Bounds {
+                stall_after: Duration::from_secs(3600),
+                max_backlog: usize::MAX,
+            },
+        ));
         session.send(Bytes::from_static(b"welcome")).unwrap();
         peer.expect(b"welcome").await;
         Client {

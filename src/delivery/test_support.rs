@@ -127,6 +127,28 @@ impl Peer {
         got
     }
 
+    /// Read what has arrived, at least one byte, waiting for it on the wall clock. With
+    /// tokio's clock paused, an awaited read would leave the runtime idle, and the clock would
+    /// jump to the next timer (a stall timeout) while the kernel is still moving the bytes.
+    pub(crate) async fn read_arrived(&mut self, buf: &mut [u8]) -> usize {
+        let deadline = Instant::now() + READ_TIMEOUT;
+        loop {
+            match self.stream.try_read(buf) {
+                Ok(0) => panic!("the server closed the connection"),
+                Ok(n) => return n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "nothing arrived within {READ_TIMEOUT:?}"
+                    );
+                    // Runnable again at once: the runtime polls for I/O without idling.
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
     /// True when no byte has arrived (a peek that would block).
     pub(crate) fn nothing_arrived(&self) -> bool {
         let mut byte = [MaybeUninit::uninit()];

@@ -13,7 +13,9 @@
 //! bookkeeping that makes `since` replay exact) and when it is closing; this module only
 //! writes. A socket that accepts nothing for the stall timeout is dropped (its cap slot is
 //! released as the session stops). Events stay in the outbox while the socket is blocked,
-//! so a slow consumer conflates there instead of growing this side.
+//! so a slow consumer conflates there instead of growing this side; what the session itself
+//! writes meanwhile (replies, replays) is bounded too: past [`Bounds::max_backlog`] bytes the
+//! session is told to close the socket as a slow consumer (1013).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -33,10 +35,11 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use crate::core::close::Close;
 use crate::core::event::Event;
 use crate::core::metrics::metrics;
 use crate::delivery::outbox::Outbox;
-use crate::delivery::registry::SessionLink;
+use crate::delivery::registry::{Control, SessionLink};
 use crate::delivery::subscriptions::Subscriptions;
 
 /// What the session actor and its writer share. Both run in the same task on one thread
@@ -111,6 +114,10 @@ struct Outgoing {
     pending: VecDeque<Frame>,
     /// Bytes of `pending[0]` already written.
     written_of_first: usize,
+    /// Bytes written in all, so the writer can tell a slow socket from a stalled one.
+    written: u64,
+    /// Bytes of the session's own frames in `pending`.
+    session_bytes: usize,
     /// The fan-out appended events in its current pass and will write them at its end.
     offered: bool,
 }
@@ -193,6 +200,22 @@ impl Socket {
 }
 
 impl Outgoing {
+    fn push_session(&mut self, bytes: Bytes) {
+        self.session_bytes += bytes.len();
+        self.pending.push_back(Frame::Session(bytes));
+    }
+
+    /// Forget every frame not yet begun (a frame half written must be finished, or the
+    /// stream would be corrupt).
+    fn drop_unstarted(&mut self) {
+        let keep = usize::from(self.written_of_first > 0);
+        for frame in self.pending.drain(keep.min(self.pending.len())..) {
+            if let Frame::Session(bytes) = frame {
+                self.session_bytes -= bytes.len();
+            }
+        }
+    }
+
     /// Write as much as the socket takes without waiting. `Ok(true)`: all of it;
     /// `Ok(false)`: the socket is full.
     fn write_to(&mut self, stream: &TcpStream) -> io::Result<bool> {
@@ -227,6 +250,7 @@ impl Outgoing {
     }
 
     fn advance(&mut self, mut written: usize) {
+        self.written += written as u64;
         while let Some(first) = self.pending.front() {
             let left = first.bytes().len() - self.written_of_first;
             if written < left {
@@ -235,7 +259,9 @@ impl Outgoing {
             }
             written -= left;
             self.written_of_first = 0;
-            self.pending.pop_front();
+            if let Some(Frame::Session(bytes)) = self.pending.pop_front() {
+                self.session_bytes -= bytes.len();
+            }
         }
         // An idle socket keeps (almost) no queue memory after a burst.
         if self.pending.capacity() > IDLE_QUEUE {
@@ -244,9 +270,19 @@ impl Outgoing {
     }
 }
 
+/// How long and how much a socket may hold its writer up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    /// A socket that takes nothing for this long is dropped.
+    pub(crate) stall_after: Duration,
+    /// Bytes of the session's own frames that may wait for a blocked socket; past them the
+    /// session is told to close it as a slow consumer.
+    pub(crate) max_backlog: usize,
+}
+
 /// Run the session's context `session` against the socket until the session ends (its
 /// stream finishes and everything it wrote is out), the peer goes away, or the socket stalls.
-pub(crate) async fn drive<S>(session: S, socket: Rc<Socket>, stall_after: Duration)
+pub(crate) async fn drive<S>(session: S, socket: Rc<Socket>, bounds: Bounds)
 where
     S: Stream<Item = Result<Bytes, actix_web::Error>>,
 {
@@ -258,7 +294,9 @@ where
         socket,
         batch: Vec::new(),
         stall: None,
-        stall_after,
+        stall_after: bounds.stall_after,
+        max_backlog: bounds.max_backlog,
+        overflowed: false,
     }
     .await
 }
@@ -273,9 +311,13 @@ struct Writer<S> {
     socket: Rc<Socket>,
     /// Scratch for draining the outbox.
     batch: Vec<Arc<Event>>,
-    /// Armed while the socket takes nothing.
-    stall: Option<Pin<Box<Sleep>>>,
+    /// Armed while the socket is blocked, with the byte count it was armed (or last reset)
+    /// at: any byte the socket takes restarts it.
+    stall: Option<(u64, Pin<Box<Sleep>>)>,
     stall_after: Duration,
+    max_backlog: usize,
+    /// The session was told to close for its backlog.
+    overflowed: bool,
 }
 
 impl<S> Drop for Writer<S> {
@@ -313,12 +355,7 @@ where
         let mut context_cx = Context::from_waker(&self.context_waker);
         loop {
             match self.session.as_mut().poll_next(&mut context_cx) {
-                Poll::Ready(Some(Ok(bytes))) => self
-                    .socket
-                    .out
-                    .borrow_mut()
-                    .pending
-                    .push_back(Frame::Session(bytes)),
+                Poll::Ready(Some(Ok(bytes))) => self.socket.out.borrow_mut().push_session(bytes),
                 Poll::Ready(Some(Err(_)) | None) => {
                     self.session_done = true;
                     return;
@@ -391,13 +428,19 @@ where
             // blocked they wait (and conflate) in the outbox, not here.
             match self.flush(cx) {
                 Flushed::AllOut => {}
-                Flushed::Blocked => return Poll::Pending,
+                Flushed::Blocked => {
+                    self.check_backlog();
+                    return Poll::Pending;
+                }
                 Flushed::End(end) => return Poll::Ready(end),
             }
             self.take_events(cx);
             match self.flush(cx) {
                 Flushed::AllOut => {}
-                Flushed::Blocked => return Poll::Pending,
+                Flushed::Blocked => {
+                    self.check_backlog();
+                    return Poll::Pending;
+                }
                 Flushed::End(end) => return Poll::Ready(end),
             }
             if self.session_done {
@@ -412,7 +455,29 @@ where
         Poll::Pending
     }
 
-    /// Write what is pending; while the socket is blocked, the stall timer runs.
+    /// A blocked socket with more of the session's frames waiting than the bound: drop what
+    /// has not begun and have the session close the socket as a slow consumer (its close
+    /// frame follows what is left). Without this, replies and replays would pile up here
+    /// until the stall timeout.
+    fn check_backlog(&mut self) {
+        if self.overflowed || self.socket.out.borrow().session_bytes <= self.max_backlog {
+            return;
+        }
+        self.overflowed = true;
+        self.socket.out.borrow_mut().drop_unstarted();
+        metrics().slow_consumer_disconnects.inc();
+        log::info!(
+            "closing a socket with more than {} bytes of replies waiting for it",
+            self.max_backlog
+        );
+        // Not admitted (no link), the session writes nothing but its close frame anyway.
+        if let Some(link) = &self.socket.shared.borrow().link {
+            link.control.do_send(Control::Close(Close::SlowConsumer));
+        }
+    }
+
+    /// Write what is pending; while the socket is blocked, the stall timer runs, restarted
+    /// whenever the socket has taken something since: a slow reader is not a stalled one.
     fn flush(&mut self, cx: &mut Context<'_>) -> Flushed {
         match self.write_pending(cx) {
             Err(end) => Flushed::End(end),
@@ -421,10 +486,17 @@ where
                 Flushed::AllOut
             }
             Ok(false) => {
+                let written = self.socket.out.borrow().written;
                 let stall_after = self.stall_after;
-                let stall = self
+                let (armed_at, stall) = self
                     .stall
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall_after)));
+                    .get_or_insert_with(|| (written, Box::pin(tokio::time::sleep(stall_after))));
+                if *armed_at != written {
+                    *armed_at = written;
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + stall_after);
+                }
                 match stall.as_mut().poll(cx) {
                     Poll::Ready(()) => Flushed::End(End::Stalled),
                     Poll::Pending => Flushed::Blocked,
@@ -450,7 +522,10 @@ where
                 Poll::Ready(())
             }
             Poll::Ready(End::Stalled) => {
-                metrics().slow_consumer_disconnects.inc();
+                // Counted already if it was closed for its backlog and stalled on the close.
+                if !this.overflowed {
+                    metrics().slow_consumer_disconnects.inc();
+                }
                 log::info!(
                     "dropping a socket that accepted nothing for {:?}",
                     this.stall_after
@@ -467,9 +542,8 @@ mod tests {
     use crate::config::SlowConsumerPolicy;
     use crate::core::ids::ChannelKey;
     use crate::delivery::test_support::{
-        channel, event, frames, link, session, socket_pair, Buffers, Peer, FILL,
+        channel, event, frames, link, session, socket_pair, Buffers, Got, Peer, FILL,
     };
-    use tokio::io::AsyncReadExt;
     use tokio::sync::mpsc::UnboundedSender;
     use tokio::task::{spawn_local, JoinHandle};
 
@@ -482,7 +556,11 @@ mod tests {
     where
         S: Stream<Item = Result<Bytes, actix_web::Error>> + 'static,
     {
-        spawn_local(drive(frames, socket.clone(), stall_after))
+        let bounds = Bounds {
+            stall_after,
+            max_backlog: usize::MAX,
+        };
+        spawn_local(drive(frames, socket.clone(), bounds))
     }
 
     /// Start the socket's writer and see the session's first frame through it: from here on
@@ -651,17 +729,63 @@ mod tests {
         drop(session);
     }
 
+    /// The session's frames waiting for a blocked socket are bounded: past the bound the
+    /// session is told to close the socket as a slow consumer, and what had not begun is
+    /// dropped, so its close frame comes right after the frame being written.
+    #[actix_web::test]
+    async fn a_backlog_past_the_bound_closes_the_socket_as_a_slow_consumer() {
+        let (socket, mut peer) = socket_pair(Buffers::Small).await;
+        let (link, mut mailbox) = link(16, SlowConsumerPolicy::Conflate, false);
+        socket.shared().borrow_mut().link = Some(link);
+        let (session, frames_of_session) = session();
+        let bounds = Bounds {
+            stall_after: NEVER,
+            max_backlog: FILL,
+        };
+        let writer = spawn_local(drive(frames_of_session, socket.clone(), bounds));
+        let big = Bytes::from(vec![7u8; FILL]);
+        session.send(big.clone()).unwrap();
+        // One byte read: the writer has run, and is blocked on the rest.
+        peer.expect(&big[..1]).await;
+        assert!(
+            mailbox.try_recv().is_err(),
+            "closed at the bound, not past it"
+        );
+
+        session
+            .send(Bytes::from_static(b"a reply past the bound"))
+            .unwrap();
+        let told = tokio::time::timeout(Duration::from_secs(5), mailbox.recv()).await;
+        assert!(
+            matches!(
+                told,
+                Ok(Some(Got::Control(Control::Close(Close::SlowConsumer))))
+            ),
+            "the session was told {told:?}"
+        );
+        session.send(Bytes::from_static(b"close frame")).unwrap();
+        drop(session);
+        let mut rest = big[1..].to_vec();
+        rest.extend_from_slice(b"close frame");
+        assert!(
+            peer.read_to_end().await == rest,
+            "the reply was not dropped"
+        );
+        writer.await.expect("the writer ends");
+    }
+
     /// A client that keeps reading, only slowly (a bit every quarter of the stall timeout),
     /// accepts something in every interval, so it is not dropped as stalled.
     #[actix_web::test]
-    #[ignore = "bug: the stall timer runs from the first blocked write until everything is out, so a slow reader that keeps taking bytes is dropped"]
     async fn a_slow_peer_that_keeps_reading_is_not_dropped() {
         tokio::time::pause();
         let (socket, mut peer) = socket_pair(Buffers::Small).await;
         let (session, frames_of_session) = session();
         let writer = writer(frames_of_session, &socket, STALL);
         session.send(Bytes::from(vec![7u8; FILL])).unwrap();
-        let mut buf = vec![0; 8 * 1024];
+        // Whatever has arrived (the receive buffer's worth): reading less leaves the window
+        // closed, and the kernel would not tell the writer that anything was taken.
+        let mut buf = vec![0; 64 * 1024];
         let mut got = 0;
         while got < FILL {
             tokio::time::sleep(STALL / 4).await;
@@ -669,7 +793,7 @@ mod tests {
                 !writer.is_finished(),
                 "dropped after the client had read {got} bytes"
             );
-            got += peer.stream.read(&mut buf).await.expect("read");
+            got += peer.read_arrived(&mut buf).await;
         }
         assert!(!writer.is_finished());
         drop(session);

@@ -1,11 +1,12 @@
-//! Rate limits: a token bucket (a client's message budget; pure, the caller passes the clock)
-//! and the per-IP handshake limiter (governor's keyed limiter, on its own clock), bounded in
+//! Rate limits: a token bucket (a client's message budget) and the meter of its refusals that
+//! tells a flood from a burst (both pure, the caller passes the clock), and the per-IP
+//! handshake limiter (governor's keyed limiter, on its own clock), bounded in
 //! memory. No I/O.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use governor::clock::DefaultClock;
@@ -43,6 +44,80 @@ impl TokenBucket {
             true
         } else {
             false
+        }
+    }
+}
+
+/// The refusals of one client's messages over a sliding window (the current fixed window
+/// plus the previous one, weighted by how much of it still overlaps). A client refused more
+/// than `limit` times within the window is flooding, however many of its messages trickle
+/// through as the bucket refills: counting refusals in a row would restart at every refill,
+/// so a client sending at any rate up to `limit` times its budget would never be caught.
+#[derive(Debug, Clone)]
+pub(crate) struct FloodMeter {
+    window: Duration,
+    limit: u32,
+    started: Instant,
+    current: u32,
+    previous: u32,
+    /// A message was allowed since the last refusal.
+    allowed_since: bool,
+}
+
+/// What a refusal amounts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The first since a message was last allowed: time to tell the client.
+    First,
+    /// Another one, still under the limit.
+    Again,
+    /// More than the limit within the window: the client is flooding.
+    Flooding,
+}
+
+impl FloodMeter {
+    /// A meter for a budget of `rate_per_s` and `burst`: the limit is the burst, over the time
+    /// the bucket takes to refill (at least a second).
+    pub(crate) fn new(rate_per_s: u32, burst: u32, now: Instant) -> Self {
+        let refill =
+            Duration::from_secs_f64(f64::from(burst.max(1)) / f64::from(rate_per_s.max(1)));
+        Self {
+            window: refill.max(Duration::from_secs(1)),
+            limit: burst.max(1),
+            started: now,
+            current: 0,
+            previous: 0,
+            allowed_since: true,
+        }
+    }
+
+    /// Note an allowed message.
+    pub(crate) fn allowed(&mut self) {
+        self.allowed_since = true;
+    }
+
+    /// Note a refused message and say what it amounts to.
+    pub(crate) fn refused(&mut self, now: Instant) -> Refusal {
+        let elapsed = now.saturating_duration_since(self.started);
+        if elapsed >= self.window * 2 {
+            self.previous = 0;
+            self.current = 0;
+            self.started = now;
+        } else if elapsed >= self.window {
+            self.previous = self.current;
+            self.current = 0;
+            self.started += self.window;
+        }
+        self.current = self.current.saturating_add(1);
+        let into = now.saturating_duration_since(self.started).as_secs_f64();
+        let overlap = 1.0 - (into / self.window.as_secs_f64()).min(1.0);
+        let recent = f64::from(self.previous) * overlap + f64::from(self.current);
+        if recent > f64::from(self.limit) {
+            Refusal::Flooding
+        } else if std::mem::replace(&mut self.allowed_since, false) {
+            Refusal::First
+        } else {
+            Refusal::Again
         }
     }
 }
@@ -170,7 +245,6 @@ impl FailureThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     /// A bucket allows its burst at once, then refills at its rate.
     #[test]
@@ -181,6 +255,43 @@ mod tests {
         assert!(!b.try_take(t0));
         assert!(b.try_take(t0 + Duration::from_millis(500)));
         assert!(!b.try_take(t0 + Duration::from_millis(500)));
+    }
+
+    /// A client sending at ten times its rate gets one message through per refill, and is
+    /// flooding within the window all the same; a burst a little over the budget is not.
+    #[test]
+    fn a_trickling_flood_is_caught_and_a_burst_is_not() {
+        let (rate, burst) = (5, 20);
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(rate, burst, t0);
+        let mut meter = FloodMeter::new(rate, burst, t0);
+        let every = Duration::from_millis(1000 / (10 * u64::from(rate)));
+        let mut flooding_at = None;
+        for n in 0..500u32 {
+            let now = t0 + every * n;
+            if bucket.try_take(now) {
+                meter.allowed();
+            } else if meter.refused(now) == Refusal::Flooding {
+                flooding_at = Some(now - t0);
+                break;
+            }
+        }
+        let at = flooding_at.expect("a flood at 10x the rate is never caught");
+        assert!(at < Duration::from_secs(2), "caught only after {at:?}");
+
+        let mut bucket = TokenBucket::new(rate, burst, t0);
+        let mut meter = FloodMeter::new(rate, burst, t0);
+        let mut told = 0;
+        for _ in 0..burst + burst / 2 {
+            if !bucket.try_take(t0) {
+                match meter.refused(t0) {
+                    Refusal::First => told += 1,
+                    Refusal::Again => {}
+                    Refusal::Flooding => panic!("a burst 50% over the budget counted as a flood"),
+                }
+            }
+        }
+        assert_eq!(told, 1, "the client is told once per episode");
     }
 
     /// The per-IP limiter keeps separate budgets per address.

@@ -25,7 +25,7 @@ use crate::http;
 use crate::node::Node;
 use crate::store::caps::refresh_leases;
 use crate::store::sessions::session_cache_key;
-use crate::transport::handshake;
+use crate::transport::{handshake, sse};
 
 /// A problem that stops start-up.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +124,7 @@ where
                     handshake::upgrade(upgrade_node.clone(), req, framed)
                 });
                 HttpService::build()
+                    .on_connect_ext(sse::Connection::remember)
                     .keep_alive(KeepAlive::Timeout(Duration::from_secs(5)))
                     .client_request_timeout(Duration::from_secs(5))
                     .upgrade(upgrades)

@@ -8,18 +8,29 @@
 //!
 //! Each stream is an actor attached to the node like a WebSocket session (the same
 //! [`super::attach`] lifecycle); its records go through a bounded channel into the response
-//! body, and a client too slow to drain it is closed as a slow consumer.
+//! body, and a client too slow to drain it is closed as a slow consumer. actix writes a body
+//! only as the socket takes it and has no write timeout, so the stream keeps a handle on its
+//! connection ([`Connection`]) to end it: at once when the stream ends as a slow consumer,
+//! and when the response has taken nothing for `heartbeat.timeout_ms` (like the WebSocket
+//! writer's stall timeout), whether the stream still runs or only its last records wait.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix_http::Extensions;
 use actix_session::Session;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
+use futures_util::Stream;
 use serde_json::json;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::attach::{Admission, Admitted, Attachment, Held};
@@ -81,27 +92,126 @@ pub(crate) async fn stream(
     };
 
     let (records, body) = mpsc::channel::<Bytes>(node.settings.limits.outbound_queue);
+    let connection = req.conn_data::<Connection>().cloned();
+    let ender = Ender(connection.as_ref().map(|c| Rc::downgrade(&c.0)));
+    let taken = Rc::new(Taken {
+        last: Cell::new(Instant::now()),
+        waiting: Cell::new(true),
+    });
+    let stall_after = Duration::from_millis(node.settings.heartbeat.timeout_ms);
+    actix::spawn(watch_stalls(
+        Rc::downgrade(&taken),
+        ender.clone(),
+        stall_after,
+    ));
     let stream = SseStream {
         node,
         admitted: Some(admitted),
         topics,
         resume,
         records,
+        connection: ender,
         attachment: None,
         cursor: Cursor::default(),
     };
     stream.start();
-    let body = futures_util::stream::unfold(body, |mut body| async move {
-        body.recv()
-            .await
-            .map(|record| (Ok::<_, actix_web::Error>(record), body))
-    });
+    let body = Body {
+        records: body,
+        taken,
+        _connection: connection,
+    };
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         // nginx: deliver each record as it comes instead of buffering the response.
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(body)
+}
+
+/// The TCP connection a request came on, as a second handle to the socket, put in each
+/// connection's data as it opens ([`Connection::remember`]). The response body holds it, so
+/// it goes with the response; everything else holds an [`Ender`].
+#[derive(Clone)]
+pub(crate) struct Connection(Rc<socket2::Socket>);
+
+impl Connection {
+    /// For `HttpService::on_connect_ext`: remember the connection, if it can be duplicated.
+    pub(crate) fn remember(io: &TcpStream, data: &mut Extensions) {
+        match socket2::SockRef::from(io).try_clone() {
+            Ok(socket) => {
+                data.insert(Connection(Rc::new(socket)));
+            }
+            Err(e) => log::warn!(
+                "cannot keep a handle on a connection; SSE streams on it cannot be cut off: {e}"
+            ),
+        }
+    }
+}
+
+/// Ends a response's connection while the response lives (and does nothing after).
+#[derive(Clone)]
+struct Ender(Option<Weak<socket2::Socket>>);
+
+impl Ender {
+    /// Reset the connection: actix's blocked write fails and the response is dropped, and the
+    /// kernel drops what was still unsent instead of holding it for a client that takes
+    /// nothing.
+    fn end(&self) {
+        let Some(socket) = self.0.as_ref().and_then(Weak::upgrade) else {
+            return;
+        };
+        let _ = socket.set_linger(Some(Duration::ZERO));
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// When the response body last handed actix a record, and whether it has nothing to hand
+/// (actix is waiting on it, not on the socket).
+struct Taken {
+    last: Cell<Instant>,
+    waiting: Cell<bool>,
+}
+
+/// The response body: the stream's records, as actix takes them.
+struct Body {
+    records: mpsc::Receiver<Bytes>,
+    taken: Rc<Taken>,
+    _connection: Option<Connection>,
+}
+
+impl Stream for Body {
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.records.poll_recv(cx);
+        self.taken.waiting.set(polled.is_pending());
+        if let Poll::Ready(Some(_)) = polled {
+            self.taken.last.set(Instant::now());
+        }
+        polled.map(|record| record.map(Ok))
+    }
+}
+
+/// End the response once it has taken nothing for `stall_after` while actix was blocked on
+/// the socket (not waiting for records). Runs until the response is gone, so it also ends
+/// one whose stream has stopped but whose last records still wait for the client.
+async fn watch_stalls(taken: Weak<Taken>, connection: Ender, stall_after: Duration) {
+    loop {
+        let wait = match taken.upgrade() {
+            None => return,
+            Some(taken) if taken.waiting.get() => stall_after,
+            Some(taken) => match stall_after.checked_sub(taken.last.get().elapsed()) {
+                Some(left) if !left.is_zero() => left,
+                _ => {
+                    metrics().slow_consumer_disconnects.inc();
+                    log::info!("ending an SSE response that took nothing for {stall_after:?}");
+                    connection.end();
+                    return;
+                }
+            },
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Last event id per topic, as carried in the SSE `id:` field.
@@ -151,6 +261,7 @@ struct SseStream {
     topics: Vec<Topic>,
     resume: Option<Cursor>,
     records: mpsc::Sender<Bytes>,
+    connection: Ender,
     /// Set once started; dropping it detaches the stream.
     attachment: Option<Attachment>,
     cursor: Cursor,
@@ -164,6 +275,9 @@ impl SseStream {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics().slow_consumer_disconnects.inc();
                 self.end(&Close::SlowConsumer, ctx);
+                // The client takes nothing: end its response too, rather than hold the
+                // queued records for it until the stall timeout.
+                self.connection.end();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {

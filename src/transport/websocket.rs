@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::error::PayloadError;
+use actix_http::ws::Item;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
@@ -29,17 +30,25 @@ use crate::core::ids::{ChannelKey, EventId, Topic};
 use crate::core::metrics::metrics;
 use crate::core::wire::{validate_event_name, ClientMessage, ErrorCode, ServerMessage};
 use crate::delivery::registry::Control;
-use crate::delivery::writer::{self, Shared, Socket};
+use crate::delivery::writer::{self, Bounds, Shared, Socket};
 use crate::node::Node;
-use crate::policy::rate::TokenBucket;
+use crate::policy::rate::{FloodMeter, Refusal, TokenBucket};
 
 /// Run one admitted (or refused) socket to its end: the session actor in its
 /// `WebsocketContext`, fed from the raw connection and writing straight to it. `early` holds
 /// any bytes the client sent right behind its handshake.
 pub(crate) async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, early: Bytes) {
-    let codec = actix_http::ws::Codec::new().max_size(node.settings.limits.max_frame_bytes);
-    // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
-    let write_stall = Duration::from_millis(node.settings.heartbeat.timeout_ms);
+    let limits = &node.settings.limits;
+    let codec = actix_http::ws::Codec::new().max_size(limits.max_frame_bytes);
+    let bounds = Bounds {
+        // A socket that accepts nothing for this long is gone or hostile: stop waiting on it.
+        stall_after: Duration::from_millis(node.settings.heartbeat.timeout_ms),
+        // What the session may leave waiting for a blocked socket (replies, replays): the
+        // budget's burst of messages, each answered by at most a frame's worth. A client
+        // that stops reading while it keeps asking is closed 1013 at this bound, not after
+        // the stall timeout.
+        max_backlog: (limits.client_msgs_burst as usize).saturating_mul(limits.max_frame_bytes),
+    };
     let (read, write) = io.into_split();
     let socket = Socket::new(write, Shared::default());
     let session = WsSession {
@@ -53,7 +62,7 @@ pub(crate) async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, ea
         early: Some(early),
     };
     let context = WebsocketContext::with_codec(session, input, codec);
-    writer::drive(context, socket, write_stall).await;
+    writer::drive(context, socket, bounds).await;
 }
 
 /// The client's bytes as the WebSocket context wants them. Reads go through a buffer on the
@@ -104,8 +113,16 @@ struct Live {
     last_heard: Instant,
     text_budget: TokenBucket,
     binary_budget: TokenBucket,
-    /// Messages refused in a row for the rate limit; past the burst the socket is closed.
-    refused_in_row: u32,
+    /// Messages refused for the rate limit lately; past the burst the socket is closed.
+    refusals: FloodMeter,
+    /// A fragmented message being assembled (RFC 6455 section 5.4).
+    fragments: Option<Fragments>,
+}
+
+/// The fragments of one message received so far.
+struct Fragments {
+    binary: bool,
+    bytes: BytesMut,
 }
 
 impl Actor for WsSession {
@@ -151,7 +168,8 @@ impl WsSession {
                 limits.client_msgs_burst.saturating_mul(4),
                 now,
             ),
-            refused_in_row: 0,
+            refusals: FloodMeter::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
+            fragments: None,
         });
         self.heartbeat(ctx);
     }
@@ -198,7 +216,6 @@ impl WsSession {
 
     /// Spend one message of the client's budget; false when it must be refused.
     fn within_budget(&mut self, ctx: &mut WebsocketContext<Self>, binary: bool) -> bool {
-        let burst = self.node.settings.limits.client_msgs_burst;
         let Some(live) = self.live.as_mut() else {
             return false;
         };
@@ -209,23 +226,24 @@ impl WsSession {
             &mut live.text_budget
         };
         if bucket.try_take(now) {
-            live.refused_in_row = 0;
+            live.refusals.allowed();
             return true;
         }
-        live.refused_in_row += 1;
-        if live.refused_in_row == 1 {
-            Self::reply_error(
+        match live.refusals.refused(now) {
+            Refusal::First => Self::reply_error(
                 ctx,
                 ErrorCode::RateLimited,
                 "too many messages: slow down (further messages are dropped until you do)",
-            );
-        } else if live.refused_in_row > burst {
-            log::warn!(
-                "closing socket {} of user {}: kept flooding after rate_limited",
-                live.conn_text,
-                live.attachment.identity().user
-            );
-            self.close(ctx, &Close::MessageFlood);
+            ),
+            Refusal::Again => {}
+            Refusal::Flooding => {
+                log::warn!(
+                    "closing socket {} of user {}: kept flooding after rate_limited",
+                    live.conn_text,
+                    live.attachment.identity().user
+                );
+                self.close(ctx, &Close::MessageFlood);
+            }
         }
         false
     }
@@ -434,6 +452,50 @@ impl WsSession {
             self.node.broker.publish_detached(request);
         }
     }
+
+    /// Assemble a fragmented message and handle it as one once its last fragment is in. The
+    /// whole message is held to `limits.max_frame_bytes`, like a single frame (1009 past it);
+    /// the codec has already refused a fragment out of sequence.
+    fn on_fragment(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
+        let limit = self.node.settings.limits.max_frame_bytes;
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let (first, data, last) = match item {
+            Item::FirstText(data) => (Some(false), data, false),
+            Item::FirstBinary(data) => (Some(true), data, false),
+            Item::Continue(data) => (None, data, false),
+            Item::Last(data) => (None, data, true),
+        };
+        if let Some(binary) = first {
+            live.fragments = Some(Fragments {
+                binary,
+                bytes: BytesMut::new(),
+            });
+        }
+        let Some(fragments) = live.fragments.as_mut() else {
+            return self.close(ctx, &Close::ProtocolError);
+        };
+        if fragments.bytes.len() + data.len() > limit {
+            live.fragments = None;
+            return self.close(ctx, &Close::FrameTooLarge { limit });
+        }
+        fragments.bytes.extend_from_slice(&data);
+        if !last {
+            return;
+        }
+        let Some(Fragments { binary, bytes }) = live.fragments.take() else {
+            return;
+        };
+        if binary {
+            self.on_binary(bytes.freeze(), ctx);
+        } else {
+            match std::str::from_utf8(&bytes) {
+                Ok(text) => self.on_text(text, ctx),
+                Err(_) => self.close(ctx, &Close::ProtocolError),
+            }
+        }
+    }
 }
 
 fn write_event(ctx: &mut WebsocketContext<WsSession>, event: &Event) {
@@ -453,17 +515,19 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
         match item {
             Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Binary(bytes)) => self.on_binary(bytes, ctx),
-            Ok(ws::Message::Ping(payload)) => ctx.pong(&payload),
+            // A Ping costs its answer like any message: it counts against the budget.
+            Ok(ws::Message::Ping(payload)) => {
+                if self.within_budget(ctx, false) {
+                    ctx.pong(&payload);
+                }
+            }
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
             Ok(ws::Message::Close(reason)) => {
                 self.socket.shared().borrow_mut().closing = true;
                 ctx.close(reason);
                 ctx.stop();
             }
-            Ok(ws::Message::Continuation(_)) => self.close(
-                ctx,
-                &Close::UnsupportedData("fragmented messages are not supported"),
-            ),
+            Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
             Err(ws::ProtocolError::Overflow) => {
                 let limit = self.node.settings.limits.max_frame_bytes;
                 self.close(ctx, &Close::FrameTooLarge { limit });

@@ -1,10 +1,11 @@
 //! A raw WebSocket client that never answers anything (for heartbeat tests): `RawWs` does the
-//! upgrade by hand, then only reads frames (`RawFrame`), so the hub's pings go unanswered.
+//! upgrade by hand, then reads frames (`RawFrame`), so the hub's pings go unanswered, and
+//! sends only the frames a test makes by hand (`client_frame`: fragments, floods).
 
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::process::Hub;
 use super::T;
@@ -29,7 +30,25 @@ pub enum RawFrame {
 impl RawWs {
     /// Upgrade `GET /ws` with Origin and Cookie; panics unless the answer is 101.
     pub async fn connect(hub: &Hub, origin: &str, cookie: &str) -> RawWs {
-        let mut stream = TcpStream::connect(hub.addr()).await.expect("connect");
+        let stream = TcpStream::connect(hub.addr()).await.expect("connect");
+        Self::upgrade(hub, origin, cookie, stream).await
+    }
+
+    /// Like `connect`, with the client's receive buffer set to `bytes` (a client that stops
+    /// reading then blocks the hub's writes soon).
+    pub async fn connect_with_recv_buffer(
+        hub: &Hub,
+        origin: &str,
+        cookie: &str,
+        bytes: u32,
+    ) -> RawWs {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(hub.addr()).await.expect("connect");
+        Self::upgrade(hub, origin, cookie, stream).await
+    }
+
+    async fn upgrade(hub: &Hub, origin: &str, cookie: &str, mut stream: TcpStream) -> RawWs {
         let req = format!(
             "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
@@ -61,6 +80,11 @@ impl RawWs {
         raw
     }
 
+    /// Write bytes as they are (frames made by `client_frame`).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
     async fn fill(&mut self, timeout: Duration) -> Option<usize> {
         let mut chunk = [0u8; 8192];
         match tokio::time::timeout(timeout, self.stream.read(&mut chunk)).await {
@@ -89,6 +113,27 @@ impl RawWs {
             }
         }
     }
+}
+
+/// One masked client frame: `opcode` (0 for a continuation), `fin` false for every fragment
+/// of a message but the last.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
 }
 
 /// Parse one unmasked server frame from the front of `buf`: (opcode, payload, bytes used).
