@@ -269,6 +269,38 @@ async fn client_publish_stays_in_org() {
     );
 }
 
+/// A client publish whose `data` exceeds `limits.client_event_bytes` is refused with
+/// `bad_request` naming the limit and relays nothing; one within it is relayed.
+#[actix_web::test]
+async fn client_publish_over_client_event_bytes_is_refused() {
+    let hub = Hub::start(&[("SWITCHBOARD__LIMITS__CLIENT_EVENT_BYTES", "1024")]);
+    let (mut sender, _, _) = connect_user(&hub, "u1", "42").await;
+    let (mut listener, _, _) = connect_user(&hub, "u2", "42").await;
+    listener.subscribe("voice:abc:in").await;
+    let big = "x".repeat(2000);
+    let reply = sender
+        .request(&json!({"type": "publish", "topic": "voice:abc:in", "data": {"text": big}}))
+        .await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("bad_request")),
+        "{reply}"
+    );
+    assert!(
+        reply["message"].as_str().unwrap_or("").contains("1024"),
+        "{reply}"
+    );
+    sender
+        .send_json(&json!({"type": "publish", "topic": "voice:abc:in", "data": {"text": "small"}}))
+        .await;
+    let ev = listener.next_json(T).await;
+    assert_eq!(
+        ev["data"]["text"], "small",
+        "the oversized publish was relayed: {ev}"
+    );
+    sender.assert_alive().await;
+}
+
 /// Client publish outside `auth.client_publish` (e.g. `calls`) is `forbidden` and relays nothing.
 #[actix_web::test]
 async fn client_publish_to_calls_is_forbidden() {

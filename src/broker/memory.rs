@@ -22,6 +22,10 @@ use crate::delivery::registry::Registry;
 pub(crate) struct HistoryLimits {
     pub(crate) max_len: usize,
     pub(crate) ttl: Duration,
+    /// The most bytes of events one replay returns (the newest that fit).
+    pub(crate) replay_max_bytes: usize,
+    /// Whether browser-published events are kept too.
+    pub(crate) keep_client_events: bool,
 }
 
 /// Every channel's last id and retained events. One lock orders them: an event is numbered,
@@ -82,7 +86,10 @@ impl EventLog {
         let event = build_event(channel, id, &request.body, request.sender.as_ref(), now);
         metrics().events_received.inc();
         let keep = matches!(request.body, PublishBody::Json { .. });
-        if let (Some(limits), true) = (self.history, keep) {
+        let history = self
+            .history
+            .filter(|h| request.sender.is_none() || h.keep_client_events);
+        if let (Some(limits), true) = (history, keep) {
             state.log.push_back(event.clone());
             state.trim(limits, now);
         }
@@ -100,10 +107,22 @@ impl EventLog {
         let reaches_back = state.first_id.is_some_and(|first| since >= first)
             && state.last_trimmed.is_none_or(|trimmed| since >= trimmed)
             && since <= state.last_id;
-        let events = state.log.iter().filter(|e| e.id > since).cloned().collect();
+        // The newest events after `since` that fit in the replay's bytes, oldest first.
+        let mut budget = limits.replay_max_bytes;
+        let mut events: Vec<Arc<Event>> = Vec::new();
+        let mut cut = false;
+        for event in state.log.iter().rev().take_while(|e| e.id > since) {
+            let Some(left) = budget.checked_sub(event.ws_frame.len()) else {
+                cut = true;
+                break;
+            };
+            budget = left;
+            events.push(event.clone());
+        }
+        events.reverse();
         Replay {
             events,
-            recovered: reaches_back,
+            recovered: reaches_back && !cut,
         }
     }
 
@@ -183,12 +202,27 @@ mod tests {
     /// How long the tests' logs keep events.
     const TTL: Duration = Duration::from_secs(60);
 
-    /// A log keeping `max_len` events for [`TTL`], with `count` events published.
-    fn log_with(max_len: usize, count: u32) -> (EventLog, Vec<EventId>) {
-        let limits = HistoryLimits { max_len, ttl: TTL };
+    /// A log keeping `max_len` events for [`TTL`], replays of `replay_max_bytes`, with
+    /// `count` events published.
+    fn log_bounded(
+        max_len: usize,
+        replay_max_bytes: usize,
+        count: u32,
+    ) -> (EventLog, Vec<EventId>) {
+        let limits = HistoryLimits {
+            max_len,
+            ttl: TTL,
+            replay_max_bytes,
+            keep_client_events: false,
+        };
         let log = EventLog::new(Arc::default(), Some(limits));
         let ids = (1..=count).map(|n| log.publish(&request(n))).collect();
         (log, ids)
+    }
+
+    /// A log keeping `max_len` events for [`TTL`], with `count` events published.
+    fn log_with(max_len: usize, count: u32) -> (EventLog, Vec<EventId>) {
+        log_bounded(max_len, 1 << 20, count)
     }
 
     fn replayed(replay: &Replay) -> Vec<EventId> {
@@ -302,6 +336,43 @@ mod tests {
         let last = log.publish(&request(2));
         let replay = log.replay(&channel(), ids[0]);
         assert_eq!(replayed(&replay), [last]);
+        assert!(replay.recovered);
+    }
+
+    /// Events a browser published are live only: not replayed, and they do not break
+    /// recovery.
+    #[test]
+    fn client_events_are_not_kept() {
+        let (log, ids) = log_with(10, 1);
+        let mut from_browser = request(0);
+        from_browser.sender = Some(crate::core::event::EventSender {
+            user: "mallory".into(),
+            conn_id: "c-1".into(),
+        });
+        log.publish(&from_browser);
+        let last = log.publish(&request(2));
+        let replay = log.replay(&channel(), ids[0]);
+        assert_eq!(replayed(&replay), [last]);
+        assert!(replay.recovered);
+    }
+
+    /// A replay holds at most `replay_max_bytes` of events: the newest that fit, not
+    /// recovered, so the client reloads state instead of receiving all of history.
+    #[test]
+    fn a_replay_is_bounded_in_bytes() {
+        // Every event here has a frame of the same size (`n` is one digit).
+        let frame = log_with(10, 1)
+            .0
+            .replay(&channel(), EventId::default())
+            .events[0]
+            .ws_frame
+            .len();
+        let (log, ids) = log_bounded(10, frame * 3, 6);
+        let replay = log.replay(&channel(), ids[0]);
+        assert_eq!(replayed(&replay), ids[3..]);
+        assert!(!replay.recovered);
+        let replay = log.replay(&channel(), ids[2]);
+        assert_eq!(replayed(&replay), ids[3..]);
         assert!(replay.recovered);
     }
 

@@ -392,6 +392,16 @@ impl WsSession {
         if let Err(why) = validate_event_name(&event) {
             return Self::reply_error(ctx, ErrorCode::BadRequest, why);
         }
+        let limit = self.node.settings.limits.client_event_bytes;
+        // A JSON value always serialises; were it not to, it would count as too large.
+        let size = serde_json::to_vec(&data).map_or(usize::MAX, |d| d.len());
+        if size > limit {
+            return Self::reply_error(
+                ctx,
+                ErrorCode::BadRequest,
+                format!("data is {size} bytes of JSON; client events may hold at most {limit}"),
+            );
+        }
         let Some(request) = self.request(topic, PublishBody::Json { event, data }) else {
             return;
         };
