@@ -163,6 +163,10 @@ impl ControlChannel {
 /// size, and costs one sorted-set lookup per publish (a byte count per org could not follow
 /// streams that expire on their own).
 ///
+/// XADD (or INCR) must be the script's first write: Redis checks a script against
+/// `maxmemory` only at its first write, so a full Redis refuses the publish instead of
+/// growing past its limit.
+///
 /// Trimming is done here rather than by `XADD MAXLEN` alone so the newest trimmed id can be
 /// recorded as the stream's `max-deleted-entry-id` (Redis 7; `MAXLEN` does not set it), which
 /// tells a replay whether history still reaches back to its `since`.
@@ -176,8 +180,9 @@ if ARGV[1] == '1' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local ttl = tonumber(ARGV[3])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZSCORE', KEYS[3], KEYS[1]) or redis.call('ZCARD', KEYS[3]) < tonumber(ARGV[5]) then
+  local expires = redis.call('ZSCORE', KEYS[3], KEYS[1])
+  local known = expires and tonumber(expires) > now
+  if known or redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') < tonumber(ARGV[5]) then
     local max = tonumber(ARGV[2])
     local len = redis.call('XLEN', KEYS[1])
     local trimmed
@@ -190,6 +195,7 @@ if ARGV[1] == '1' then
       redis.pcall('XSETID', KEYS[1], id, 'MAXDELETEDID', trimmed)
     end
     redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
     redis.call('ZADD', KEYS[3], now + ttl * 1000, KEYS[1])
     redis.call('PEXPIRE', KEYS[3], ttl * 1000)
     state = 'kept'
@@ -1380,5 +1386,41 @@ mod tests {
         let near = clustered.history_since(ids[2]).await;
         assert_eq!(numbers(&near), [4, 5, 6]);
         assert!(near.recovered);
+    }
+
+    /// Redis out of memory under `noeviction` (as docker-compose.yml configures it): a
+    /// publish is refused with an error (the HTTP API answers 503), and nothing already
+    /// stored, sessions included, is evicted to make room.
+    #[tokio::test]
+    async fn a_full_redis_refuses_publishes_and_evicts_nothing() {
+        let clustered = Clustered::with_history(10).await;
+        let mut conn = clustered.redis.conn();
+        redis::cmd("SET")
+            .arg("sb:session:s1")
+            .arg("alice")
+            .exec(&mut conn)
+            .expect("SET");
+        for (key, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(key)
+                .arg(value)
+                .exec(&mut conn)
+                .expect("CONFIG SET");
+        }
+        let body = PublishBody::Json {
+            event: "call.status".into(),
+            data: serde_json::json!({ "n": 1 }),
+        };
+        let refused = clustered
+            .publisher
+            .publish(Clustered::request(body, None))
+            .await;
+        assert!(matches!(refused, Err(BrokerError::Redis(_))), "{refused:?}");
+        let session: Option<String> = redis::cmd("GET")
+            .arg("sb:session:s1")
+            .query(&mut conn)
+            .expect("GET");
+        assert_eq!(session.as_deref(), Some("alice"));
     }
 }
