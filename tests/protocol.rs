@@ -539,6 +539,35 @@ async fn since_replays_retained_events_then_live() {
     );
 }
 
+/// A second `since` replay of the same topic on one connection soon after the first is
+/// refused with `rate_limited` and replays nothing; a plain subscribe and other topics are
+/// not affected.
+#[actix_web::test]
+async fn a_repeated_replay_of_a_topic_is_rate_limited() {
+    let hub = Hub::start(&[("SWITCHBOARD__HISTORY__ENABLED", "true")]);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    let first = publish_ok(&hub, "42", "call:abc", "call.status", json!({"n": 0})).await;
+    publish_ok(&hub, "42", "call:abc", "call.status", json!({"n": 1})).await;
+    let subscribe = json!({"type": "subscribe", "topic": "call:abc", "since": first});
+    let reply = ws.request(&subscribe).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(ws.next_json(T).await["data"]["n"], 1);
+    let again = ws.request(&subscribe).await;
+    assert_eq!(
+        (again["type"].as_str(), again["code"].as_str()),
+        (Some("error"), Some("rate_limited")),
+        "{again}"
+    );
+    let other = ws
+        .request(&json!({"type": "subscribe", "topic": "call:other", "since": first}))
+        .await;
+    assert_eq!(other["type"], "subscribed", "{other}");
+    let live = publish_ok(&hub, "42", "call:abc", "call.status", json!({"n": 2})).await;
+    let ev = ws.next_json(T).await;
+    assert_eq!(ev["id"], live, "the refused replay sent something: {ev}");
+    ws.assert_alive().await;
+}
+
 /// When history no longer reaches back to `since`, the subscribe says `recovered:false`.
 #[actix_web::test]
 async fn since_older_than_history_is_not_recovered() {

@@ -5,10 +5,12 @@
 //! without duplicates), and detach when the [`Attachment`] is dropped (every channel left,
 //! unregistered, the cap slot given back). The transports only frame what this decides.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 
@@ -21,6 +23,7 @@ use crate::core::metrics::metrics;
 use crate::core::wire::ServerMessage;
 use crate::delivery::outbox::Outbox;
 use crate::delivery::registry::{Control, Flush, SessionLink};
+use crate::delivery::replay::ReplayBudget;
 use crate::delivery::writer::{Shared, Socket};
 use crate::node::Node;
 
@@ -48,6 +51,8 @@ pub(crate) struct Attachment {
     link: Arc<SessionLink>,
     /// The subscriptions, shared with the socket's writer (WebSocket).
     shared: Shared,
+    /// What `since` replays may still cost this connection.
+    replays: RefCell<ReplayBudget>,
 }
 
 /// What a held subscription waits for: Redis to confirm the channel (`None`), or the history
@@ -78,6 +83,9 @@ pub(crate) struct Released {
 pub(crate) enum Subscribed {
     /// Live events flow now: acknowledge at once.
     Live,
+    /// This connection replayed the channel less than
+    /// [`REPLAY_REPEAT`](crate::delivery::replay::REPLAY_REPEAT) ago: nothing changed.
+    ReplayTooSoon,
     /// Live events are held; await `ready`, then [`Attachment::release`] the hold.
     Held(Held, Ready),
 }
@@ -112,12 +120,17 @@ impl Attachment {
             identity.sid.clone(),
         );
         metrics().connections.inc();
+        let replays = RefCell::new(ReplayBudget::new(
+            node.settings.history.replay_max_bytes,
+            Instant::now(),
+        ));
         Self {
             node,
             identity,
             slot,
             link,
             shared,
+            replays,
         }
     }
 
@@ -162,6 +175,9 @@ impl Attachment {
         binary: bool,
         socket: Option<Rc<Socket>>,
     ) -> Subscribed {
+        if since.is_some() && !self.replays.borrow_mut().admit(&channel, Instant::now()) {
+            return Subscribed::ReplayTooSoon;
+        }
         if since.is_none() && self.node.broker.is_live(&channel) {
             self.register(&channel, binary, socket);
             self.shared.borrow_mut().subscriptions.insert_live(channel);
@@ -220,12 +236,25 @@ impl Attachment {
     }
 
     /// What a held subscription releases once it is ready; `None` when it no longer holds
-    /// the channel (unsubscribed, or subscribed again, meanwhile).
+    /// the channel (unsubscribed, or subscribed again, meanwhile). The replay is cut to the
+    /// connection's replay budget and the room in its outbound queue (the newest events are
+    /// kept, and it no longer counts as recovered).
     pub(crate) fn release(&self, held: &Held, replay: Option<Replay>) -> Option<Released> {
-        let (replayed, recovered) = match replay {
+        let (mut replayed, recovered) = match replay {
             Some(replay) => (replay.events, Some(replay.recovered)),
             None => (Vec::new(), None),
         };
+        let room = self
+            .node
+            .settings
+            .limits
+            .outbound_queue
+            .saturating_sub(self.link.outbox.len());
+        let complete = self
+            .replays
+            .borrow_mut()
+            .take(&mut replayed, room, Instant::now());
+        let recovered = recovered.map(|r| r && complete);
         let events = self.shared.borrow_mut().subscriptions.finish_replay(
             &held.channel,
             held.hold,

@@ -29,6 +29,7 @@ use crate::core::ids::{ChannelKey, EventId, Topic};
 use crate::core::metrics::metrics;
 use crate::core::wire::{validate_event_name, ClientMessage, ErrorCode, ServerMessage};
 use crate::delivery::registry::Control;
+use crate::delivery::replay::REPLAY_REPEAT;
 use crate::delivery::writer::{self, Shared, Socket};
 use crate::node::Node;
 use crate::policy::rate::TokenBucket;
@@ -306,6 +307,14 @@ impl WsSession {
                     recovered: None,
                 }
                 .encode(),
+            ),
+            Subscribed::ReplayTooSoon => Self::reply_error(
+                ctx,
+                ErrorCode::RateLimited,
+                format!(
+                    "{topic} was replayed less than {}s ago on this connection: subscribe without since, or later",
+                    REPLAY_REPEAT.as_secs()
+                ),
             ),
             Subscribed::Held(held, ready) => {
                 ctx.spawn(ready.into_actor(self).map(move |replay, this, ctx| {
