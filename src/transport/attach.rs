@@ -112,7 +112,11 @@ impl Attachment {
             flush,
             control,
         });
-        shared.borrow_mut().link = Some(link.clone());
+        {
+            let mut shared = shared.borrow_mut();
+            shared.link = Some(link.clone());
+            shared.subscriptions.limit_held(limits.outbound_queue);
+        }
         node.registry.register(
             link.clone(),
             identity.user_key(),
@@ -254,13 +258,17 @@ impl Attachment {
             .replays
             .borrow_mut()
             .take(&mut replayed, room, Instant::now());
-        let recovered = recovered.map(|r| r && complete);
-        let events = self.shared.borrow_mut().subscriptions.finish_replay(
+        let finished = self.shared.borrow_mut().subscriptions.finish_replay(
             &held.channel,
             held.hold,
             replayed,
         )?;
-        Some(Released { events, recovered })
+        // Live events dropped while held: a resume missed them.
+        let recovered = recovered.map(|r| r && complete && !finished.dropped);
+        Some(Released {
+            events: finished.events,
+            recovered,
+        })
     }
 
     /// Leave `channel`; false when it was not subscribed.
