@@ -568,6 +568,48 @@ async fn a_repeated_replay_of_a_topic_is_rate_limited() {
     ws.assert_alive().await;
 }
 
+/// One connection's replays share `history.replay_max_bytes`: a second topic resumed right
+/// after a first that used most of it is answered `recovered:false` with only what fits,
+/// instead of every topic replaying a full budget.
+#[actix_web::test]
+async fn replays_of_one_connection_share_the_byte_budget() {
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__HISTORY__ENABLED", "true"),
+        ("SWITCHBOARD__HISTORY__REPLAY_MAX_BYTES", "1024"),
+    ]);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    let text = "x".repeat(300);
+    let mut firsts = Vec::new();
+    for topic in ["call:a", "call:b"] {
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(publish_ok(&hub, "42", topic, "e", json!({ "t": text })).await);
+        }
+        firsts.push(ids[0].clone());
+    }
+    let a = ws
+        .request(&json!({"type": "subscribe", "topic": "call:a", "since": firsts[0]}))
+        .await;
+    assert_eq!(a["recovered"], true, "{a}");
+    for _ in 0..2 {
+        assert_eq!(ws.next_json(T).await["topic"], "call:a");
+    }
+    let b = ws
+        .request(&json!({"type": "subscribe", "topic": "call:b", "since": firsts[1]}))
+        .await;
+    assert_eq!(
+        b,
+        json!({"type": "subscribed", "topic": "call:b", "recovered": false}),
+        "the second replay must fit what the first left of the budget"
+    );
+    let live = publish_ok(&hub, "42", "call:b", "e", json!(1)).await;
+    assert_eq!(
+        ws.next_json(T).await["id"],
+        live,
+        "nothing replayed past the budget"
+    );
+}
+
 /// When history no longer reaches back to `since`, the subscribe says `recovered:false`.
 #[actix_web::test]
 async fn since_older_than_history_is_not_recovered() {

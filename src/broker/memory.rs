@@ -97,8 +97,9 @@ impl EventLog {
         id
     }
 
-    /// The retained events of `channel` after `since`.
-    pub(crate) fn replay(&self, channel: &ChannelKey, since: EventId) -> Replay {
+    /// The retained events of `channel` after `since`, at most `max_bytes` of them (and at
+    /// most `history.replay_max_bytes`).
+    pub(crate) fn replay(&self, channel: &ChannelKey, since: EventId, max_bytes: usize) -> Replay {
         let mut channels = self.channels.lock();
         let (Some(limits), Some(state)) = (self.history, channels.get_mut(channel)) else {
             return Replay::default();
@@ -108,7 +109,7 @@ impl EventLog {
             && state.last_trimmed.is_none_or(|trimmed| since >= trimmed)
             && since <= state.last_id;
         // The newest events after `since` that fit in the replay's bytes, oldest first.
-        let mut budget = limits.replay_max_bytes;
+        let mut budget = limits.replay_max_bytes.min(max_bytes);
         let mut events: Vec<Arc<Event>> = Vec::new();
         let mut cut = false;
         for event in state.log.iter().rev().take_while(|e| e.id > since) {
@@ -174,7 +175,7 @@ impl Handler<FetchHistory> for MemoryBroker {
     type Result = Result<Replay, BrokerError>;
 
     fn handle(&mut self, msg: FetchHistory, _: &mut Self::Context) -> Self::Result {
-        Ok(self.log.replay(&msg.channel, msg.since))
+        Ok(self.log.replay(&msg.channel, msg.since, msg.max_bytes))
     }
 }
 
@@ -234,7 +235,10 @@ mod tests {
     fn ids_rise() {
         let (log, ids) = log_with(1000, 500);
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
-        assert_eq!(replayed(&log.replay(&channel(), ids[0])), ids[1..]);
+        assert_eq!(
+            replayed(&log.replay(&channel(), ids[0], usize::MAX)),
+            ids[1..]
+        );
     }
 
     /// After an id this process issued, the later events are replayed, recovered; after the
@@ -242,10 +246,10 @@ mod tests {
     #[test]
     fn since_a_kept_id_is_recovered() {
         let (log, ids) = log_with(10, 3);
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), ids[1..]);
         assert!(replay.recovered);
-        let replay = log.replay(&channel(), ids[2]);
+        let replay = log.replay(&channel(), ids[2], usize::MAX);
         assert!(replay.events.is_empty());
         assert!(replay.recovered);
     }
@@ -259,7 +263,7 @@ mod tests {
             ms: ids[0].ms - 1,
             seq: 0,
         };
-        let replay = log.replay(&channel(), before);
+        let replay = log.replay(&channel(), before, usize::MAX);
         assert_eq!(replayed(&replay), ids);
         assert!(!replay.recovered);
     }
@@ -272,7 +276,7 @@ mod tests {
             ms: ids[1].ms + 60_000,
             seq: 0,
         };
-        let replay = log.replay(&channel(), future);
+        let replay = log.replay(&channel(), future, usize::MAX);
         assert!(replay.events.is_empty());
         assert!(!replay.recovered);
     }
@@ -282,10 +286,10 @@ mod tests {
     #[test]
     fn since_trimmed_by_length() {
         let (log, ids) = log_with(2, 4);
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), ids[2..]);
         assert!(!replay.recovered);
-        let replay = log.replay(&channel(), ids[1]);
+        let replay = log.replay(&channel(), ids[1], usize::MAX);
         assert_eq!(replayed(&replay), ids[2..]);
         assert!(replay.recovered);
     }
@@ -318,10 +322,10 @@ mod tests {
                 received_at: long_ago,
             });
         }
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), ids[2..]);
         assert!(!replay.recovered);
-        let replay = log.replay(&channel(), ids[1]);
+        let replay = log.replay(&channel(), ids[1], usize::MAX);
         assert_eq!(replayed(&replay), ids[2..]);
         assert!(replay.recovered);
     }
@@ -334,7 +338,7 @@ mod tests {
         binary.body = PublishBody::Binary(bytes::Bytes::from_static(b"audio"));
         log.publish(&binary);
         let last = log.publish(&request(2));
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), [last]);
         assert!(replay.recovered);
     }
@@ -351,7 +355,7 @@ mod tests {
         });
         log.publish(&from_browser);
         let last = log.publish(&request(2));
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), [last]);
         assert!(replay.recovered);
     }
@@ -363,15 +367,15 @@ mod tests {
         // Every event here has a frame of the same size (`n` is one digit).
         let frame = log_with(10, 1)
             .0
-            .replay(&channel(), EventId::default())
+            .replay(&channel(), EventId::default(), usize::MAX)
             .events[0]
             .ws_frame
             .len();
         let (log, ids) = log_bounded(10, frame * 3, 6);
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), ids[3..]);
         assert!(!replay.recovered);
-        let replay = log.replay(&channel(), ids[2]);
+        let replay = log.replay(&channel(), ids[2], usize::MAX);
         assert_eq!(replayed(&replay), ids[3..]);
         assert!(replay.recovered);
     }
@@ -382,7 +386,7 @@ mod tests {
         let log = EventLog::new(Arc::default(), None);
         let id = log.publish(&request(1));
         log.publish(&request(2));
-        let replay = log.replay(&channel(), id);
+        let replay = log.replay(&channel(), id, usize::MAX);
         assert!(replay.events.is_empty());
         assert!(!replay.recovered);
     }

@@ -656,6 +656,10 @@ impl Handler<FetchHistory> for RedisBroker {
             {
                 return Err(BrokerError::NotSubscribed(msg.channel));
             }
+            let history = StreamHistory {
+                replay_max_bytes: history.replay_max_bytes.min(msg.max_bytes),
+                ..history
+            };
             read_history(&mut conn, &script, &msg.channel, msg.since, history).await
         })
     }

@@ -47,14 +47,24 @@ impl ReplayBudget {
         true
     }
 
-    /// Keep the newest of `events` that fit both the byte budget and `room` more frames,
-    /// spending their bytes; true when every event fitted.
-    pub(crate) fn take(&mut self, events: &mut Vec<Arc<Event>>, room: usize, now: Instant) -> bool {
+    fn refill(&mut self, now: Instant) {
         let refill = now.saturating_duration_since(self.last).as_secs_f64()
             / REPLAY_REPEAT.as_secs_f64()
             * self.max_bytes;
         self.bytes = (self.bytes + refill).min(self.max_bytes);
         self.last = now;
+    }
+
+    /// The bytes a replay may read now.
+    pub(crate) fn available(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        self.bytes as usize
+    }
+
+    /// Keep the newest of `events` that fit both the byte budget and `room` more frames,
+    /// spending their bytes; true when every event fitted.
+    pub(crate) fn take(&mut self, events: &mut Vec<Arc<Event>>, room: usize, now: Instant) -> bool {
+        self.refill(now);
         let mut fit = 0;
         for event in events.iter().rev().take(room) {
             let size = event.ws_frame.len() as f64;
@@ -125,6 +135,7 @@ mod tests {
         let mut second = events(1, 400);
         assert!(!budget.take(&mut second, usize::MAX, now));
         assert!(second.is_empty());
+        assert_eq!(budget.available(now), 200);
         let mut later = events(2, 400);
         assert!(budget.take(&mut later, usize::MAX, now + REPLAY_REPEAT));
         assert_eq!(ids(&later), [1, 2]);

@@ -52,7 +52,11 @@ pub(crate) struct Attachment {
     /// The subscriptions, shared with the socket's writer (WebSocket).
     shared: Shared,
     /// What `since` replays may still cost this connection.
-    replays: RefCell<ReplayBudget>,
+    replays: Rc<RefCell<ReplayBudget>>,
+    /// One replay of this connection reads history at a time, each within what the ones
+    /// before it left of the budget: many topics resumed at once (SSE with
+    /// `Last-Event-ID: 0`) read no more than one full replay.
+    replay_turn: Rc<tokio::sync::Semaphore>,
 }
 
 /// What a held subscription waits for: Redis to confirm the channel (`None`), or the history
@@ -124,10 +128,10 @@ impl Attachment {
             identity.sid.clone(),
         );
         metrics().connections.inc();
-        let replays = RefCell::new(ReplayBudget::new(
+        let replays = Rc::new(RefCell::new(ReplayBudget::new(
             node.settings.history.replay_max_bytes,
             Instant::now(),
-        ));
+        )));
         Self {
             node,
             identity,
@@ -135,6 +139,7 @@ impl Attachment {
             link,
             shared,
             replays,
+            replay_turn: Rc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -230,41 +235,50 @@ impl Attachment {
         self.node.broker.until_live(channel, CONFIRM_TIMEOUT)
     }
 
-    /// The retained events of `channel` after `since`, and whether history reached back.
+    /// The retained events of `channel` after `since`, and whether history reached back:
+    /// read after this connection's earlier replays, within what they left of its replay
+    /// budget and the room in its outbound queue (the newest events are kept; a replay cut
+    /// short is not recovered).
     pub(crate) fn replay(
         &self,
         channel: ChannelKey,
         since: EventId,
     ) -> impl Future<Output = Replay> + 'static {
-        self.node.broker.replay_since(channel, since)
+        let broker = self.node.broker.clone();
+        let budget = self.replays.clone();
+        let turn = self.replay_turn.clone();
+        let link = self.link.clone();
+        let queue = self.node.settings.limits.outbound_queue;
+        async move {
+            // Never closed, so the permit always comes.
+            let _turn = turn.acquire().await;
+            let max_bytes = budget.borrow_mut().available(Instant::now());
+            let mut replay = broker.replay_since(channel, since, max_bytes).await;
+            let room = queue.saturating_sub(link.outbox.len());
+            if !budget
+                .borrow_mut()
+                .take(&mut replay.events, room, Instant::now())
+            {
+                replay.recovered = false;
+            }
+            replay
+        }
     }
 
     /// What a held subscription releases once it is ready; `None` when it no longer holds
-    /// the channel (unsubscribed, or subscribed again, meanwhile). The replay is cut to the
-    /// connection's replay budget and the room in its outbound queue (the newest events are
-    /// kept, and it no longer counts as recovered).
+    /// the channel (unsubscribed, or subscribed again, meanwhile).
     pub(crate) fn release(&self, held: &Held, replay: Option<Replay>) -> Option<Released> {
-        let (mut replayed, recovered) = match replay {
+        let (replayed, recovered) = match replay {
             Some(replay) => (replay.events, Some(replay.recovered)),
             None => (Vec::new(), None),
         };
-        let room = self
-            .node
-            .settings
-            .limits
-            .outbound_queue
-            .saturating_sub(self.link.outbox.len());
-        let complete = self
-            .replays
-            .borrow_mut()
-            .take(&mut replayed, room, Instant::now());
         let finished = self.shared.borrow_mut().subscriptions.finish_replay(
             &held.channel,
             held.hold,
             replayed,
         )?;
         // Live events dropped while held: a resume missed them.
-        let recovered = recovered.map(|r| r && complete && !finished.dropped);
+        let recovered = recovered.map(|r| r && !finished.dropped);
         Some(Released {
             events: finished.events,
             recovered,
