@@ -1,8 +1,9 @@
 //! The embedded broker: gives each event its id, keeps recent history when
-//! `history.enabled`, and hands the event to the [`Registry`]. One node only; nothing leaves
-//! the process. The state lives in an [`EventLog`] that a publisher takes on its own thread
-//! (an HTTP publish costs no hop to another thread and back); the [`MemoryBroker`] actor
-//! answers the broker messages from the same log and forgets idle channels.
+//! `history.enabled` (server events only, unless `history.keep_client_events`), and hands
+//! the event to the [`Registry`]. One node only; nothing leaves the process. The state lives
+//! in an [`EventLog`] that a publisher takes on its own thread (an HTTP publish costs no hop
+//! to another thread and back); the [`MemoryBroker`] actor answers the broker messages from
+//! the same log and forgets idle channels.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -7,7 +7,8 @@
 //! with capped backoff, resubscribes and carries on; sockets stay open throughout.
 //!
 //! Keys and channels (SPEC section 7): events `sb:{org}:{topic}`, history `sb:{org}:{topic}:log`,
-//! control `sbx:control`, canary `sbx:canary:{node}`.
+//! an org's history streams `sbx:history:{org}`, control `sbx:control`, canary
+//! `sbx:canary:{node}`. What arrives from Redis is checked as `/api/publish` checks a body.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};

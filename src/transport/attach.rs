@@ -2,7 +2,9 @@
 //! (registered with the registry, so logout, eviction and drain reach it; counted; holding
 //! the cap slot the handshake took), subscribe channels (live at once, or held until Redis
 //! confirms the channel or until the history after `since` is read, then released in order
-//! without duplicates), and detach when the [`Attachment`] is dropped (every channel left,
+//! without duplicates; replays within the connection's
+//! [`ReplayBudget`](crate::delivery::replay::ReplayBudget)), and detach when the
+//! [`Attachment`] is dropped (every channel left,
 //! unregistered, the cap slot given back). The transports only frame what this decides.
 
 use std::cell::RefCell;
