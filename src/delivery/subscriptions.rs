@@ -50,6 +50,13 @@ impl Subscriptions {
         self.channels.len()
     }
 
+    /// How many live events `channel` holds now.
+    pub(crate) fn held_len(&self, channel: &ChannelKey) -> usize {
+        self.position(channel)
+            .and_then(|i| self.channels[i].1.held.as_ref())
+            .map_or(0, VecDeque::len)
+    }
+
     /// Hold at most `max` events per channel (the connection's outbound queue: a burst that
     /// fits there must fit here too, and memory stays bounded).
     pub(crate) fn limit_held(&mut self, max: usize) {

@@ -196,7 +196,10 @@ impl Attachment {
         }
         let ready: Ready = match since {
             Some(since) => {
-                let replay = self.replay(channel.clone(), since);
+                let link = self.link.clone();
+                let queue = self.node.settings.limits.outbound_queue;
+                let room = move || queue.saturating_sub(link.outbox.len());
+                let replay = self.replay(channel.clone(), since, room);
                 Box::pin(async move { Some(replay.await) })
             }
             None => {
@@ -239,24 +242,26 @@ impl Attachment {
 
     /// The retained events of `channel` after `since`, and whether history reached back:
     /// read after this connection's earlier replays, within what they left of its replay
-    /// budget and the room in its outbound queue (the newest events are kept; a replay cut
-    /// short is not recovered).
+    /// budget, and within `room()` (the frames the transport can still queue) less the live
+    /// events the channel holds meanwhile, so a release never overflows the transport's
+    /// queue. The newest events are kept; a replay cut short is not recovered.
     pub(crate) fn replay(
         &self,
         channel: ChannelKey,
         since: EventId,
+        room: impl Fn() -> usize + 'static,
     ) -> impl Future<Output = Replay> + 'static {
         let broker = self.node.broker.clone();
         let budget = self.replays.clone();
         let turn = self.replay_turn.clone();
-        let link = self.link.clone();
-        let queue = self.node.settings.limits.outbound_queue;
+        let shared = self.shared.clone();
         async move {
             // Never closed, so the permit always comes.
             let _turn = turn.acquire().await;
             let max_bytes = budget.borrow_mut().available(Instant::now());
-            let mut replay = broker.replay_since(channel, since, max_bytes).await;
-            let room = queue.saturating_sub(link.outbox.len());
+            let mut replay = broker.replay_since(channel.clone(), since, max_bytes).await;
+            let held = shared.borrow().subscriptions.held_len(&channel);
+            let room = room().saturating_sub(held);
             if !budget
                 .borrow_mut()
                 .take(&mut replay.events, room, Instant::now())
