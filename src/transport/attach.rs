@@ -4,8 +4,8 @@
 //! confirms the channel or until the history after `since` is read, then released in order
 //! without duplicates; replays within the connection's
 //! [`ReplayBudget`](crate::delivery::replay::ReplayBudget)), and detach when the
-//! [`Attachment`] is dropped (every channel left,
-//! unregistered, the cap slot given back). The transports only frame what this decides.
+//! [`Attachment`] is dropped (every channel left, unregistered, the cap slot given back).
+//! The transports only frame what this decides.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -256,6 +256,12 @@ impl Attachment {
         let turn = self.replay_turn.clone();
         let shared = self.shared.clone();
         async move {
+            // Wait for the channel to be live before taking a turn, so replays waiting on an
+            // absent Redis wait side by side, not one after another.
+            if !broker.until_live(channel.clone(), CONFIRM_TIMEOUT).await {
+                log::warn!("history of {channel} unavailable: not subscribed in time");
+                return Replay::default();
+            }
             // Never closed, so the permit always comes.
             let _turn = turn.acquire().await;
             let max_bytes = budget.borrow_mut().available(Instant::now());
