@@ -71,6 +71,7 @@ impl Node {
                 let history = settings.history_enabled().then(|| HistoryLimits {
                     max_len: settings.history.max_len,
                     ttl: Duration::from_secs(settings.history.ttl_s),
+                    max_topics_per_org: settings.history.max_topics_per_org,
                     replay_max_bytes: settings.history.replay_max_bytes,
                     keep_client_events: settings.history.keep_client_events,
                 });

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 
 use super::{BrokerError, FetchHistory, Interest, Replay};
 use crate::core::event::{build_event, Event, PublishBody, PublishRequest};
-use crate::core::ids::{unix_ms, ChannelKey, EventId};
+use crate::core::ids::{unix_ms, ChannelKey, EventId, OrgId};
 use crate::core::metrics::metrics;
 use crate::delivery::registry::Registry;
 
@@ -23,6 +23,8 @@ use crate::delivery::registry::Registry;
 pub(crate) struct HistoryLimits {
     pub(crate) max_len: usize,
     pub(crate) ttl: Duration,
+    /// Topics of one org that may keep history at once.
+    pub(crate) max_topics_per_org: usize,
     /// The most bytes of events one replay returns (the newest that fit).
     pub(crate) replay_max_bytes: usize,
     /// Whether browser-published events are kept too.
@@ -35,7 +37,15 @@ pub(crate) struct HistoryLimits {
 pub(crate) struct EventLog {
     registry: Arc<Registry>,
     history: Option<HistoryLimits>,
-    channels: Mutex<HashMap<ChannelKey, ChannelState>>,
+    channels: Mutex<Channels>,
+}
+
+#[derive(Default)]
+struct Channels {
+    map: HashMap<ChannelKey, ChannelState>,
+    /// Per org, how many of its channels keep history (from their first kept event until
+    /// they are forgotten as idle, as Redis keeps a stream until it expires).
+    kept: HashMap<OrgId, usize>,
 }
 
 #[derive(Default)]
@@ -48,6 +58,8 @@ struct ChannelState {
     last_trimmed: Option<EventId>,
     log: VecDeque<Arc<Event>>,
     last_activity: Option<Instant>,
+    /// Set once the channel keeps history: it counts towards this org's topics.
+    kept_for: Option<OrgId>,
 }
 
 impl ChannelState {
@@ -79,7 +91,8 @@ impl EventLog {
         let now = Instant::now();
         let channel = request.channel();
         let mut channels = self.channels.lock();
-        let state = channels.entry(channel.clone()).or_default();
+        let Channels { map, kept } = &mut *channels;
+        let state = map.entry(channel.clone()).or_default();
         let id = EventId::next_after(state.last_id, unix_ms());
         state.last_id = id;
         state.first_id.get_or_insert(id);
@@ -91,8 +104,22 @@ impl EventLog {
             .history
             .filter(|h| request.sender.is_none() || h.keep_client_events);
         if let (Some(limits), true) = (history, keep) {
-            state.log.push_back(event.clone());
-            state.trim(limits, now);
+            let org_topics = kept.entry(request.org.clone()).or_default();
+            if state.kept_for.is_none() && *org_topics >= limits.max_topics_per_org {
+                log::warn!(
+                    "{}: org {} already keeps history on {} topics (history.max_topics_per_org); event delivered live but not kept",
+                    event.channel,
+                    request.org.as_str(),
+                    limits.max_topics_per_org
+                );
+            } else {
+                if state.kept_for.is_none() {
+                    *org_topics += 1;
+                    state.kept_for = Some(request.org.clone());
+                }
+                state.log.push_back(event.clone());
+                state.trim(limits, now);
+            }
         }
         self.registry.deliver(&event);
         id
@@ -102,7 +129,7 @@ impl EventLog {
     /// most `history.replay_max_bytes`).
     pub(crate) fn replay(&self, channel: &ChannelKey, since: EventId, max_bytes: usize) -> Replay {
         let mut channels = self.channels.lock();
-        let (Some(limits), Some(state)) = (self.history, channels.get_mut(channel)) else {
+        let (Some(limits), Some(state)) = (self.history, channels.map.get_mut(channel)) else {
             return Replay::default();
         };
         state.trim(limits, Instant::now());
@@ -133,14 +160,23 @@ impl EventLog {
     fn forget_idle(&self) {
         let now = Instant::now();
         let ttl = self.history.map(|h| h.ttl).unwrap_or(Duration::ZERO);
-        self.channels.lock().retain(|_, state| {
+        let mut channels = self.channels.lock();
+        let Channels { map, kept } = &mut *channels;
+        map.retain(|_, state| {
             if let Some(limits) = self.history {
                 state.trim(limits, now);
             }
-            state
+            let active = state
                 .last_activity
-                .is_some_and(|t| now.duration_since(t) <= ttl.max(Duration::from_secs(60)))
+                .is_some_and(|t| now.duration_since(t) <= ttl.max(Duration::from_secs(60)));
+            if let (false, Some(org)) = (active, &state.kept_for) {
+                if let Some(count) = kept.get_mut(org) {
+                    *count = count.saturating_sub(1);
+                }
+            }
+            active
         });
+        kept.retain(|_, count| *count > 0);
     }
 }
 
@@ -214,6 +250,7 @@ mod tests {
         let limits = HistoryLimits {
             max_len,
             ttl: TTL,
+            max_topics_per_org: 2,
             replay_max_bytes,
             keep_client_events: false,
         };
@@ -307,6 +344,7 @@ mod tests {
         for event in log
             .channels
             .lock()
+            .map
             .get_mut(&channel())
             .unwrap()
             .log
@@ -379,6 +417,38 @@ mod tests {
         let replay = log.replay(&channel(), ids[2], usize::MAX);
         assert_eq!(replayed(&replay), ids[3..]);
         assert!(replay.recovered);
+    }
+
+    /// An org keeps history on at most `max_topics_per_org` topics (2 here): events of one
+    /// more are delivered but not kept; its kept topics, and other orgs, carry on.
+    #[test]
+    fn history_per_org_is_bounded_by_topics() {
+        let (log, _) = log_with(10, 0);
+        let on = |org: &str, topic: &str, n: u32| PublishRequest {
+            org: OrgId::parse(org).unwrap(),
+            topic: Topic::parse(topic).unwrap(),
+            ..request(n)
+        };
+        let kept = |org: &str, topic: &str| {
+            let channel = on(org, topic, 0).channel();
+            log.replay(&channel, EventId::default(), usize::MAX)
+                .events
+                .len()
+        };
+        for topic in ["a", "b", "c"] {
+            log.publish(&on("1", topic, 1));
+        }
+        log.publish(&on("1", "a", 2));
+        log.publish(&on("2", "c", 1));
+        assert_eq!(
+            [
+                kept("1", "a"),
+                kept("1", "b"),
+                kept("1", "c"),
+                kept("2", "c")
+            ],
+            [2, 1, 0, 1]
+        );
     }
 
     /// With history off nothing is replayed and nothing is recovered.

@@ -209,8 +209,8 @@ pub(crate) struct HistoryConfig {
     pub(crate) max_len: usize,
     /// Seconds a topic's history outlives its last event.
     pub(crate) ttl_s: u64,
-    /// Topics of one org keeping history at once (clustered); past it, events of further
-    /// topics go out live only.
+    /// Topics of one org keeping history at once; past it, events of further topics go out
+    /// live only.
     pub(crate) max_topics_per_org: usize,
     /// The most bytes of events one `since` replay sends; past it only the newest are
     /// replayed, with `recovered: false`.
