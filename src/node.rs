@@ -78,6 +78,9 @@ impl Node {
                 let history = settings.history_enabled().then(|| HistoryLimits {
                     max_len: settings.history.max_len,
                     ttl: Duration::from_secs(settings.history.ttl_s),
+                    max_topics_per_org: settings.history.max_topics_per_org,
+                    replay_max_bytes: settings.history.replay_max_bytes,
+                    keep_client_events: settings.history.keep_client_events,
                 });
                 let log = Arc::new(EventLog::new(registry.clone(), history));
                 let broker_log = log.clone();
@@ -97,6 +100,9 @@ impl Node {
                 let history = settings.history_enabled().then_some(StreamHistory {
                     max_len: settings.history.max_len,
                     ttl_s: settings.history.ttl_s,
+                    max_topics_per_org: settings.history.max_topics_per_org,
+                    replay_max_bytes: settings.history.replay_max_bytes,
+                    keep_client_events: settings.history.keep_client_events,
                 });
                 let broker_registry = registry.clone();
                 let broker_commands = commands.clone();

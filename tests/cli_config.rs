@@ -443,6 +443,32 @@ fn serve_refuses_heartbeat_timeout_below_interval() {
     );
 }
 
+/// Abuse bounds that would turn a feature off by accident stop start-up, one line per key.
+#[test]
+fn serve_refuses_zero_abuse_bounds() {
+    let out = run_cli(
+        &["serve"],
+        &[
+            ("SWITCHBOARD__LIMITS__CLIENT_EVENT_BYTES", "0"),
+            ("SWITCHBOARD__HISTORY__MAX_TOPICS_PER_ORG", "0"),
+            ("SWITCHBOARD__HISTORY__REPLAY_MAX_BYTES", "10"),
+        ],
+    );
+    assert_eq!(out.code(), Some(2), "{out}");
+    let errors = config_errors(&out);
+    for key in [
+        "limits.client_event_bytes",
+        "history.max_topics_per_org",
+        "history.replay_max_bytes",
+    ] {
+        assert_eq!(
+            errors.iter().filter(|l| l.contains(key)).count(),
+            1,
+            "{key}: {errors:?}\n{out}"
+        );
+    }
+}
+
 /// An unknown key stops start-up with a did-you-mean hint.
 #[test]
 fn serve_refuses_unknown_key_with_hint() {

@@ -272,6 +272,38 @@ async fn client_publish_stays_in_org() {
     );
 }
 
+/// A client publish whose `data` exceeds `limits.client_event_bytes` is refused with
+/// `bad_request` naming the limit and relays nothing; one within it is relayed.
+#[actix_web::test]
+async fn client_publish_over_client_event_bytes_is_refused() {
+    let hub = Hub::start(&[("SWITCHBOARD__LIMITS__CLIENT_EVENT_BYTES", "1024")]);
+    let (mut sender, _, _) = connect_user(&hub, "u1", "42").await;
+    let (mut listener, _, _) = connect_user(&hub, "u2", "42").await;
+    listener.subscribe("voice:abc:in").await;
+    let big = "x".repeat(2000);
+    let reply = sender
+        .request(&json!({"type": "publish", "topic": "voice:abc:in", "data": {"text": big}}))
+        .await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("bad_request")),
+        "{reply}"
+    );
+    assert!(
+        reply["message"].as_str().unwrap_or("").contains("1024"),
+        "{reply}"
+    );
+    sender
+        .send_json(&json!({"type": "publish", "topic": "voice:abc:in", "data": {"text": "small"}}))
+        .await;
+    let ev = listener.next_json(T).await;
+    assert_eq!(
+        ev["data"]["text"], "small",
+        "the oversized publish was relayed: {ev}"
+    );
+    sender.assert_alive().await;
+}
+
 /// Client publish outside `auth.client_publish` (e.g. `calls`) is `forbidden` and relays nothing.
 #[actix_web::test]
 async fn client_publish_to_calls_is_forbidden() {
@@ -588,6 +620,77 @@ async fn since_replays_retained_events_then_live() {
             .await
             .is_none(),
         "duplicate after live event"
+    );
+}
+
+/// A second `since` replay of the same topic on one connection soon after the first is
+/// refused with `rate_limited` and replays nothing; a plain subscribe and other topics are
+/// not affected.
+#[actix_web::test]
+async fn a_repeated_replay_of_a_topic_is_rate_limited() {
+    let hub = Hub::start(&[("SWITCHBOARD__HISTORY__ENABLED", "true")]);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    let first = publish_ok(&hub, "42", "call:abc", "call.status", json!({"n": 0})).await;
+    publish_ok(&hub, "42", "call:abc", "call.status", json!({"n": 1})).await;
+    let subscribe = json!({"type": "subscribe", "topic": "call:abc", "since": first});
+    let reply = ws.request(&subscribe).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(ws.next_json(T).await["data"]["n"], 1);
+    let again = ws.request(&subscribe).await;
+    assert_eq!(
+        (again["type"].as_str(), again["code"].as_str()),
+        (Some("error"), Some("rate_limited")),
+        "{again}"
+    );
+    let other = ws
+        .request(&json!({"type": "subscribe", "topic": "call:other", "since": first}))
+        .await;
+    assert_eq!(other["type"], "subscribed", "{other}");
+    let live = publish_ok(&hub, "42", "call:abc", "call.status", json!({"n": 2})).await;
+    let ev = ws.next_json(T).await;
+    assert_eq!(ev["id"], live, "the refused replay sent something: {ev}");
+    ws.assert_alive().await;
+}
+
+/// One connection's replays share `history.replay_max_bytes`: a second topic resumed right
+/// after a first that used most of it is answered `recovered:false` with only what fits,
+/// instead of every topic replaying a full budget.
+#[actix_web::test]
+async fn replays_of_one_connection_share_the_byte_budget() {
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__HISTORY__ENABLED", "true"),
+        ("SWITCHBOARD__HISTORY__REPLAY_MAX_BYTES", "1024"),
+    ]);
+    let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
+    let text = "x".repeat(300);
+    let mut firsts = Vec::new();
+    for topic in ["call:a", "call:b"] {
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(publish_ok(&hub, "42", topic, "e", json!({ "t": text })).await);
+        }
+        firsts.push(ids[0].clone());
+    }
+    let a = ws
+        .request(&json!({"type": "subscribe", "topic": "call:a", "since": firsts[0]}))
+        .await;
+    assert_eq!(a["recovered"], true, "{a}");
+    for _ in 0..2 {
+        assert_eq!(ws.next_json(T).await["topic"], "call:a");
+    }
+    let b = ws
+        .request(&json!({"type": "subscribe", "topic": "call:b", "since": firsts[1]}))
+        .await;
+    assert_eq!(
+        b,
+        json!({"type": "subscribed", "topic": "call:b", "recovered": false}),
+        "the second replay must fit what the first left of the budget"
+    );
+    let live = publish_ok(&hub, "42", "call:b", "e", json!(1)).await;
+    assert_eq!(
+        ws.next_json(T).await["id"],
+        live,
+        "nothing replayed past the budget"
     );
 }
 

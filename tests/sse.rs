@@ -216,3 +216,47 @@ async fn sse_slow_consumer_ends_its_response_with_the_stream() {
         String::from_utf8_lossy(&got[got.len().saturating_sub(300)..])
     );
 }
+
+/// A resume whose history exceeds what the stream can queue (`limits.outbound_queue`) sends
+/// `resync` and the newest events that fit, then live ones, instead of ending the stream as
+/// a slow consumer it never was.
+#[actix_web::test]
+async fn a_resume_larger_than_the_queue_resyncs_instead_of_closing() {
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__HISTORY__ENABLED", "true"),
+        ("SWITCHBOARD__LIMITS__OUTBOUND_QUEUE", "4"),
+    ]);
+    let cookie = dev_login(&hub, "u1", "42").await;
+    let headers = [("origin", ORIGIN), ("cookie", cookie.as_str())];
+    let mut first = sse_stream(open_sse(&hub, "topic=calls", &headers).await);
+    first.expect_welcome().await;
+    publish_call(&hub, 0).await;
+    let cursor = first.next_event().await.id.expect("an id");
+    drop(first);
+
+    for n in 1..=10 {
+        publish_call(&hub, n).await;
+    }
+    let resumed_headers = [
+        ("origin", ORIGIN),
+        ("cookie", cookie.as_str()),
+        ("last-event-id", cursor.as_str()),
+    ];
+    let mut again = sse_stream(open_sse(&hub, "topic=calls", &resumed_headers).await);
+    let mut names = Vec::new();
+    loop {
+        let record = again.next_record().await;
+        assert_ne!(record.event.as_deref(), Some("close"), "{record:?}");
+        if record.event.as_deref() == Some("call.status") {
+            if record.data["data"]["n"] == 10 {
+                break;
+            }
+        } else {
+            names.push(record.event.clone().unwrap_or_default());
+        }
+    }
+    assert!(names.iter().any(|n| n == "resync"), "{names:?}");
+    let live = publish_call(&hub, 11).await;
+    let record = again.next_event().await;
+    assert_eq!(record.data["id"], live.as_str(), "{record:?}");
+}

@@ -1,8 +1,9 @@
 //! The embedded broker: gives each event its id, keeps recent history when
-//! `history.enabled`, and hands the event to the [`Registry`]. One node only; nothing leaves
-//! the process. The state lives in an [`EventLog`] that a publisher takes on its own thread
-//! (an HTTP publish costs no hop to another thread and back); the [`MemoryBroker`] actor
-//! answers the broker messages from the same log and forgets idle channels.
+//! `history.enabled` (server events only, unless `history.keep_client_events`), and hands
+//! the event to the [`Registry`]. One node only; nothing leaves the process. The state lives
+//! in an [`EventLog`] that a publisher takes on its own thread (an HTTP publish costs no hop
+//! to another thread and back); the [`MemoryBroker`] actor answers the broker messages from
+//! the same log and forgets idle channels.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use parking_lot::Mutex;
 
 use super::{BrokerError, FetchHistory, Interest, Replay};
 use crate::core::event::{build_event, Event, PublishBody, PublishRequest};
-use crate::core::ids::{unix_ms, ChannelKey, EventId};
+use crate::core::ids::{unix_ms, ChannelKey, EventId, OrgId};
 use crate::core::metrics::metrics;
 use crate::delivery::registry::Registry;
 
@@ -22,6 +23,12 @@ use crate::delivery::registry::Registry;
 pub(crate) struct HistoryLimits {
     pub(crate) max_len: usize,
     pub(crate) ttl: Duration,
+    /// Topics of one org that may keep history at once.
+    pub(crate) max_topics_per_org: usize,
+    /// The most bytes of events one replay returns (the newest that fit).
+    pub(crate) replay_max_bytes: usize,
+    /// Whether browser-published events are kept too.
+    pub(crate) keep_client_events: bool,
 }
 
 /// Every channel's last id and retained events. One lock orders them: an event is numbered,
@@ -30,7 +37,15 @@ pub(crate) struct HistoryLimits {
 pub(crate) struct EventLog {
     registry: Arc<Registry>,
     history: Option<HistoryLimits>,
-    channels: Mutex<HashMap<ChannelKey, ChannelState>>,
+    channels: Mutex<Channels>,
+}
+
+#[derive(Default)]
+struct Channels {
+    map: HashMap<ChannelKey, ChannelState>,
+    /// Per org, how many of its channels keep history (from their first kept event until
+    /// they are forgotten as idle, as Redis keeps a stream until it expires).
+    kept: HashMap<OrgId, usize>,
 }
 
 #[derive(Default)]
@@ -43,6 +58,8 @@ struct ChannelState {
     last_trimmed: Option<EventId>,
     log: VecDeque<Arc<Event>>,
     last_activity: Option<Instant>,
+    /// Set once the channel keeps history: it counts towards this org's topics.
+    kept_for: Option<OrgId>,
 }
 
 impl ChannelState {
@@ -74,7 +91,8 @@ impl EventLog {
         let now = Instant::now();
         let channel = request.channel();
         let mut channels = self.channels.lock();
-        let state = channels.entry(channel.clone()).or_default();
+        let Channels { map, kept } = &mut *channels;
+        let state = map.entry(channel.clone()).or_default();
         let id = EventId::next_after(state.last_id, unix_ms());
         state.last_id = id;
         state.first_id.get_or_insert(id);
@@ -82,28 +100,58 @@ impl EventLog {
         let event = build_event(channel, id, &request.body, request.sender.as_ref(), now);
         metrics().events_received.inc();
         let keep = matches!(request.body, PublishBody::Json { .. });
-        if let (Some(limits), true) = (self.history, keep) {
-            state.log.push_back(event.clone());
-            state.trim(limits, now);
+        let history = self
+            .history
+            .filter(|h| request.sender.is_none() || h.keep_client_events);
+        if let (Some(limits), true) = (history, keep) {
+            let org_topics = kept.entry(request.org.clone()).or_default();
+            if state.kept_for.is_none() && *org_topics >= limits.max_topics_per_org {
+                log::warn!(
+                    "{}: org {} already keeps history on {} topics (history.max_topics_per_org); event delivered live but not kept",
+                    event.channel,
+                    request.org.as_str(),
+                    limits.max_topics_per_org
+                );
+            } else {
+                if state.kept_for.is_none() {
+                    *org_topics += 1;
+                    state.kept_for = Some(request.org.clone());
+                }
+                state.log.push_back(event.clone());
+                state.trim(limits, now);
+            }
         }
         self.registry.deliver(&event);
         id
     }
 
-    /// The retained events of `channel` after `since`.
-    pub(crate) fn replay(&self, channel: &ChannelKey, since: EventId) -> Replay {
+    /// The retained events of `channel` after `since`, at most `max_bytes` of them (and at
+    /// most `history.replay_max_bytes`).
+    pub(crate) fn replay(&self, channel: &ChannelKey, since: EventId, max_bytes: usize) -> Replay {
         let mut channels = self.channels.lock();
-        let (Some(limits), Some(state)) = (self.history, channels.get_mut(channel)) else {
+        let (Some(limits), Some(state)) = (self.history, channels.map.get_mut(channel)) else {
             return Replay::default();
         };
         state.trim(limits, Instant::now());
         let reaches_back = state.first_id.is_some_and(|first| since >= first)
             && state.last_trimmed.is_none_or(|trimmed| since >= trimmed)
             && since <= state.last_id;
-        let events = state.log.iter().filter(|e| e.id > since).cloned().collect();
+        // The newest events after `since` that fit in the replay's bytes, oldest first.
+        let mut budget = limits.replay_max_bytes.min(max_bytes);
+        let mut events: Vec<Arc<Event>> = Vec::new();
+        let mut cut = false;
+        for event in state.log.iter().rev().take_while(|e| e.id > since) {
+            let Some(left) = budget.checked_sub(event.ws_frame.len()) else {
+                cut = true;
+                break;
+            };
+            budget = left;
+            events.push(event.clone());
+        }
+        events.reverse();
         Replay {
             events,
-            recovered: reaches_back,
+            recovered: reaches_back && !cut,
         }
     }
 
@@ -112,14 +160,23 @@ impl EventLog {
     fn forget_idle(&self) {
         let now = Instant::now();
         let ttl = self.history.map(|h| h.ttl).unwrap_or(Duration::ZERO);
-        self.channels.lock().retain(|_, state| {
+        let mut channels = self.channels.lock();
+        let Channels { map, kept } = &mut *channels;
+        map.retain(|_, state| {
             if let Some(limits) = self.history {
                 state.trim(limits, now);
             }
-            state
+            let active = state
                 .last_activity
-                .is_some_and(|t| now.duration_since(t) <= ttl.max(Duration::from_secs(60)))
+                .is_some_and(|t| now.duration_since(t) <= ttl.max(Duration::from_secs(60)));
+            if let (false, Some(org)) = (active, &state.kept_for) {
+                if let Some(count) = kept.get_mut(org) {
+                    *count = count.saturating_sub(1);
+                }
+            }
+            active
         });
+        kept.retain(|_, count| *count > 0);
     }
 }
 
@@ -155,7 +212,7 @@ impl Handler<FetchHistory> for MemoryBroker {
     type Result = Result<Replay, BrokerError>;
 
     fn handle(&mut self, msg: FetchHistory, _: &mut Self::Context) -> Self::Result {
-        Ok(self.log.replay(&msg.channel, msg.since))
+        Ok(self.log.replay(&msg.channel, msg.since, msg.max_bytes))
     }
 }
 
@@ -183,12 +240,28 @@ mod tests {
     /// How long the tests' logs keep events.
     const TTL: Duration = Duration::from_secs(60);
 
-    /// A log keeping `max_len` events for [`TTL`], with `count` events published.
-    fn log_with(max_len: usize, count: u32) -> (EventLog, Vec<EventId>) {
-        let limits = HistoryLimits { max_len, ttl: TTL };
+    /// A log keeping `max_len` events for [`TTL`], replays of `replay_max_bytes`, with
+    /// `count` events published.
+    fn log_bounded(
+        max_len: usize,
+        replay_max_bytes: usize,
+        count: u32,
+    ) -> (EventLog, Vec<EventId>) {
+        let limits = HistoryLimits {
+            max_len,
+            ttl: TTL,
+            max_topics_per_org: 2,
+            replay_max_bytes,
+            keep_client_events: false,
+        };
         let log = EventLog::new(Arc::default(), Some(limits));
         let ids = (1..=count).map(|n| log.publish(&request(n))).collect();
         (log, ids)
+    }
+
+    /// A log keeping `max_len` events for [`TTL`], with `count` events published.
+    fn log_with(max_len: usize, count: u32) -> (EventLog, Vec<EventId>) {
+        log_bounded(max_len, 1 << 20, count)
     }
 
     fn replayed(replay: &Replay) -> Vec<EventId> {
@@ -200,7 +273,10 @@ mod tests {
     fn ids_rise() {
         let (log, ids) = log_with(1000, 500);
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
-        assert_eq!(replayed(&log.replay(&channel(), ids[0])), ids[1..]);
+        assert_eq!(
+            replayed(&log.replay(&channel(), ids[0], usize::MAX)),
+            ids[1..]
+        );
     }
 
     /// After an id this process issued, the later events are replayed, recovered; after the
@@ -208,10 +284,10 @@ mod tests {
     #[test]
     fn since_a_kept_id_is_recovered() {
         let (log, ids) = log_with(10, 3);
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), ids[1..]);
         assert!(replay.recovered);
-        let replay = log.replay(&channel(), ids[2]);
+        let replay = log.replay(&channel(), ids[2], usize::MAX);
         assert!(replay.events.is_empty());
         assert!(replay.recovered);
     }
@@ -225,7 +301,7 @@ mod tests {
             ms: ids[0].ms - 1,
             seq: 0,
         };
-        let replay = log.replay(&channel(), before);
+        let replay = log.replay(&channel(), before, usize::MAX);
         assert_eq!(replayed(&replay), ids);
         assert!(!replay.recovered);
     }
@@ -238,7 +314,7 @@ mod tests {
             ms: ids[1].ms + 60_000,
             seq: 0,
         };
-        let replay = log.replay(&channel(), future);
+        let replay = log.replay(&channel(), future, usize::MAX);
         assert!(replay.events.is_empty());
         assert!(!replay.recovered);
     }
@@ -248,10 +324,10 @@ mod tests {
     #[test]
     fn since_trimmed_by_length() {
         let (log, ids) = log_with(2, 4);
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), ids[2..]);
         assert!(!replay.recovered);
-        let replay = log.replay(&channel(), ids[1]);
+        let replay = log.replay(&channel(), ids[1], usize::MAX);
         assert_eq!(replayed(&replay), ids[2..]);
         assert!(replay.recovered);
     }
@@ -268,6 +344,7 @@ mod tests {
         for event in log
             .channels
             .lock()
+            .map
             .get_mut(&channel())
             .unwrap()
             .log
@@ -284,10 +361,10 @@ mod tests {
                 received_at: long_ago,
             });
         }
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), ids[2..]);
         assert!(!replay.recovered);
-        let replay = log.replay(&channel(), ids[1]);
+        let replay = log.replay(&channel(), ids[1], usize::MAX);
         assert_eq!(replayed(&replay), ids[2..]);
         assert!(replay.recovered);
     }
@@ -300,9 +377,78 @@ mod tests {
         binary.body = PublishBody::Binary(bytes::Bytes::from_static(b"audio"));
         log.publish(&binary);
         let last = log.publish(&request(2));
-        let replay = log.replay(&channel(), ids[0]);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
         assert_eq!(replayed(&replay), [last]);
         assert!(replay.recovered);
+    }
+
+    /// Events a browser published are live only: not replayed, and they do not break
+    /// recovery.
+    #[test]
+    fn client_events_are_not_kept() {
+        let (log, ids) = log_with(10, 1);
+        let mut from_browser = request(0);
+        from_browser.sender = Some(crate::core::event::EventSender {
+            user: "mallory".into(),
+            conn_id: "c-1".into(),
+        });
+        log.publish(&from_browser);
+        let last = log.publish(&request(2));
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
+        assert_eq!(replayed(&replay), [last]);
+        assert!(replay.recovered);
+    }
+
+    /// A replay holds at most `replay_max_bytes` of events: the newest that fit, not
+    /// recovered, so the client reloads state instead of receiving all of history.
+    #[test]
+    fn a_replay_is_bounded_in_bytes() {
+        // Every event here has a frame of the same size (`n` is one digit).
+        let frame = log_with(10, 1)
+            .0
+            .replay(&channel(), EventId::default(), usize::MAX)
+            .events[0]
+            .ws_frame
+            .len();
+        let (log, ids) = log_bounded(10, frame * 3, 6);
+        let replay = log.replay(&channel(), ids[0], usize::MAX);
+        assert_eq!(replayed(&replay), ids[3..]);
+        assert!(!replay.recovered);
+        let replay = log.replay(&channel(), ids[2], usize::MAX);
+        assert_eq!(replayed(&replay), ids[3..]);
+        assert!(replay.recovered);
+    }
+
+    /// An org keeps history on at most `max_topics_per_org` topics (2 here): events of one
+    /// more are delivered but not kept; its kept topics, and other orgs, carry on.
+    #[test]
+    fn history_per_org_is_bounded_by_topics() {
+        let (log, _) = log_with(10, 0);
+        let on = |org: &str, topic: &str, n: u32| PublishRequest {
+            org: OrgId::parse(org).unwrap(),
+            topic: Topic::parse(topic).unwrap(),
+            ..request(n)
+        };
+        let kept = |org: &str, topic: &str| {
+            let channel = on(org, topic, 0).channel();
+            log.replay(&channel, EventId::default(), usize::MAX)
+                .events
+                .len()
+        };
+        for topic in ["a", "b", "c"] {
+            log.publish(&on("1", topic, 1));
+        }
+        log.publish(&on("1", "a", 2));
+        log.publish(&on("2", "c", 1));
+        assert_eq!(
+            [
+                kept("1", "a"),
+                kept("1", "b"),
+                kept("1", "c"),
+                kept("2", "c")
+            ],
+            [2, 1, 0, 1]
+        );
     }
 
     /// With history off nothing is replayed and nothing is recovered.
@@ -311,7 +457,7 @@ mod tests {
         let log = EventLog::new(Arc::default(), None);
         let id = log.publish(&request(1));
         log.publish(&request(2));
-        let replay = log.replay(&channel(), id);
+        let replay = log.replay(&channel(), id, usize::MAX);
         assert!(replay.events.is_empty());
         assert!(!replay.recovered);
     }

@@ -61,6 +61,9 @@ pub(crate) struct FetchHistory {
     pub(crate) channel: ChannelKey,
     /// The last event id the client saw.
     pub(crate) since: EventId,
+    /// The most bytes of events to read (the connection's replay budget), within
+    /// `history.replay_max_bytes`.
+    pub(crate) max_bytes: usize,
 }
 
 /// The answer to [`FetchHistory`].
@@ -184,12 +187,14 @@ impl BrokerHandle {
         &self,
         channel: ChannelKey,
         since: EventId,
+        max_bytes: usize,
     ) -> impl Future<Output = Replay> + 'static {
         let history = self.history.clone();
         async move {
             let request = FetchHistory {
                 channel: channel.clone(),
                 since,
+                max_bytes,
             };
             let answer = history.send(request).await.map_err(BrokerError::from);
             answer.and_then(|replay| replay).unwrap_or_else(|e| {

@@ -7,7 +7,8 @@
 //! with capped backoff, resubscribes and carries on; sockets stay open throughout.
 //!
 //! Keys and channels (SPEC section 7): events `sb:{org}:{topic}`, history `sb:{org}:{topic}:log`,
-//! control `sbx:control`, canary `sbx:canary:{node}`.
+//! an org's history streams `sbx:history:{org}`, control `sbx:control`, canary
+//! `sbx:canary:{node}`. What arrives from Redis is checked as `/api/publish` checks a body.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +26,9 @@ use tokio::sync::{watch, Notify};
 use super::{BrokerError, BrokerHealth, FetchHistory, Interest, Replay};
 use crate::core::close::{AuthFailure, Close};
 use crate::core::event::{build_event, Event, EventSender, PublishBody, PublishRequest};
-use crate::core::ids::{node_id, unix_ms, ChannelKey, EventId};
+use crate::core::ids::{node_id, unix_ms, ChannelKey, EventId, InvalidId};
 use crate::core::metrics::metrics;
+use crate::core::wire::validate_event_name;
 use crate::delivery::registry::Registry;
 use crate::store::redis::{
     timed, CommandError, RedisCommands, BACKOFF_CAP, BACKOFF_FIRST, REDIS_TIMEOUT,
@@ -52,6 +54,58 @@ struct WireEvent {
     user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     conn_id: Option<String>,
+}
+
+/// How far ahead of this pod's clock an id from Redis may be (clocks of pods and Redis
+/// differ a little). An id further ahead would hold every `since` and every id this pod
+/// gives after it in the future.
+const MAX_ID_AHEAD_MS: u64 = 60_000;
+
+/// Why a message on an event channel (or a history entry) is not delivered. Anything may
+/// PUBLISH to Redis, so what arrives is checked as `/api/publish` checks a body.
+#[derive(Debug, thiserror::Error)]
+enum BadMessage {
+    #[error("malformed JSON: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("id {0:?} is not an event id (<ms>-<seq>)")]
+    Id(String),
+    #[error("id {0} is more than {MAX_ID_AHEAD_MS} ms ahead of this pod's clock")]
+    IdAhead(EventId),
+    #[error("event {0:?}: {1}")]
+    Name(String, #[source] InvalidId),
+}
+
+/// A JSON message from an event channel or a history entry's `m`: its id when it has one
+/// (kept as given; the hub adds one only when absent), the event, and its sender. `now_ms`:
+/// this pod's clock, which a given id may not run ahead of by more than [`MAX_ID_AHEAD_MS`].
+fn decode_message(
+    payload: &[u8],
+    now_ms: u64,
+) -> Result<(Option<EventId>, PublishBody, Option<EventSender>), BadMessage> {
+    let wire: WireEvent = serde_json::from_slice(payload)?;
+    let id = match wire.id {
+        None => None,
+        Some(raw) => {
+            let id = EventId::parse(&raw).ok_or(BadMessage::Id(raw))?;
+            if id.ms > now_ms.saturating_add(MAX_ID_AHEAD_MS) {
+                return Err(BadMessage::IdAhead(id));
+            }
+            Some(id)
+        }
+    };
+    let event = wire.event.unwrap_or_else(|| "message".into());
+    if let Err(e) = validate_event_name(&event) {
+        return Err(BadMessage::Name(event, e));
+    }
+    let sender = match (wire.user, wire.conn_id) {
+        (Some(user), Some(conn_id)) => Some(EventSender { user, conn_id }),
+        _ => None,
+    };
+    let body = PublishBody::Json {
+        event,
+        data: wire.data,
+    };
+    Ok((id, body, sender))
 }
 
 /// Orders on [`CONTROL_CHANNEL`].
@@ -100,37 +154,97 @@ impl ControlChannel {
 }
 
 /// Append to history and publish in one step, so an event is never in one and not the other.
+/// KEYS: the history stream, the event channel, the org's history index. ARGV: keep ('1' or
+/// '0'), `max_len`, `ttl_s`, the message, the org's topic limit.
+///
+/// The index (`sbx:history:{org}`, a sorted set of the org's streams scored by when each
+/// expires) bounds history per org: a stream new to an org that already keeps
+/// `history.max_topics_per_org` live streams is not created, and the event goes out live
+/// only. With `max_len` per stream this bounds an org's history to topics × entries × event
+/// size, and costs one sorted-set lookup per publish (a byte count per org could not follow
+/// streams that expire on their own).
+///
+/// XADD (or INCR) must be the script's first write: Redis checks a script against
+/// `maxmemory` only at its first write, so a full Redis refuses the publish instead of
+/// growing past its limit.
+///
+/// Trimming is done here rather than by `XADD MAXLEN` alone so the newest trimmed id can be
+/// recorded as the stream's `max-deleted-entry-id` (Redis 7; `MAXLEN` does not set it), which
+/// tells a replay whether history still reaches back to its `since`.
+///
+/// Answers the event id and what became of it: `kept`, `live` (history off, or a client
+/// event) or `capped` (the org's topic limit).
 const PUBLISH_LUA: &str = r#"
 local id
+local state = 'live'
 if ARGV[1] == '1' then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'm', ARGV[4])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-else
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ttl = tonumber(ARGV[3])
+  local expires = redis.call('ZSCORE', KEYS[3], KEYS[1])
+  local known = expires and tonumber(expires) > now
+  if known or redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') < tonumber(ARGV[5]) then
+    local max = tonumber(ARGV[2])
+    local len = redis.call('XLEN', KEYS[1])
+    local trimmed
+    if len >= max then
+      local gone = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - max + 1)
+      trimmed = gone[#gone][1]
+    end
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', max, '*', 'm', ARGV[4])
+    if trimmed then
+      redis.pcall('XSETID', KEYS[1], id, 'MAXDELETEDID', trimmed)
+    end
+    redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+    redis.call('ZADD', KEYS[3], now + ttl * 1000, KEYS[1])
+    redis.call('PEXPIRE', KEYS[3], ttl * 1000)
+    state = 'kept'
+  else
+    state = 'capped'
+  end
+end
+if not id then
   local t = redis.call('TIME')
   id = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000)) .. '-' .. redis.call('INCR', 'sbx:seq')
 end
 redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[4], 2))
-return id
+return {id, state}
 "#;
 
 /// Replay after an id, and what tells whether history still reaches back to it: the newest id
-/// ever added, whether `since` itself is still kept, the oldest kept id, and how many entries
-/// were ever added against how many remain (trimming is the only way entries leave).
+/// ever added, whether `since` itself is still kept, the oldest kept id, the newest trimmed
+/// id (0-0: none, or Redis before 7), and whether the replay was cut short. ARGV: `since`, the most entries, the most bytes of entries: when the
+/// entries after `since` exceed that, only the newest that fit are returned.
 const HISTORY_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local last, added, length = '0-0', -1, 0
+local last, deleted = '0-0', '0-0'
 for i = 1, #info, 2 do
   if info[i] == 'last-generated-id' then last = info[i + 1] end
-  if info[i] == 'entries-added' then added = info[i + 1] end
-  if info[i] == 'length' then length = info[i + 1] end
+  if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
 end
 local kept = #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local oldest_id = ''
 if #oldest > 0 then oldest_id = oldest[1][1] end
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-return {1, last, kept, oldest_id, added, length, entries}
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '(' .. ARGV[1], 'COUNT', ARGV[2])
+local budget = tonumber(ARGV[3])
+local fit, cut = 0, 0
+for i = 1, #newest do
+  local size = 0
+  local fields = newest[i][2]
+  for j = 2, #fields, 2 do size = size + #fields[j] end
+  if size > budget then
+    cut = 1
+    break
+  end
+  budget = budget - size
+  fit = i
+end
+local entries = {}
+for i = fit, 1, -1 do entries[#entries + 1] = newest[i] end
+return {1, last, kept, oldest_id, deleted, cut, entries}
 "#;
 
 /// History settings for the clustered broker.
@@ -138,6 +252,12 @@ return {1, last, kept, oldest_id, added, length, entries}
 pub(crate) struct StreamHistory {
     pub(crate) max_len: usize,
     pub(crate) ttl_s: u64,
+    /// Topics of one org that may keep history at once (`history.max_topics_per_org`).
+    pub(crate) max_topics_per_org: usize,
+    /// The most bytes of entries one replay reads (`history.replay_max_bytes`).
+    pub(crate) replay_max_bytes: usize,
+    /// Whether browser-published events are kept too (`history.keep_client_events`).
+    pub(crate) keep_client_events: bool,
 }
 
 pub(crate) struct RedisBroker {
@@ -269,14 +389,14 @@ impl RedisBroker {
                 None,
             )
         } else {
-            let wire: WireEvent = match serde_json::from_slice(payload) {
-                Ok(w) => w,
+            let (id, body, sender) = match decode_message(payload, unix_ms()) {
+                Ok(message) => message,
                 Err(e) => {
-                    log::warn!("ignoring malformed message on {channel}: {e}");
+                    log::warn!("ignoring message on {channel}: {e}");
                     return;
                 }
             };
-            let id = match wire.id.as_deref().and_then(EventId::parse) {
+            let id = match id {
                 Some(id) => {
                     let last = self.last_ids.entry(channel.clone()).or_default();
                     *last = (*last).max(id);
@@ -284,19 +404,7 @@ impl RedisBroker {
                 }
                 None => self.next_local_id(&channel),
             };
-            let sender = match (wire.user, wire.conn_id) {
-                (Some(user), Some(conn_id)) => Some(EventSender { user, conn_id }),
-                _ => None,
-            };
-            let event = wire.event.unwrap_or_else(|| "message".into());
-            (
-                id,
-                PublishBody::Json {
-                    event,
-                    data: wire.data,
-                },
-                sender,
-            )
+            (id, body, sender)
         };
         metrics().events_received.inc();
         let event = build_event(channel, id, &body, sender.as_ref(), received_at);
@@ -504,14 +612,26 @@ impl RedisPublisher {
                 return Ok(EventId::default());
             }
         };
+        // Browser-published events are live only unless configured otherwise: one user must
+        // not be able to pin memory in Redis that every org's sessions need.
+        let keep = history.filter(|h| request.sender.is_none() || h.keep_client_events);
         let mut invocation = self.script.key(format!("{channel}:log"));
         invocation
             .key(channel.as_str())
-            .arg(if history.is_some() { "1" } else { "0" })
-            .arg(history.map_or(0, |h| h.max_len))
-            .arg(history.map_or(0, |h| h.ttl_s))
-            .arg(message);
-        let id: String = timed(invocation.invoke_async(&mut conn)).await?;
+            .key(format!("sbx:history:{}", request.org.as_str()))
+            .arg(if keep.is_some() { "1" } else { "0" })
+            .arg(keep.map_or(0, |h| h.max_len))
+            .arg(keep.map_or(0, |h| h.ttl_s))
+            .arg(message)
+            .arg(keep.map_or(0, |h| h.max_topics_per_org));
+        let (id, state): (String, String) = timed(invocation.invoke_async(&mut conn)).await?;
+        if state == "capped" {
+            log::warn!(
+                "{channel}: org {} already keeps history on {} topics (history.max_topics_per_org); event delivered live but not kept",
+                request.org.as_str(),
+                keep.map_or(0, |h| h.max_topics_per_org)
+            );
+        }
         EventId::parse(&id).ok_or(BrokerError::UnexpectedId(id))
     }
 }
@@ -537,7 +657,11 @@ impl Handler<FetchHistory> for RedisBroker {
             {
                 return Err(BrokerError::NotSubscribed(msg.channel));
             }
-            read_history(&mut conn, &script, &msg.channel, msg.since, history.max_len).await
+            let history = StreamHistory {
+                replay_max_bytes: history.replay_max_bytes.min(msg.max_bytes),
+                ..history
+            };
+            read_history(&mut conn, &script, &msg.channel, msg.since, history).await
         })
     }
 }
@@ -548,10 +672,13 @@ async fn read_history(
     script: &Script,
     channel: &ChannelKey,
     since: EventId,
-    max_len: usize,
+    history: StreamHistory,
 ) -> Result<Replay, BrokerError> {
     let mut invocation = script.key(format!("{channel}:log"));
-    invocation.arg(since.to_string()).arg(max_len);
+    invocation
+        .arg(since.to_string())
+        .arg(history.max_len)
+        .arg(history.replay_max_bytes);
     let answer: Vec<RedisValue> = timed(invocation.invoke_async(conn)).await?;
     Ok(decode_history(channel, since, &answer))
 }
@@ -575,11 +702,17 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
     let last = text(answer.get(1)).unwrap_or_default();
     let since_kept = int(2) == Some(1);
     let oldest = text(answer.get(3));
-    // Redis before 7.0 does not report `entries-added` (-1): then assume something was trimmed.
-    let nothing_trimmed =
-        matches!((int(4), int(5)), (Some(added), Some(len)) if added >= 0 && added == len);
-    let reaches_back = since_kept || nothing_trimmed || oldest.is_some_and(|o| o <= since);
-    let recovered = since <= last && reaches_back;
+    let newest_trimmed = text(answer.get(4)).filter(|id| *id > EventId::default());
+    let cut = int(5) == Some(1);
+    // The stream holds everything after its newest trimmed entry (recorded by PUBLISH_LUA),
+    // and a stream never trimmed everything from its oldest entry on. A `since` older than
+    // both was never in this stream as it is (it expired and came back, or history was off),
+    // so it cannot be vouched for. Redis before 7.0 records no trimmed id: the stream then
+    // reaches back to its oldest entry only.
+    let reaches_back = since_kept
+        || oldest.is_some_and(|o| o <= since)
+        || newest_trimmed.is_some_and(|t| t <= since);
+    let recovered = since <= last && reaches_back && !cut;
     let entries: Vec<StreamEntry> = answer
         .get(6)
         .and_then(|v| redis::from_redis_value(v).ok())
@@ -590,14 +723,13 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
         .filter_map(|(id, fields)| {
             let id = EventId::parse(&id)?;
             let (_, raw) = fields.into_iter().find(|(k, _)| k == "m")?;
-            let wire: WireEvent = serde_json::from_slice(&raw).ok()?;
-            let sender = match (wire.user, wire.conn_id) {
-                (Some(user), Some(conn_id)) => Some(EventSender { user, conn_id }),
-                _ => None,
-            };
-            let body = PublishBody::Json {
-                event: wire.event.unwrap_or_else(|| "message".into()),
-                data: wire.data,
+            // The entry's id is the event's: an `id` inside `m` is not looked at.
+            let (_, body, sender) = match decode_message(&raw, u64::MAX) {
+                Ok(message) => message,
+                Err(e) => {
+                    log::warn!("skipping history entry {id} of {channel}: {e}");
+                    return None;
+                }
             };
             Some(build_event(
                 channel.clone(),
@@ -650,14 +782,13 @@ mod tests {
     }
 
     /// HISTORY_LUA's answer for an existing stream: the newest id ever added, whether `since`
-    /// itself is kept, the oldest kept id, entries ever added (-1 before Redis 7), entries kept,
-    /// and the entries after `since`.
+    /// itself is kept, the oldest kept id, the newest trimmed id (0-0: none), the replay not
+    /// cut short, and the entries after `since`.
     fn answer(
         last: &str,
         since_kept: bool,
         oldest: &str,
-        added: i64,
-        length: i64,
+        trimmed: &str,
         entries: Vec<RedisValue>,
     ) -> Vec<RedisValue> {
         vec![
@@ -665,8 +796,8 @@ mod tests {
             bulk(last),
             RedisValue::Int(since_kept.into()),
             bulk(oldest),
-            RedisValue::Int(added),
-            RedisValue::Int(length),
+            bulk(trimmed),
+            RedisValue::Int(0),
             RedisValue::Array(entries),
         ]
     }
@@ -706,7 +837,7 @@ mod tests {
         let replay = decode_history(
             &channel(),
             id("3-0"),
-            &answer("5-0", true, "3-0", 10, 3, entries),
+            &answer("5-0", true, "3-0", "2-0", entries),
         );
         assert_eq!(ids(&replay), ["4-0", "5-0"]);
         assert_eq!(numbers(&replay), [4, 5]);
@@ -724,8 +855,7 @@ mod tests {
                 "5-0",
                 false,
                 "3-0",
-                10,
-                3,
+                "2-0",
                 vec![kept("4-0", 4), kept("5-0", 5)],
             ),
         );
@@ -743,8 +873,7 @@ mod tests {
                 "5-0",
                 false,
                 "4-0",
-                10,
-                2,
+                "3-0",
                 vec![kept("4-0", 4), kept("5-0", 5)],
             ),
         );
@@ -752,10 +881,11 @@ mod tests {
         assert!(!replay.recovered);
     }
 
-    /// A stream never trimmed (entries added == entries kept) holds everything after a
-    /// `since` older than its first entry: recovered.
+    /// A `since` older than the first entry of a stream never trimmed was not in this stream
+    /// (it expired and came back, or history was off then): what is kept is replayed, not
+    /// recovered. (Redis before 7 records no trimmed id and answers the same.)
     #[test]
-    fn since_before_a_never_trimmed_stream_is_recovered() {
+    fn since_before_an_untrimmed_stream_is_not_recovered() {
         let replay = decode_history(
             &channel(),
             id("1-0"),
@@ -763,32 +893,42 @@ mod tests {
                 "5-0",
                 false,
                 "4-0",
-                2,
-                2,
+                "0-0",
                 vec![kept("4-0", 4), kept("5-0", 5)],
             ),
         );
         assert_eq!(ids(&replay), ["4-0", "5-0"]);
-        assert!(replay.recovered);
+        assert!(!replay.recovered);
     }
 
-    /// Redis before 7 answers -1 for entries added: the stream counts as trimmed, so a `since`
-    /// older than its first entry is not recovered.
+    /// `since` is the newest trimmed entry (or lies between it and the oldest kept one):
+    /// everything after it is kept, so it is recovered.
     #[test]
-    fn without_entries_added_a_since_before_the_stream_is_not_recovered() {
-        let replay = decode_history(
-            &channel(),
-            id("1-0"),
-            &answer(
-                "5-0",
-                false,
-                "4-0",
-                -1,
-                2,
-                vec![kept("4-0", 4), kept("5-0", 5)],
-            ),
-        );
-        assert_eq!(ids(&replay), ["4-0", "5-0"]);
+    fn since_at_or_after_the_newest_trimmed_id_is_recovered() {
+        for since in ["3-0", "3-5"] {
+            let replay = decode_history(
+                &channel(),
+                id(since),
+                &answer(
+                    "5-0",
+                    false,
+                    "4-0",
+                    "3-0",
+                    vec![kept("4-0", 4), kept("5-0", 5)],
+                ),
+            );
+            assert_eq!(ids(&replay), ["4-0", "5-0"]);
+            assert!(replay.recovered, "since {since}");
+        }
+    }
+
+    /// A replay cut short by `history.replay_max_bytes` replays what it has, not recovered.
+    #[test]
+    fn a_replay_cut_short_is_not_recovered() {
+        let mut cut = answer("5-0", true, "3-0", "0-0", vec![kept("5-0", 5)]);
+        cut[5] = RedisValue::Int(1);
+        let replay = decode_history(&channel(), id("3-0"), &cut);
+        assert_eq!(ids(&replay), ["5-0"]);
         assert!(!replay.recovered);
     }
 
@@ -799,14 +939,14 @@ mod tests {
         let replay = decode_history(
             &channel(),
             id("9-0"),
-            &answer("5-0", false, "4-0", 2, 2, Vec::new()),
+            &answer("5-0", false, "4-0", "0-0", Vec::new()),
         );
         assert!(replay.events.is_empty());
         assert!(!replay.recovered);
     }
 
-    /// Entries with a bad id, without an `m` field, or with bad JSON are skipped; the others
-    /// are replayed in order, with their event name and sender.
+    /// Entries with a bad id, without an `m` field, with bad JSON or a bad event name are
+    /// skipped; the others are replayed in order, with their event name and sender.
     #[test]
     fn malformed_entries_are_skipped() {
         let with_sender = r#"{"event":"chat","data":{"n":6},"user":"alice","conn_id":"c-1"}"#;
@@ -815,12 +955,13 @@ mod tests {
             kept("not-an-id", 3),
             entry("4-0", &[("x", &message(4))]),
             entry("5-0", &[("m", "{not json")]),
+            entry("5-1", &[("m", "{\"event\":\"a\\nb\",\"data\":{\"n\":5}}")]),
             entry("6-0", &[("m", with_sender)]),
         ];
         let replay = decode_history(
             &channel(),
             id("1-0"),
-            &answer("6-0", true, "1-0", 6, 6, entries),
+            &answer("6-0", true, "1-0", "0-0", entries),
         );
         assert_eq!(ids(&replay), ["2-0", "6-0"]);
         assert_eq!(numbers(&replay), [2, 6]);
@@ -834,6 +975,32 @@ mod tests {
             (&"alice".into(), &"c-1".into())
         );
         assert!(replay.recovered);
+    }
+
+    /// A message PUBLISHed straight to Redis keeps the id it gives (one is added only when
+    /// absent) and is checked as `/api/publish` checks a body: an event name that could
+    /// forge SSE records, an id that is not one, or an id far ahead of the clock (which would
+    /// hold every later `since`) is refused.
+    #[test]
+    fn messages_from_redis_are_validated() {
+        let now = 1_700_000_000_000;
+        let decode = |text: &str| decode_message(text.as_bytes(), now);
+        let (given, _, _) = decode(r#"{"id":"1699999999000-3","event":"e","data":1}"#)
+            .expect("a given id in the past");
+        assert_eq!(given, Some(id("1699999999000-3")));
+        let (absent, body, _) = decode(r#"{"data":1}"#).expect("no id");
+        assert_eq!(absent, None);
+        assert!(matches!(body, PublishBody::Json { ref event, .. } if event == "message"));
+        assert!(decode(r#"{"id":"1700000030000-0","data":1}"#).is_ok());
+
+        let forged = decode("{\"event\":\"x\\ndata: forged\",\"data\":1}").unwrap_err();
+        assert!(matches!(forged, BadMessage::Name(..)), "{forged}");
+        let ahead = decode(r#"{"id":"1700000100000-0","data":1}"#).unwrap_err();
+        assert!(matches!(ahead, BadMessage::IdAhead(_)), "{ahead}");
+        let far = decode(r#"{"id":"18446744073709551615-18446744073709551615","data":1}"#);
+        assert!(matches!(far, Err(BadMessage::IdAhead(_))));
+        let bad = decode(r#"{"id":"soon","data":1}"#).unwrap_err();
+        assert!(matches!(bad, BadMessage::Id(_)), "{bad}");
     }
 
     /// A channel's publisher and history reader on a fresh redis-server.
@@ -858,9 +1025,23 @@ mod tests {
             }
         }
 
+        /// History as the tests keep it: 10 entries per topic for a minute, on at most 10
+        /// topics per org, replays of at most 64 KiB, client events not kept.
+        const HISTORY: StreamHistory = StreamHistory {
+            max_len: 10,
+            ttl_s: 60,
+            max_topics_per_org: 10,
+            replay_max_bytes: 65_536,
+            keep_client_events: false,
+        };
+
         /// History kept up to `max_len` entries, for a minute.
         async fn with_history(max_len: usize) -> Self {
-            Self::start(Some(StreamHistory { max_len, ttl_s: 60 })).await
+            Self::start(Some(StreamHistory {
+                max_len,
+                ..Self::HISTORY
+            }))
+            .await
         }
 
         fn request(body: PublishBody, sender: Option<EventSender>) -> PublishRequest {
@@ -885,9 +1066,9 @@ mod tests {
         }
 
         async fn history_since(&mut self, since: EventId) -> Replay {
-            let max_len = self.history.expect("history is kept").max_len;
+            let history = self.history.expect("history is kept");
             let script = Script::new(HISTORY_LUA);
-            read_history(&mut self.conn, &script, &channel(), since, max_len)
+            read_history(&mut self.conn, &script, &channel(), since, history)
                 .await
                 .expect("read history")
         }
@@ -933,10 +1114,15 @@ mod tests {
     }
 
     /// A JSON publish appends one history entry (kept for the TTL) and PUBLISHes the event
-    /// with that entry's id as its first field, sender included.
+    /// with that entry's id as its first field, sender included (client events are kept when
+    /// `keep_client_events` says so).
     #[tokio::test]
     async fn a_publish_appends_to_history_and_publishes_with_its_id_first() {
-        let clustered = Clustered::with_history(10).await;
+        let clustered = Clustered::start(Some(StreamHistory {
+            keep_client_events: true,
+            ..Clustered::HISTORY
+        }))
+        .await;
         let mut pubsub = clustered.subscriber().await;
         let body = PublishBody::Json {
             event: "call.status".into(),
@@ -1072,7 +1258,6 @@ mod tests {
     /// The client saw the newest entry MAXLEN trimmed, and every later one is kept: nothing
     /// was missed, so it is recovered (the embedded broker says so in the same case).
     #[tokio::test]
-    #[ignore = "bug: Redis history reports a spurious `recovered: false` when `since` is the newest trimmed entry"]
     async fn since_the_newest_trimmed_entry_is_recovered() {
         let mut clustered = Clustered::with_history(2).await;
         let mut ids = Vec::new();
@@ -1088,18 +1273,159 @@ mod tests {
     /// the client had not seen, then publishing resumed: that entry is lost, so the replay
     /// must not claim `recovered` (the embedded broker does not).
     #[tokio::test]
-    #[ignore = "bug: Redis history claims `recovered` after the stream expired and was recreated"]
     async fn a_stream_that_expired_and_came_back_is_not_recovered() {
         let mut clustered = Clustered::with_history(10).await;
         let seen = clustered.publish(1).await;
-        clustered.publish(2).await;
+        let lost = clustered.publish(2).await;
         redis::cmd("DEL")
             .arg(format!("{}:log", channel()))
             .exec(&mut clustered.redis.conn())
             .expect("DEL");
+        // A stream expires only after `ttl_s` without a publish, so its successor's ids start
+        // in a later millisecond; so must this test's (a new stream numbers from its own 0).
+        loop {
+            let (s, us): (u64, u64) = redis::cmd("TIME")
+                .query(&mut clustered.redis.conn())
+                .expect("TIME");
+            if s * 1000 + us / 1000 > lost.ms {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         clustered.publish(3).await;
         let replay = clustered.history_since(seen).await;
         assert_eq!(numbers(&replay), [3]);
         assert!(!replay.recovered);
+    }
+
+    /// An event a browser published is PUBLISHed with its sender but kept out of history.
+    #[tokio::test]
+    async fn a_client_event_is_published_but_not_kept() {
+        let clustered = Clustered::with_history(10).await;
+        let mut pubsub = clustered.subscriber().await;
+        let body = PublishBody::Json {
+            event: "voice".into(),
+            data: serde_json::json!({ "n": 1 }),
+        };
+        let sender = EventSender {
+            user: "mallory".into(),
+            conn_id: "c-1".into(),
+        };
+        clustered
+            .publisher
+            .publish(Clustered::request(body, Some(sender)))
+            .await
+            .expect("publish");
+        let published: Value =
+            serde_json::from_slice(&next_message(&mut pubsub).await).expect("published JSON");
+        assert_eq!(published["user"], "mallory");
+        assert!(clustered.stream().is_empty());
+    }
+
+    /// An org keeps history on at most `max_topics_per_org` topics at once: an event of one
+    /// more topic is still published live, but no stream is created for it; topics already
+    /// kept, and other orgs, carry on.
+    #[tokio::test]
+    async fn history_per_org_is_bounded_by_topics() {
+        let clustered = Clustered::start(Some(StreamHistory {
+            max_topics_per_org: 2,
+            ..Clustered::HISTORY
+        }))
+        .await;
+        let publish = |org: &str, topic: &str| {
+            let request = PublishRequest {
+                org: OrgId::parse(org).unwrap(),
+                topic: Topic::parse(topic).unwrap(),
+                body: PublishBody::Json {
+                    event: "call.status".into(),
+                    data: serde_json::json!({ "n": 1 }),
+                },
+                sender: None,
+            };
+            let publisher = clustered.publisher.clone();
+            async move { publisher.publish(request).await.expect("publish") }
+        };
+        let mut pubsub = clustered.subscriber().await;
+        for topic in ["a", "b", "calls"] {
+            publish("1", topic).await;
+        }
+        // The third topic was still delivered live.
+        let live: Value =
+            serde_json::from_slice(&next_message(&mut pubsub).await).expect("published JSON");
+        assert_eq!(live["data"]["n"], 1);
+        publish("1", "a").await;
+        publish("2", "calls").await;
+        let exists = |key: &str| -> bool {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query(&mut clustered.redis.conn())
+                .expect("EXISTS")
+        };
+        assert!(exists("sb:1:a:log") && exists("sb:1:b:log"));
+        assert!(!exists("sb:1:calls:log"));
+        assert!(exists("sb:2:calls:log"));
+        let a_len: usize = redis::cmd("XLEN")
+            .arg("sb:1:a:log")
+            .query(&mut clustered.redis.conn())
+            .expect("XLEN");
+        assert_eq!(a_len, 2);
+    }
+
+    /// A replay reads at most `replay_max_bytes` of entries: the newest that fit, not
+    /// recovered, so a `since` far back cannot pull all of history at once.
+    #[tokio::test]
+    async fn a_replay_is_bounded_in_bytes() {
+        let entry = message(1).len();
+        let mut clustered = Clustered::start(Some(StreamHistory {
+            replay_max_bytes: entry * 3,
+            ..Clustered::HISTORY
+        }))
+        .await;
+        let mut ids = Vec::new();
+        for n in 1..=6 {
+            ids.push(clustered.publish(n).await);
+        }
+        let far = clustered.history_since(ids[0]).await;
+        assert_eq!(numbers(&far), [4, 5, 6]);
+        assert!(!far.recovered);
+        let near = clustered.history_since(ids[2]).await;
+        assert_eq!(numbers(&near), [4, 5, 6]);
+        assert!(near.recovered);
+    }
+
+    /// Redis out of memory under `noeviction` (as docker-compose.yml configures it): a
+    /// publish is refused with an error (the HTTP API answers 503), and nothing already
+    /// stored, sessions included, is evicted to make room.
+    #[tokio::test]
+    async fn a_full_redis_refuses_publishes_and_evicts_nothing() {
+        let clustered = Clustered::with_history(10).await;
+        let mut conn = clustered.redis.conn();
+        redis::cmd("SET")
+            .arg("sb:session:s1")
+            .arg("alice")
+            .exec(&mut conn)
+            .expect("SET");
+        for (key, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(key)
+                .arg(value)
+                .exec(&mut conn)
+                .expect("CONFIG SET");
+        }
+        let body = PublishBody::Json {
+            event: "call.status".into(),
+            data: serde_json::json!({ "n": 1 }),
+        };
+        let refused = clustered
+            .publisher
+            .publish(Clustered::request(body, None))
+            .await;
+        assert!(matches!(refused, Err(BrokerError::Redis(_))), "{refused:?}");
+        let session: Option<String> = redis::cmd("GET")
+            .arg("sb:session:s1")
+            .query(&mut conn)
+            .expect("GET");
+        assert_eq!(session.as_deref(), Some("alice"));
     }
 }

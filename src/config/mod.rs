@@ -185,6 +185,9 @@ pub(crate) struct LimitsConfig {
     pub(crate) cap_lease_s: u64,
     /// Largest client frame in bytes; larger closes with 1009.
     pub(crate) max_frame_bytes: usize,
+    /// Largest `data` of an event a browser publishes, in bytes of JSON; larger is refused
+    /// with a `bad_request` error.
+    pub(crate) client_event_bytes: usize,
     /// Topics one socket may join.
     pub(crate) max_subscriptions: usize,
     /// Sustained client messages per second, and the burst allowed above it.
@@ -205,6 +208,7 @@ impl Default for LimitsConfig {
             cap_policy: CapPolicy::RejectNew,
             cap_lease_s: 60,
             max_frame_bytes: 65_536,
+            client_event_bytes: 4096,
             max_subscriptions: 100,
             client_msgs_per_s: 50,
             client_msgs_burst: 100,
@@ -232,6 +236,14 @@ pub(crate) struct HistoryConfig {
     pub(crate) max_len: usize,
     /// Seconds a topic's history outlives its last event.
     pub(crate) ttl_s: u64,
+    /// Topics of one org keeping history at once; past it, events of further topics go out
+    /// live only.
+    pub(crate) max_topics_per_org: usize,
+    /// The most bytes of events one `since` replay sends; past it only the newest are
+    /// replayed, with `recovered: false`.
+    pub(crate) replay_max_bytes: usize,
+    /// Keep events browsers publish (`auth.client_publish`) in history too.
+    pub(crate) keep_client_events: bool,
 }
 
 impl Default for HistoryConfig {
@@ -240,6 +252,9 @@ impl Default for HistoryConfig {
             enabled: None,
             max_len: 1000,
             ttl_s: 600,
+            max_topics_per_org: 1000,
+            replay_max_bytes: 1_048_576,
+            keep_client_events: false,
         }
     }
 }
@@ -689,6 +704,9 @@ impl Settings {
         if l.max_frame_bytes < 256 {
             errors.push("limits.max_frame_bytes must be at least 256".into());
         }
+        if l.client_event_bytes == 0 {
+            errors.push("limits.client_event_bytes must be at least 1".into());
+        }
         if l.cap_lease_s * 1000 <= self.heartbeat.interval_ms {
             errors.push(format!(
                 "limits.cap_lease_s ({}s) must exceed heartbeat.interval_ms ({}ms): slots are refreshed by the heartbeat",
@@ -709,6 +727,12 @@ impl Settings {
         }
         if self.history.ttl_s == 0 {
             errors.push("history.ttl_s must be at least 1".into());
+        }
+        if self.history.max_topics_per_org == 0 {
+            errors.push("history.max_topics_per_org must be at least 1".into());
+        }
+        if self.history.replay_max_bytes < 1024 {
+            errors.push("history.replay_max_bytes must be at least 1024".into());
         }
         if self.shutdown.drain_timeout_s == 0 {
             errors.push("shutdown.drain_timeout_s must be at least 1".into());

@@ -213,14 +213,17 @@ impl EventId {
         })
     }
 
-    /// The next id after `prev` at wall-clock `now_ms`, never going backwards.
+    /// The next id after `prev` at wall-clock `now_ms`, never going backwards (past the
+    /// last `seq` of a millisecond, the next millisecond).
     pub(crate) fn next_after(prev: EventId, now_ms: u64) -> Self {
         if now_ms > prev.ms {
             Self { ms: now_ms, seq: 0 }
+        } else if let Some(seq) = prev.seq.checked_add(1) {
+            Self { ms: prev.ms, seq }
         } else {
             Self {
-                ms: prev.ms,
-                seq: prev.seq + 1,
+                ms: prev.ms.saturating_add(1),
+                seq: 0,
             }
         }
     }
@@ -337,6 +340,12 @@ mod tests {
         assert_eq!(a.to_string(), "1700000000000-5");
         assert_eq!(EventId::next_after(a, 1), EventId { ms: a.ms, seq: 6 });
         assert_eq!(EventId::parse("12").unwrap(), EventId { ms: 12, seq: 0 });
+        // The last seq of a millisecond (a forged id can carry it) moves on, not over.
+        let last = EventId {
+            ms: 5,
+            seq: u64::MAX,
+        };
+        assert_eq!(EventId::next_after(last, 1), EventId { ms: 6, seq: 0 });
         assert!(EventId::parse("x-1").is_none());
     }
 

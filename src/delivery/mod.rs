@@ -2,12 +2,14 @@
 //! node's sessions and which worker threads want each channel; each worker's [`fanout`],
 //! which writes an event to that worker's sockets in one pass; the bounded [`outbox`] a
 //! socket's events wait in when it is busy (conflation, slow-consumer close); the WebSocket
-//! [`writer`] that owns a socket's output; and one connection's [`subscriptions`], which make
-//! `since` resume exact. Brokers feed the registry; transports attach sessions to it.
+//! [`writer`] that owns a socket's output; one connection's [`subscriptions`], which make
+//! `since` resume exact, and its [`replay`] budget, which bounds what resumes cost. Brokers
+//! feed the registry; transports attach sessions to it.
 
 pub(crate) mod fanout;
 pub(crate) mod outbox;
 pub(crate) mod registry;
+pub(crate) mod replay;
 pub(crate) mod subscriptions;
 #[cfg(test)]
 pub(crate) mod test_support;

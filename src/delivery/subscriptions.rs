@@ -1,9 +1,12 @@
 //! One connection's subscriptions and the bookkeeping that makes `since` resume exact:
 //! while a channel's history is being fetched, its live events are held back; when the
 //! history arrives, replay and held events go out in id order without duplicates, and live
-//! events the replay already covered are skipped. Shared by both transports (WebSocket
+//! events the replay already covered are skipped. Held events are bounded: past the limit the
+//! oldest are dropped (they precede the `subscribed` that the client has not yet received),
+//! and a resume that lost some is not recovered. Shared by both transports (WebSocket
 //! session and SSE stream); pure, no I/O.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::core::event::Event;
@@ -13,7 +16,9 @@ use crate::core::ids::{ChannelKey, EventId};
 struct Subscription {
     /// Live events held back while history is being replayed (or, clustered, until Redis
     /// confirms the channel).
-    held: Option<Vec<Arc<Event>>>,
+    held: Option<VecDeque<Arc<Event>>>,
+    /// Held events were dropped for the limit.
+    dropped: bool,
     /// Which request holds them: only its completion may release them, so a second
     /// subscribe to the channel while the first still waits cannot take or drop its events.
     hold: u64,
@@ -28,11 +33,34 @@ struct Subscription {
 pub(crate) struct Subscriptions {
     channels: Vec<(ChannelKey, Subscription)>,
     holds_issued: u64,
+    /// The most events held per channel (None: unbounded, until [`Self::limit_held`]).
+    max_held: Option<usize>,
+}
+
+/// What a finished hold releases.
+pub(crate) struct Finished {
+    /// The events to send, in order.
+    pub(crate) events: Vec<Arc<Event>>,
+    /// Some held events were dropped for the limit.
+    pub(crate) dropped: bool,
 }
 
 impl Subscriptions {
     pub(crate) fn len(&self) -> usize {
         self.channels.len()
+    }
+
+    /// How many live events `channel` holds now.
+    pub(crate) fn held_len(&self, channel: &ChannelKey) -> usize {
+        self.position(channel)
+            .and_then(|i| self.channels[i].1.held.as_ref())
+            .map_or(0, VecDeque::len)
+    }
+
+    /// Hold at most `max` events per channel (the connection's outbound queue: a burst that
+    /// fits there must fit here too, and memory stays bounded).
+    pub(crate) fn limit_held(&mut self, max: usize) {
+        self.max_held = Some(max.max(1));
     }
 
     pub(crate) fn contains(&self, channel: &ChannelKey) -> bool {
@@ -75,7 +103,8 @@ impl Subscriptions {
             _ => self.insert(
                 channel,
                 Subscription {
-                    held: Some(Vec::new()),
+                    held: Some(VecDeque::new()),
+                    dropped: false,
                     hold,
                     sent_through: None,
                 },
@@ -98,9 +127,14 @@ impl Subscriptions {
     /// A live event from the outbox: `Some` to send it now; `None` when it is not wanted
     /// (unsubscribed, held for a replay, or already sent by one).
     pub(crate) fn admit_live(&mut self, event: Arc<Event>) -> Option<Arc<Event>> {
+        let max_held = self.max_held;
         let sub = self.get_mut(&event.channel)?;
         if let Some(held) = sub.held.as_mut() {
-            held.push(event);
+            held.push_back(event);
+            if max_held.is_some_and(|max| held.len() > max) {
+                held.pop_front();
+                sub.dropped = true;
+            }
             return None;
         }
         if sub.sent_through.is_some_and(|last| event.id <= last) {
@@ -117,13 +151,17 @@ impl Subscriptions {
         channel: &ChannelKey,
         hold: u64,
         replayed: Vec<Arc<Event>>,
-    ) -> Option<Vec<Arc<Event>>> {
+    ) -> Option<Finished> {
         let sub = self.get_mut(channel).filter(|sub| sub.hold == hold)?;
         let held = sub.held.take()?;
+        let dropped = std::mem::take(&mut sub.dropped);
         if replayed.is_empty() {
             // Nothing to overlap with: the held live events go out as they came (ids of
             // binary and JSON events need not rise together).
-            return Some(held);
+            return Some(Finished {
+                events: held.into(),
+                dropped,
+            });
         }
         let mut out: Vec<Arc<Event>> = Vec::with_capacity(replayed.len() + held.len());
         for event in replayed.into_iter().chain(held) {
@@ -132,7 +170,10 @@ impl Subscriptions {
             }
         }
         sub.sent_through = out.last().map(|e| e.id);
-        Some(out)
+        Some(Finished {
+            events: out,
+            dropped,
+        })
     }
 }
 
@@ -183,7 +224,8 @@ mod tests {
         assert!(subs.admit_live(event(5)).is_none());
         let out = subs
             .finish_replay(&channel(), hold, vec![event(2), event(3), event(4)])
-            .unwrap();
+            .unwrap()
+            .events;
         assert_eq!(ids(&out), vec![2, 3, 4, 5]);
         // A live event the replay already covered (still queued) is skipped; newer ones pass.
         assert!(subs.admit_live(event(5)).is_none());
@@ -214,7 +256,8 @@ mod tests {
         assert!(subs.finish_replay(&channel(), first, Vec::new()).is_none());
         let out = subs
             .finish_replay(&channel(), second, vec![event(3)])
-            .unwrap();
+            .unwrap()
+            .events;
         assert_eq!(ids(&out), vec![3, 4, 5]);
     }
 
@@ -227,7 +270,10 @@ mod tests {
         assert!(subs.admit_live(event(7)).is_none());
         assert!(subs.admit_live(event(7)).is_none());
         assert!(subs.admit_live(event(6)).is_none());
-        let out = subs.finish_replay(&channel(), hold, Vec::new()).unwrap();
+        let out = subs
+            .finish_replay(&channel(), hold, Vec::new())
+            .unwrap()
+            .events;
         assert_eq!(ids(&out), vec![7, 7, 6]);
         assert_eq!(subs.admit_live(event(5)).map(|e| e.id.ms), Some(5));
     }
@@ -243,9 +289,30 @@ mod tests {
         assert!(subs.admit_live(event_on(other_channel(), 1)).is_some());
         let out = subs
             .finish_replay(&channel(), hold, vec![event(4)])
-            .unwrap();
+            .unwrap()
+            .events;
         assert_eq!(ids(&out), vec![4, 5]);
         assert!(subs.admit_live(event_on(other_channel(), 2)).is_some());
         assert!(subs.admit_live(event(5)).is_none());
+    }
+
+    /// Held events are bounded: past the limit the oldest are dropped, the release says so,
+    /// and the next hold of the channel starts clean.
+    #[test]
+    fn held_events_are_bounded() {
+        let mut subs = Subscriptions::default();
+        subs.limit_held(3);
+        let hold = subs.insert_replaying(channel());
+        for ms in 1..=5 {
+            assert!(subs.admit_live(event(ms)).is_none());
+        }
+        let out = subs.finish_replay(&channel(), hold, Vec::new()).unwrap();
+        assert_eq!(ids(&out.events), vec![3, 4, 5]);
+        assert!(out.dropped);
+        let hold = subs.insert_replaying(channel());
+        assert!(subs.admit_live(event(6)).is_none());
+        let out = subs.finish_replay(&channel(), hold, Vec::new()).unwrap();
+        assert_eq!(ids(&out.events), vec![6]);
+        assert!(!out.dropped);
     }
 }

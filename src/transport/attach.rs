@@ -2,14 +2,18 @@
 //! (registered with the registry, so logout, eviction and drain reach it; counted; holding
 //! the cap slot the handshake took), subscribe channels (live at once, or held until Redis
 //! confirms the channel or until the history after `since` is read, then released in order
-//! without duplicates), close it when its login session expires (4401 `session expired`),
-//! and detach when the [`Attachment`] is dropped (every channel left, unregistered, the cap
-//! slot given back). The transports only frame what this decides.
+//! without duplicates; replays within the connection's
+//! [`ReplayBudget`](crate::delivery::replay::ReplayBudget)), close it when its login
+//! session expires (4401 `session expired`), and detach when the [`Attachment`] is
+//! dropped (every channel left, unregistered, the cap slot given back). The transports
+//! only frame what this decides.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 
@@ -22,6 +26,7 @@ use crate::core::metrics::metrics;
 use crate::core::wire::ServerMessage;
 use crate::delivery::outbox::Outbox;
 use crate::delivery::registry::{Control, Flush, SessionLink};
+use crate::delivery::replay::ReplayBudget;
 use crate::delivery::writer::{Shared, Socket};
 use crate::node::Node;
 
@@ -51,6 +56,12 @@ pub(crate) struct Attachment {
     shared: Shared,
     /// Closes the connection when its session expires; stopped on detach.
     expiry: tokio::task::JoinHandle<()>,
+    /// What `since` replays may still cost this connection.
+    replays: Rc<RefCell<ReplayBudget>>,
+    /// One replay of this connection reads history at a time, each within what the ones
+    /// before it left of the budget: many topics resumed at once (SSE with
+    /// `Last-Event-ID: 0`) read no more than one full replay.
+    replay_turn: Rc<tokio::sync::Semaphore>,
 }
 
 /// What a held subscription waits for: Redis to confirm the channel (`None`), or the history
@@ -81,6 +92,9 @@ pub(crate) struct Released {
 pub(crate) enum Subscribed {
     /// Live events flow now: acknowledge at once.
     Live,
+    /// This connection replayed the channel less than
+    /// [`REPLAY_REPEAT`](crate::delivery::replay::REPLAY_REPEAT) ago: nothing changed.
+    ReplayTooSoon,
     /// Live events are held; await `ready`, then [`Attachment::release`] the hold.
     Held(Held, Ready),
 }
@@ -107,7 +121,11 @@ impl Attachment {
             flush,
             control,
         });
-        shared.borrow_mut().link = Some(link.clone());
+        {
+            let mut shared = shared.borrow_mut();
+            shared.link = Some(link.clone());
+            shared.subscriptions.limit_held(limits.outbound_queue);
+        }
         node.registry.register(
             link.clone(),
             identity.user_key(),
@@ -116,6 +134,10 @@ impl Attachment {
         );
         metrics().connections.inc();
         let expiry = close_at_expiry(identity.exp, link.control.clone());
+        let replays = Rc::new(RefCell::new(ReplayBudget::new(
+            node.settings.history.replay_max_bytes,
+            Instant::now(),
+        )));
         Self {
             node,
             identity,
@@ -123,6 +145,8 @@ impl Attachment {
             link,
             shared,
             expiry,
+            replays,
+            replay_turn: Rc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -167,6 +191,9 @@ impl Attachment {
         binary: bool,
         socket: Option<Rc<Socket>>,
     ) -> Subscribed {
+        if since.is_some() && !self.replays.borrow_mut().admit(&channel, Instant::now()) {
+            return Subscribed::ReplayTooSoon;
+        }
         if since.is_none() && self.node.broker.is_live(&channel) {
             self.register(&channel, binary, socket);
             self.shared.borrow_mut().subscriptions.insert_live(channel);
@@ -174,7 +201,10 @@ impl Attachment {
         }
         let ready: Ready = match since {
             Some(since) => {
-                let replay = self.replay(channel.clone(), since);
+                let link = self.link.clone();
+                let queue = self.node.settings.limits.outbound_queue;
+                let room = move || queue.saturating_sub(link.outbox.len());
+                let replay = self.replay(channel.clone(), since, room);
                 Box::pin(async move { Some(replay.await) })
             }
             None => {
@@ -215,13 +245,42 @@ impl Attachment {
         self.node.broker.until_live(channel, CONFIRM_TIMEOUT)
     }
 
-    /// The retained events of `channel` after `since`, and whether history reached back.
+    /// The retained events of `channel` after `since`, and whether history reached back:
+    /// read after this connection's earlier replays, within what they left of its replay
+    /// budget, and within `room()` (the frames the transport can still queue) less the live
+    /// events the channel holds meanwhile, so a release never overflows the transport's
+    /// queue. The newest events are kept; a replay cut short is not recovered.
     pub(crate) fn replay(
         &self,
         channel: ChannelKey,
         since: EventId,
+        room: impl Fn() -> usize + 'static,
     ) -> impl Future<Output = Replay> + 'static {
-        self.node.broker.replay_since(channel, since)
+        let broker = self.node.broker.clone();
+        let budget = self.replays.clone();
+        let turn = self.replay_turn.clone();
+        let shared = self.shared.clone();
+        async move {
+            // Wait for the channel to be live before taking a turn, so replays waiting on an
+            // absent Redis wait side by side, not one after another.
+            if !broker.until_live(channel.clone(), CONFIRM_TIMEOUT).await {
+                log::warn!("history of {channel} unavailable: not subscribed in time");
+                return Replay::default();
+            }
+            // Never closed, so the permit always comes.
+            let _turn = turn.acquire().await;
+            let max_bytes = budget.borrow_mut().available(Instant::now());
+            let mut replay = broker.replay_since(channel.clone(), since, max_bytes).await;
+            let held = shared.borrow().subscriptions.held_len(&channel);
+            let room = room().saturating_sub(held);
+            if !budget
+                .borrow_mut()
+                .take(&mut replay.events, room, Instant::now())
+            {
+                replay.recovered = false;
+            }
+            replay
+        }
     }
 
     /// What a held subscription releases once it is ready; `None` when it no longer holds
@@ -231,12 +290,17 @@ impl Attachment {
             Some(replay) => (replay.events, Some(replay.recovered)),
             None => (Vec::new(), None),
         };
-        let events = self.shared.borrow_mut().subscriptions.finish_replay(
+        let finished = self.shared.borrow_mut().subscriptions.finish_replay(
             &held.channel,
             held.hold,
             replayed,
         )?;
-        Some(Released { events, recovered })
+        // Live events dropped while held: a resume missed them.
+        let recovered = recovered.map(|r| r && !finished.dropped);
+        Some(Released {
+            events: finished.events,
+            recovered,
+        })
     }
 
     /// Leave `channel`; false when it was not subscribed.

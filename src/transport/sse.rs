@@ -374,7 +374,10 @@ impl SseStream {
         let Some(attachment) = self.attachment.as_ref() else {
             return;
         };
-        let fetch = attachment.replay(held.channel().clone(), since);
+        let records = self.records.clone();
+        // The records the stream can still queue, less one for a `resync` notice.
+        let room = move || records.capacity().saturating_sub(1);
+        let fetch = attachment.replay(held.channel().clone(), since, room);
         ctx.spawn(fetch.into_actor(self).map(move |replay, this, ctx| {
             this.release(&topic, &held, Some(replay), ctx);
         }));

@@ -30,6 +30,7 @@ use crate::core::ids::{ChannelKey, EventId, Topic};
 use crate::core::metrics::metrics;
 use crate::core::wire::{validate_event_name, ClientMessage, ErrorCode, ServerMessage};
 use crate::delivery::registry::Control;
+use crate::delivery::replay::REPLAY_REPEAT;
 use crate::delivery::writer::{self, Bounds, Shared, Socket};
 use crate::node::Node;
 use crate::policy::rate::{FloodMeter, Refusal, TokenBucket};
@@ -325,6 +326,14 @@ impl WsSession {
                 }
                 .encode(),
             ),
+            Subscribed::ReplayTooSoon => Self::reply_error(
+                ctx,
+                ErrorCode::RateLimited,
+                format!(
+                    "{topic} was replayed less than {}s ago on this connection: subscribe without since, or later",
+                    REPLAY_REPEAT.as_secs()
+                ),
+            ),
             Subscribed::Held(held, ready) => {
                 ctx.spawn(ready.into_actor(self).map(move |replay, this, ctx| {
                     this.acknowledge(&topic, &held, replay, ctx);
@@ -409,6 +418,16 @@ impl WsSession {
         let event = event.unwrap_or_else(|| "message".into());
         if let Err(why) = validate_event_name(&event) {
             return Self::reply_error(ctx, ErrorCode::BadRequest, why);
+        }
+        let limit = self.node.settings.limits.client_event_bytes;
+        // A JSON value always serialises; were it not to, it would count as too large.
+        let size = serde_json::to_vec(&data).map_or(usize::MAX, |d| d.len());
+        if size > limit {
+            return Self::reply_error(
+                ctx,
+                ErrorCode::BadRequest,
+                format!("data is {size} bytes of JSON; client events may hold at most {limit}"),
+            );
         }
         let Some(request) = self.request(topic, PublishBody::Json { event, data }) else {
             return;

@@ -124,6 +124,30 @@ async fn direct_redis_publish_reaches_sockets_on_every_pod() {
     other_org.expect_silence(Duration::from_millis(300)).await;
 }
 
+/// A message PUBLISHed straight to Redis is checked as an /api/publish body is: an event name
+/// that would forge SSE records, or an id far ahead of the clock (it would hold every later
+/// `since`), is dropped; a valid id it gives is kept as it is.
+#[actix_web::test]
+async fn direct_redis_publish_is_validated_and_keeps_its_id() {
+    let redis = Redis::start();
+    let pods = start_pods(&redis.url(), 1, &[]);
+    let mut ws = subscribed_user(&pods[0], "u0", ORG).await;
+    redis.wait_numsub(CHANNEL, 1, T).await;
+    let forged = json!({"event": "x\nevent: forged", "data": 1});
+    let ahead = json!({"id": "99999999999999-0", "event": "e", "data": 2});
+    let given = json!({"id": "1000-7", "event": "e", "data": 3});
+    for message in [forged, ahead, given] {
+        redis.publish(CHANNEL, &message.to_string());
+    }
+    let ev = next_event(&mut ws, TOPIC, "the valid message").await;
+    assert_eq!(
+        (&ev["id"], &ev["data"]),
+        (&json!("1000-7"), &json!(3)),
+        "the invalid messages must be dropped and the given id kept: {ev}"
+    );
+    ws.expect_silence(Duration::from_millis(300)).await;
+}
+
 /// 20 sockets on 2 pods over 6 topics: Redis sees exactly one subscriber connection per pod, and a channel is dropped when its last local socket leaves.
 #[actix_web::test]
 async fn one_subscriber_connection_per_pod_whatever_the_sessions() {
