@@ -47,8 +47,9 @@ impl TokenBucket {
     }
 }
 
-/// Handshake attempts per client IP, each with `rate` per second and bursts of `burst`
-/// (governor's keyed GCRA limiter). Bounded: once [`MAX_TRACKED_IPS`] addresses are tracked,
+/// Handshake attempts per client, each with `rate` per second and bursts of `burst`
+/// (governor's keyed GCRA limiter). A client is an IPv4 address or an IPv6 /64
+/// ([`handshake_bucket`]). Bounded: once [`MAX_TRACKED_IPS`] addresses are tracked,
 /// a handshake from a new address first forgets those whose budget is full again; if every
 /// one is still busy, the new address is refused rather than the map growing without bound.
 /// Tracked addresses keep their own budget meanwhile.
@@ -90,6 +91,21 @@ impl ShrinkableKeyedStateStore<IpAddr> for TrackedAddresses {
     }
 }
 
+/// The budget an address draws on: an IPv4 address its own, an IPv6 address its /64. One
+/// host (one home or one cloud instance) is routinely given a whole /64, so counting IPv6
+/// addresses apart would hand a single client 2^64 budgets.
+pub(crate) fn handshake_bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 impl HandshakeLimiter {
     pub(crate) fn new(rate: u32, burst: u32) -> Self {
         let per_s = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
@@ -102,7 +118,9 @@ impl HandshakeLimiter {
         }
     }
 
+    /// Take one handshake from `ip`'s budget ([`handshake_bucket`]) if it has one.
     pub(crate) fn allow(&self, ip: IpAddr) -> bool {
+        let ip = handshake_bucket(ip);
         if self.tracked.0.len() >= MAX_TRACKED_IPS && !self.tracked.0.contains_key(&ip) {
             self.limiter.retain_recent();
             if self.tracked.0.len() >= MAX_TRACKED_IPS {
@@ -138,6 +156,23 @@ mod tests {
         assert!(l.allow(a) && l.allow(a));
         assert!(!l.allow(a));
         assert!(l.allow(b));
+    }
+
+    /// An IPv6 /64 is one client: its addresses share one budget, the next /64 has its own,
+    /// and IPv4 addresses stay apart.
+    #[test]
+    fn ipv6_addresses_share_their_64s_budget() {
+        let l = HandshakeLimiter::new(1, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(l.allow(ip("2001:db8:1:2::1")));
+        assert!(l.allow(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")));
+        assert!(
+            !l.allow(ip("2001:db8:1:2::3")),
+            "a third address of the same /64"
+        );
+        assert!(l.allow(ip("2001:db8:1:3::1")), "the next /64");
+        assert!(l.allow(ip("1.1.1.1")) && l.allow(ip("1.1.1.2")));
+        assert!(l.allow(ip("::ffff:1.1.1.1")) && !l.allow(ip("1.1.1.1")));
     }
 
     /// With every tracked address busy, a new address is refused while tracked ones keep

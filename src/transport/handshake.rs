@@ -29,7 +29,7 @@ use crate::core::identity::Identity;
 use crate::core::ids::ConnId;
 use crate::core::metrics::metrics;
 use crate::node::Node;
-use crate::policy::client_ip::client_ip;
+use crate::policy::client_ip::{client_ip, join_forwarded_for};
 use crate::policy::origin::{Day, Decision};
 use crate::store::caps::{slot_conn, slot_token, CapOutcome};
 use crate::store::sessions::SessionReadError;
@@ -204,8 +204,12 @@ pub(crate) fn over_handshake_budget(
 ) -> Option<HttpRefusal> {
     let ip = peer
         .map(|peer| {
-            let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-            client_ip(peer.ip(), xff, &node.trusted_proxies)
+            let xff = join_forwarded_for(
+                headers
+                    .get_all("x-forwarded-for")
+                    .map(|value| value.as_bytes()),
+            );
+            client_ip(peer.ip(), xff.as_deref(), &node.trusted_proxies)
         })
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     if node.handshakes.allow(ip) {
