@@ -230,6 +230,41 @@ async fn client_js_is_served() {
     );
 }
 
+/// Every answer forbids MIME sniffing and framing by other sites; the dashboard's policy lets
+/// only its own scripts and styles run and its own origin be contacted, and every other
+/// answer's policy lets nothing run at all.
+#[actix_web::test]
+async fn answers_carry_security_headers() {
+    let hub = Hub::start(&[]);
+    let mut missing = Vec::new();
+    for path in ["/", "/client.js", "/healthz", "/metrics", "/ws", "/nowhere"] {
+        let resp = get(&hub, path).await;
+        let csp = resp.header("content-security-policy").unwrap_or_default();
+        if resp.header("x-content-type-options").as_deref() != Some("nosniff") {
+            missing.push(format!("{path}: no `X-Content-Type-Options: nosniff`"));
+        }
+        if !csp.contains("frame-ancestors 'none'") {
+            missing.push(format!("{path}: CSP {csp:?} lacks frame-ancestors 'none'"));
+        }
+        if !csp.contains("default-src 'none'") {
+            missing.push(format!("{path}: CSP {csp:?} lacks default-src 'none'"));
+        }
+        if path == "/" {
+            for wanted in ["script-src 'self' 'sha256-", "connect-src 'self'"] {
+                if !csp.contains(wanted) {
+                    missing.push(format!("/: CSP {csp:?} lacks {wanted}"));
+                }
+            }
+            if csp.contains("unsafe-inline") {
+                missing.push(format!("/: CSP {csp:?} allows any inline script"));
+            }
+        } else if csp != "default-src 'none'; frame-ancestors 'none'" {
+            missing.push(format!("{path}: CSP {csp:?} allows more than nothing"));
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}
+
 /// A plain `GET /ws` (a proxy that dropped the upgrade headers) gets 426 pointing at nginx.conf.
 #[actix_web::test]
 async fn ws_without_upgrade_is_426_with_hint() {

@@ -885,6 +885,25 @@ async fn rolling_restart_through_nginx_loses_and_repeats_nothing() {
     }
 }
 
+/// Behind the example nginx, `/metrics` is not served to clients, while the rest of the plain
+/// HTTP routes are and the pod itself still answers its scraper.
+#[actix_web::test]
+async fn nginx_keeps_metrics_internal() {
+    let redis = Redis::start();
+    let pods = start_pods(&redis.url(), 1, &[]);
+    let nginx = Nginx::start(&[pods[0].addr()]);
+    for (path, want) in [("/metrics", 403), ("/metrics?x=1", 403), ("/healthz", 200)] {
+        let resp = http_at("GET", &nginx.url(path), &[], None)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} through nginx: {e}"));
+        assert_eq!(resp.status, want, "GET {path} through nginx: {resp}");
+    }
+    let direct = http_at("GET", &format!("{}/metrics", pods[0].base_url()), &[], None)
+        .await
+        .expect("GET /metrics from the pod");
+    assert_eq!(direct.status, 200, "the pod's own /metrics: {direct}");
+}
+
 /// Poll `cond` every 20 ms until it holds; panics naming `what` after `timeout`.
 async fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
