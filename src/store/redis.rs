@@ -25,6 +25,23 @@ pub(crate) enum CommandError {
     Timeout(Duration),
 }
 
+impl CommandError {
+    /// Whether the connection failed (dropped, refused, I/O, no answer in time), as opposed to
+    /// Redis answering with an error: the first says nothing will get through until it is
+    /// back, the second concerns one command.
+    pub(crate) fn is_connection_failure(&self) -> bool {
+        match self {
+            Self::Timeout(_) => true,
+            Self::Redis(e) => {
+                e.is_connection_dropped()
+                    || e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+            }
+        }
+    }
+}
+
 /// Everything needed to talk to Redis for commands (not the subscriber).
 ///
 /// The handshake's commands (session, revocation, cap slot) and the cap release go over a

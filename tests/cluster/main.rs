@@ -2,8 +2,9 @@
 //! several real switchboard pods sharing it, and a real nginx in front configured from
 //! `config/nginx.conf`, all on loopback. Each test checks what a user or an operator would
 //! notice: events reaching every pod, one Redis subscriber per pod, sockets surviving a Redis
-//! outage, readiness catching a wedged subscriber, logout and connection caps across pods,
-//! resume with `since` on another pod, and a rolling restart that loses nothing.
+//! outage, readiness catching a wedged subscriber or a cut publish connection, logout and
+//! connection caps across pods, resume with `since` on another pod, and a rolling restart
+//! that loses nothing.
 //!
 //! Needs `redis-server` and `nginx` (`apt-get install -y redis-server nginx`); a missing one
 //! fails the test with that command. Nothing here touches port 6379 or a running Redis.
@@ -272,6 +273,51 @@ async fn topic_first_subscribed_after_redis_restart_gets_events() {
     for ws in old.iter_mut() {
         ws.assert_alive().await;
     }
+}
+
+/// Ready means both Redis connections work: when the command connection publishes go over
+/// is cut (the subscriber fine), a refused publish is followed by /readyz 503 at once, not
+/// by seconds of "ready" while publishes fail; once the connection is back the pod is ready
+/// and publishes are accepted.
+#[actix_web::test]
+async fn readyz_tells_when_the_publish_connection_is_down() {
+    let redis = Redis::start();
+    let pods = start_pods(&redis.url(), 1, &[]);
+    let pod = &pods[0];
+    wait_ready(pod, Duration::from_secs(10)).await;
+    publish_ok(pod, ORG, TOPIC, "call.status", json!({"n": 0})).await;
+    // A canary (every second) may reconnect the command connection between the cut and the
+    // publish; cut again until a publish meets the dead connection.
+    let mut refused = false;
+    for attempt in 1..=5 {
+        let killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query(&mut redis.conn())
+            .expect("CLIENT KILL TYPE normal");
+        assert!(killed >= 1, "the pod holds no command connection to cut");
+        let (status, body) = publish(pod, ORG, TOPIC, "call.status", json!({"n": attempt})).await;
+        if status == 202 {
+            continue;
+        }
+        assert_eq!(status, 503, "publish on a cut connection: {body}");
+        let resp = http_at("GET", &format!("{}/readyz", pod.base_url()), &[], None)
+            .await
+            .expect("GET /readyz");
+        assert_eq!(
+            resp.status, 503,
+            "a publish was just refused for want of Redis, yet /readyz says: {resp}"
+        );
+        assert_eq!(resp.json()["reason"], "redis_unavailable", "{resp}");
+        refused = true;
+        break;
+    }
+    assert!(refused, "no publish met the cut connection in 5 attempts");
+    wait_ready(pod, Duration::from_secs(10)).await;
+    publish_ok(pod, ORG, TOPIC, "call.status", json!({"n": "after"})).await;
 }
 
 /// A subscriber connection that is up but delivers nothing (Redis itself fine) turns /readyz 503 through the canary; unwedged, the pod is ready and delivers again.
