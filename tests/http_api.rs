@@ -445,3 +445,28 @@ async fn simulate_command_feeds_a_board_through_the_api() {
     let out = simulator.join().expect("simulator thread");
     assert_eq!(out.code(), Some(0), "simulate should end by itself: {out}");
 }
+
+/// The registry gauges of `/metrics` follow the sockets: one subscribed socket is one session
+/// and one channel; once it closes both are back to zero.
+#[actix_web::test]
+async fn registry_gauges_follow_the_sockets() {
+    let hub = Hub::start(&[]);
+    let (mut ws, _, _) = connect_user(&hub, "gauge", "42").await;
+    ws.subscribe("calls").await;
+    for (name, want) in [
+        ("switchboard_registry_sessions", 1.0),
+        ("switchboard_registry_channels", 1.0),
+        ("switchboard_handshake_limiter_clients", 1.0),
+    ] {
+        let (v, ok) = wait_metric(&hub, name, T, |v| v == want).await;
+        assert!(ok, "{name} = {v} with one subscribed socket, want {want}");
+    }
+    ws.close().await;
+    for name in [
+        "switchboard_registry_sessions",
+        "switchboard_registry_channels",
+    ] {
+        let (v, ok) = wait_metric(&hub, name, T, |v| v == 0.0).await;
+        assert!(ok, "{name} = {v} after the socket closed, want 0");
+    }
+}

@@ -88,10 +88,16 @@ pub(crate) async fn readyz(node: web::Data<Node>) -> HttpResponse {
     HttpResponse::Ok().json(json!({"status":"ready"}))
 }
 
-pub(crate) async fn metrics_text() -> HttpResponse {
+pub(crate) async fn metrics_text(node: web::Data<Node>) -> HttpResponse {
+    let m = metrics();
+    let size = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    m.registry_sessions.set(size(node.registry.session_count()));
+    m.registry_channels.set(size(node.registry.channel_count()));
+    m.handshake_limiter_clients
+        .set(size(node.handshakes.tracked()));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(metrics().render())
+        .body(m.render())
 }
 
 #[cfg(test)]

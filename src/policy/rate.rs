@@ -118,6 +118,11 @@ impl HandshakeLimiter {
         }
     }
 
+    /// How many clients (budgets) are tracked now.
+    pub(crate) fn tracked(&self) -> usize {
+        self.tracked.0.len()
+    }
+
     /// Take one handshake from `ip`'s budget ([`handshake_bucket`]) if it has one.
     pub(crate) fn allow(&self, ip: IpAddr) -> bool {
         let ip = handshake_bucket(ip);
