@@ -177,3 +177,19 @@ fn answered<T>(
         Err(_) => Err(CommandError::Timeout(REDIS_TIMEOUT)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis refusing one command (an error reply) says nothing about the connection; a
+    /// dropped connection or no answer in time says it is down.
+    #[test]
+    fn only_connection_failures_count_as_the_connection_down() {
+        let reply = redis::RedisError::from((redis::ErrorKind::ResponseError, "OOM"));
+        assert!(!CommandError::Redis(reply).is_connection_failure());
+        let dropped = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(CommandError::Redis(dropped.into()).is_connection_failure());
+        assert!(CommandError::Timeout(REDIS_TIMEOUT).is_connection_failure());
+    }
+}
