@@ -458,6 +458,17 @@ async fn malformed_upgrades_get_http_answers() {
     .await;
     assert_eq!(wrong_path.status, 404, "{wrong_path}");
     assert_eq!(wrong_path.json()["error"], "not_found", "{wrong_path}");
+    // Answered before the App, yet with the headers every answer carries.
+    assert_eq!(
+        wrong_path.header("x-content-type-options").as_deref(),
+        Some("nosniff"),
+        "{wrong_path}"
+    );
+    assert_eq!(
+        wrong_path.header("content-security-policy").as_deref(),
+        Some("default-src 'none'; frame-ancestors 'none'"),
+        "{wrong_path}"
+    );
 
     let old_version = raw_http(
         &hub,

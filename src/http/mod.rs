@@ -61,7 +61,7 @@ pub(crate) fn security_headers() -> DefaultHeaders {
         .add((header::X_FRAME_OPTIONS, "DENY"))
         .add((
             header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; frame-ancestors 'none'",
+            transport::handshake::NOTHING_RUNS_CSP,
         ))
 }
 

@@ -165,6 +165,16 @@ async fn respond(
     if refusal.retry_after {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    // The App's answers get these from its middleware; this one never passes through it.
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(NOTHING_RUNS_CSP),
+    );
     response
         .head_mut()
         .set_connection_type(actix_http::ConnectionType::Close);
@@ -195,6 +205,10 @@ async fn send(
     std::future::poll_fn(|cx| framed.as_mut().flush(cx)).await?;
     Ok(())
 }
+
+/// The Content-Security-Policy of every HTTP answer but the dashboard page: nothing in it
+/// runs or loads, and no other site may frame it.
+pub(crate) const NOTHING_RUNS_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
 
 /// The per-IP handshake budget: `Some(429)` when the client is over it.
 pub(crate) fn over_handshake_budget(
