@@ -538,8 +538,34 @@ async fn logins(hub: &Hub, prefix: &str, n: usize) -> Vec<String> {
 /// keep-alive, so the open files counted are the hub's own.
 const SETTLE: Duration = Duration::from_secs(6);
 
+/// Raise this process's soft open-files limit to what `sockets` need (the hub, started from
+/// here, inherits it); panics naming the fix when the hard limit is too low.
+fn raise_open_files_limit(sockets: usize) {
+    let need = sockets as u64 + 500;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(got, 0, "getrlimit(RLIMIT_NOFILE) failed");
+    if limit.rlim_cur >= need {
+        return;
+    }
+    assert!(
+        limit.rlim_max >= need,
+        "the soak needs {need} open files but the hard limit is {}: raise it (ulimit -Hn)",
+        limit.rlim_max
+    );
+    limit.rlim_cur = need;
+    // SAFETY: as above.
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(set, 0, "setrlimit(RLIMIT_NOFILE, {need}) failed");
+}
+
 async fn soak(variant: &str, load: Load, cycles: usize, tolerance: Tolerance) {
     let started = Instant::now();
+    raise_open_files_limit(load.steady + load.churners * 2 + load.reconnectors + load.slow);
     let hub = Rc::new(Hub::start(&[
         ("SWITCHBOARD__LIMITS__HANDSHAKES_PER_IP_PER_S", "100000"),
         ("SWITCHBOARD__LIMITS__HANDSHAKE_BURST", "100000"),
