@@ -458,6 +458,17 @@ async fn malformed_upgrades_get_http_answers() {
     .await;
     assert_eq!(wrong_path.status, 404, "{wrong_path}");
     assert_eq!(wrong_path.json()["error"], "not_found", "{wrong_path}");
+    // Answered before the App, yet with the headers every answer carries.
+    assert_eq!(
+        wrong_path.header("x-content-type-options").as_deref(),
+        Some("nosniff"),
+        "{wrong_path}"
+    );
+    assert_eq!(
+        wrong_path.header("content-security-policy").as_deref(),
+        Some("default-src 'none'; frame-ancestors 'none'"),
+        "{wrong_path}"
+    );
 
     let old_version = raw_http(
         &hub,
@@ -477,4 +488,47 @@ async fn malformed_upgrades_get_http_answers() {
 
     let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
     ws.assert_alive().await;
+}
+
+/// Behind a trusted proxy, every X-Forwarded-For header counts, in order: a client that sends
+/// its own header first cannot pass for someone new when the proxy adds its hop in a second.
+#[actix_web::test]
+async fn every_forwarded_for_header_counts() {
+    let mut env = RATE_LIMITED.to_vec();
+    env.push(("SWITCHBOARD__SERVER__TRUSTED_PROXIES", "127.0.0.1"));
+    let hub = Hub::start(&env);
+    let cookies = logins(&hub, 4).await;
+    let _open = burst(&hub, &cookies[..3], Some("10.0.0.1")).await;
+    let opts = ws_opts_xff(&cookies[3], Some("10.0.0.7")).header("x-forwarded-for", "10.0.0.1");
+    let r = ws_connect_with(&hub, opts).await;
+    assert_eq!(
+        r.err().map(|r| r.status),
+        Some(429),
+        "a spoofed first X-Forwarded-For header bought a new budget"
+    );
+}
+
+/// IPv6 clients are counted by /64: new addresses of the same /64 share its budget.
+#[actix_web::test]
+async fn ipv6_clients_are_limited_by_their_64() {
+    let mut env = RATE_LIMITED.to_vec();
+    env.push(("SWITCHBOARD__SERVER__TRUSTED_PROXIES", "127.0.0.1"));
+    let hub = Hub::start(&env);
+    let cookies = logins(&hub, 5).await;
+    let mut open = Vec::new();
+    for (i, cookie) in cookies[..3].iter().enumerate() {
+        let xff = format!("2001:db8:7:7::{}", i + 1);
+        open.extend(burst(&hub, std::slice::from_ref(cookie), Some(&xff)).await);
+    }
+    let other_64 = ws_connect_with(&hub, ws_opts_xff(&cookies[3], Some("2001:db8:7:8::1"))).await;
+    match other_64 {
+        Ok(mut ws) => assert_eq!(ws.next_json(T).await["type"], "welcome"),
+        Err(r) => panic!("another /64 was refused: HTTP {} {:?}", r.status, r.body),
+    }
+    let r = ws_connect_with(&hub, ws_opts_xff(&cookies[4], Some("2001:db8:7:7::99"))).await;
+    assert_eq!(
+        r.err().map(|r| r.status),
+        Some(429),
+        "a fourth address of the same /64 got a budget of its own"
+    );
 }

@@ -300,6 +300,41 @@ async fn client_js_is_served() {
     );
 }
 
+/// Every answer forbids MIME sniffing and framing by other sites; the dashboard's policy lets
+/// only its own scripts and styles run and its own origin be contacted, and every other
+/// answer's policy lets nothing run at all.
+#[actix_web::test]
+async fn answers_carry_security_headers() {
+    let hub = Hub::start(&[]);
+    let mut missing = Vec::new();
+    for path in ["/", "/client.js", "/healthz", "/metrics", "/ws", "/nowhere"] {
+        let resp = get(&hub, path).await;
+        let csp = resp.header("content-security-policy").unwrap_or_default();
+        if resp.header("x-content-type-options").as_deref() != Some("nosniff") {
+            missing.push(format!("{path}: no `X-Content-Type-Options: nosniff`"));
+        }
+        if !csp.contains("frame-ancestors 'none'") {
+            missing.push(format!("{path}: CSP {csp:?} lacks frame-ancestors 'none'"));
+        }
+        if !csp.contains("default-src 'none'") {
+            missing.push(format!("{path}: CSP {csp:?} lacks default-src 'none'"));
+        }
+        if path == "/" {
+            for wanted in ["script-src 'self' 'sha256-", "connect-src 'self'"] {
+                if !csp.contains(wanted) {
+                    missing.push(format!("/: CSP {csp:?} lacks {wanted}"));
+                }
+            }
+            if csp.contains("unsafe-inline") {
+                missing.push(format!("/: CSP {csp:?} allows any inline script"));
+            }
+        } else if csp != "default-src 'none'; frame-ancestors 'none'" {
+            missing.push(format!("{path}: CSP {csp:?} allows more than nothing"));
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}
+
 /// A plain `GET /ws` (a proxy that dropped the upgrade headers) gets 426 pointing at nginx.conf.
 #[actix_web::test]
 async fn ws_without_upgrade_is_426_with_hint() {
@@ -479,4 +514,29 @@ async fn simulate_command_feeds_a_board_through_the_api() {
     );
     let out = simulator.join().expect("simulator thread");
     assert_eq!(out.code(), Some(0), "simulate should end by itself: {out}");
+}
+
+/// The registry gauges of `/metrics` follow the sockets: one subscribed socket is one session
+/// and one channel; once it closes both are back to zero.
+#[actix_web::test]
+async fn registry_gauges_follow_the_sockets() {
+    let hub = Hub::start(&[]);
+    let (mut ws, _, _) = connect_user(&hub, "gauge", "42").await;
+    ws.subscribe("calls").await;
+    for (name, want) in [
+        ("switchboard_registry_sessions", 1.0),
+        ("switchboard_registry_channels", 1.0),
+        ("switchboard_handshake_limiter_clients", 1.0),
+    ] {
+        let (v, ok) = wait_metric(&hub, name, T, |v| v == want).await;
+        assert!(ok, "{name} = {v} with one subscribed socket, want {want}");
+    }
+    ws.close().await;
+    for name in [
+        "switchboard_registry_sessions",
+        "switchboard_registry_channels",
+    ] {
+        let (v, ok) = wait_metric(&hub, name, T, |v| v == 0.0).await;
+        assert!(ok, "{name} = {v} after the socket closed, want 0");
+    }
 }

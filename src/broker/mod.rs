@@ -75,29 +75,57 @@ pub(crate) struct Replay {
     pub(crate) recovered: bool,
 }
 
-/// Whether the broker can take events, and why not.
+/// Whether the broker can take events, and why not. Clustered, that takes both Redis
+/// connections: the subscriber (events reach this node; judged by the canary) and the command
+/// connection publishes go over (judged by the last command sent on it, the canary's publish
+/// among them). Either one down is not ready, so a pod never says ready while it would refuse
+/// publishes.
 #[derive(Default)]
 pub(crate) struct BrokerHealth {
     unavailable: AtomicBool,
     reason: Mutex<String>,
+    commands_down: AtomicBool,
+    commands_reason: Mutex<String>,
 }
 
 impl BrokerHealth {
     pub(crate) fn is_ready(&self) -> bool {
-        !self.unavailable.load(Ordering::Acquire)
+        !self.unavailable.load(Ordering::Acquire) && !self.commands_down.load(Ordering::Acquire)
     }
 
     pub(crate) fn reason(&self) -> String {
-        self.reason.lock().clone()
+        if self.unavailable.load(Ordering::Acquire) {
+            self.reason.lock().clone()
+        } else {
+            self.commands_reason.lock().clone()
+        }
     }
 
+    /// The subscriber delivers again.
     pub(crate) fn set_ready(&self) {
         self.unavailable.store(false, Ordering::Release);
     }
 
+    /// The subscriber does not deliver.
     pub(crate) fn set_unavailable(&self, reason: &str) {
         *self.reason.lock() = reason.to_string();
         self.unavailable.store(true, Ordering::Release);
+    }
+
+    /// A command on the publish connection was answered (even with an error reply): it is up.
+    pub(crate) fn command_answered(&self) {
+        self.commands_down.store(false, Ordering::Release);
+    }
+
+    /// A command on the publish connection failed: when the connection itself failed (not
+    /// Redis refusing the command), it is down until the next answer.
+    pub(crate) fn command_failed(&self, error: &CommandError) {
+        if error.is_connection_failure() {
+            *self.commands_reason.lock() = format!("redis command connection: {error}");
+            self.commands_down.store(true, Ordering::Release);
+        } else {
+            self.command_answered();
+        }
     }
 }
 
@@ -221,7 +249,14 @@ impl BrokerHandle {
         }
         match &self.publish {
             PublishPath::Direct(log) => Ok(log.publish(&request)),
-            PublishPath::Redis(publisher) => publisher.publish(request).await,
+            PublishPath::Redis(publisher) => {
+                let published = publisher.publish(request).await;
+                match &published {
+                    Err(BrokerError::Redis(e)) => self.health.command_failed(e),
+                    _ => self.health.command_answered(),
+                }
+                published
+            }
         }
     }
 

@@ -340,6 +340,9 @@ impl RedisBroker {
         self.generation.send_modify(|g| *g += 1);
         self.interest_changed = Arc::new(Notify::new());
         self.live_channels.send_replace(HashSet::new());
+        // Readiness waits for a canary through this connection, not one heard before the
+        // outage: that one says nothing about the command connection since Redis came back.
+        self.last_canary_ms.store(0, Ordering::Release);
         self.connected = true;
         self.backoff = BACKOFF_FIRST;
         if self.was_connected {
@@ -450,8 +453,12 @@ impl RedisBroker {
         }
         let mut conn = self.commands.manager();
         let channel = self.canary_channel.clone();
+        let health = self.health.clone();
         actix::spawn(async move {
-            let _ = timed(conn.publish::<_, _, ()>(channel, unix_ms())).await;
+            match timed(conn.publish::<_, _, ()>(channel, unix_ms())).await {
+                Ok(()) => health.command_answered(),
+                Err(e) => health.command_failed(&e),
+            }
         });
     }
 }

@@ -1,6 +1,8 @@
 //! Prometheus metrics, named as SPEC section 8 fixes them (prefix `switchboard_`). One
 //! process-wide set, reached through [`metrics()`]; rendering for `GET /metrics` is here too.
-//! Hot paths update counters in batches (one `inc_by` per flush, not one per frame).
+//! Hot paths update counters in batches (one `inc_by` per flush, not one per frame). The
+//! size gauges (registry, handshake limiter) are set when `/metrics` is read, from what
+//! they count, so nothing on a hot path keeps them.
 
 use std::sync::OnceLock;
 
@@ -26,6 +28,12 @@ pub(crate) struct Metrics {
     pub(crate) conflated: IntCounter,
     pub(crate) slow_consumer_disconnects: IntCounter,
     pub(crate) heartbeat_timeouts: IntCounter,
+    /// Sockets in this pod's registry (WebSocket and SSE sessions it delivers to).
+    pub(crate) registry_sessions: IntGauge,
+    /// Channels with at least one subscriber on this pod.
+    pub(crate) registry_channels: IntGauge,
+    /// Client addresses (IPv6: /64 blocks) the handshake limiter holds a budget for.
+    pub(crate) handshake_limiter_clients: IntGauge,
 }
 
 pub(crate) fn metrics() -> &'static Metrics {
@@ -44,8 +52,13 @@ impl Metrics {
             registry.register(Box::new(c.clone())).unwrap();
             c
         };
-        let connections = IntGauge::new("connections", "Open client connections").unwrap();
-        registry.register(Box::new(connections.clone())).unwrap();
+        let gauge = |name: &str, help: &str| {
+            // unwrap: fixed names and help texts, registered once.
+            let g = IntGauge::new(name, help).unwrap();
+            registry.register(Box::new(g.clone())).unwrap();
+            g
+        };
+        let connections = gauge("connections", "Open client connections");
         let handshake_rejections = IntCounterVec::new(
             Opts::new("handshake_rejections_total", "Refused handshakes by reason"),
             &["reason"],
@@ -85,6 +98,18 @@ impl Metrics {
             heartbeat_timeouts: counter(
                 "heartbeat_timeouts_total",
                 "Sockets closed because nothing arrived within the heartbeat timeout",
+            ),
+            registry_sessions: gauge(
+                "registry_sessions",
+                "Sockets in this pod's registry (WebSocket and SSE sessions)",
+            ),
+            registry_channels: gauge(
+                "registry_channels",
+                "Channels with at least one subscriber on this pod",
+            ),
+            handshake_limiter_clients: gauge(
+                "handshake_limiter_clients",
+                "Client addresses (IPv6: /64 blocks) the handshake limiter tracks",
             ),
             registry,
         }

@@ -231,6 +231,11 @@ impl Registry {
         self.sessions.lock().len()
     }
 
+    /// How many channels have at least one local subscriber.
+    pub(crate) fn channel_count(&self) -> usize {
+        self.channels.read().len()
+    }
+
     /// Channels with at least one local subscriber (resubscribed after a Redis reconnect).
     pub(crate) fn active_channels(&self) -> Vec<ChannelKey> {
         self.channels.read().keys().cloned().collect()

@@ -1,7 +1,8 @@
 //! The HTTP routes: publishing ([`publish`]), login and logout ([`auth`]), health, metrics
 //! and the static dashboard ([`status`]), with one origin policy behind CORS and the guard of
 //! `/api` and `/auth` (the same policy the WebSocket handshake applies: one allowlist, never
-//! two). The streaming endpoints `/ws` and `/sse` belong to [`crate::transport`].
+//! two). The streaming endpoints `/ws` and `/sse` belong to [`crate::transport`]. Every
+//! answer carries [`security_headers`].
 
 pub(crate) mod auth;
 pub(crate) mod publish;
@@ -11,7 +12,7 @@ use actix_cors::Cors;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
-use actix_web::middleware::{from_fn, Next};
+use actix_web::middleware::{from_fn, DefaultHeaders, Next};
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
@@ -48,6 +49,20 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, node: &web::Data<Node>) {
     } else {
         auth_scope
     });
+}
+
+/// The headers every HTTP answer carries unless its route sets its own: no MIME sniffing
+/// (a JSON error echoing input is never run as script or HTML), never framed by another site,
+/// and a policy under which nothing in the answer runs or loads. The dashboard page replaces
+/// the policy with its own ([`status::DASHBOARD_CSP`]).
+pub(crate) fn security_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add((
+            header::CONTENT_SECURITY_POLICY,
+            transport::handshake::NOTHING_RUNS_CSP,
+        ))
 }
 
 /// Refuse `/api` and `/auth` requests from browsers on origins the policy does not admit.

@@ -1,5 +1,7 @@
 //! Who the client is: the peer address, or the right-most untrusted `X-Forwarded-For` hop
-//! when the peer is one of `server.trusted_proxies` (addresses or CIDR blocks). Pure.
+//! when the peer is one of `server.trusted_proxies` (addresses or CIDR blocks). A request may
+//! carry several `X-Forwarded-For` headers; they are one list, in order
+//! ([`join_forwarded_for`]). Pure.
 
 use std::net::IpAddr;
 
@@ -16,6 +18,26 @@ pub(crate) fn parse_trusted(raw: &str) -> Result<IpNet, InvalidProxy> {
     raw.parse::<IpNet>()
         .or_else(|_| raw.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| InvalidProxy(raw.to_string()))
+}
+
+/// Every `X-Forwarded-For` header of a request as the one list they make (RFC 7230 3.2.2:
+/// repeated headers are one comma-separated value, in order); `None` when there is none.
+/// Taking only the first would let a client hide behind its own header when a proxy appends
+/// a second one instead of extending the first. Bytes that are not UTF-8 stay unreadable hops,
+/// which end the walk as any garbage hop does.
+pub(crate) fn join_forwarded_for<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Option<String> {
+    let mut joined: Option<String> = None;
+    for value in values {
+        let value = String::from_utf8_lossy(value);
+        match joined.as_mut() {
+            Some(list) => {
+                list.push(',');
+                list.push_str(&value);
+            }
+            None => joined = Some(value.into_owned()),
+        }
+    }
+    joined
 }
 
 /// IPv4-mapped IPv6 peers (`::ffff:1.2.3.4`) count as their IPv4 address.
@@ -87,5 +109,30 @@ mod tests {
         let stranger: IpAddr = "9.9.9.9".parse().unwrap();
         assert_eq!(client_ip(stranger, xff, &trusted), stranger);
         assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
+    }
+
+    /// Several X-Forwarded-For headers are one list: the client a proxy appended in a second
+    /// header is found, not the spoofed first one.
+    #[test]
+    fn every_forwarded_for_header_counts_in_order() {
+        let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+        let trusted = vec![parse_trusted("127.0.0.1").unwrap()];
+        let headers: [&[u8]; 2] = [b"6.6.6.6", b"1.2.3.4"];
+        let joined = join_forwarded_for(headers);
+        assert_eq!(joined.as_deref(), Some("6.6.6.6,1.2.3.4"));
+        assert_eq!(
+            client_ip(proxy, joined.as_deref(), &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        let through_trusted: [&[u8]; 3] = [b"6.6.6.6", b"1.2.3.4, 127.0.0.1", b" 127.0.0.1"];
+        let joined = join_forwarded_for(through_trusted);
+        assert_eq!(
+            client_ip(proxy, joined.as_deref(), &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(join_forwarded_for(std::iter::empty()), None);
+        let unreadable: [&[u8]; 2] = [b"1.2.3.4", b"\xff"];
+        let joined = join_forwarded_for(unreadable);
+        assert_eq!(client_ip(proxy, joined.as_deref(), &trusted), proxy);
     }
 }

@@ -122,8 +122,9 @@ impl FloodMeter {
     }
 }
 
-/// Handshake attempts per client IP, each with `rate` per second and bursts of `burst`
-/// (governor's keyed GCRA limiter). Bounded: once [`MAX_TRACKED_IPS`] addresses are tracked,
+/// Handshake attempts per client, each with `rate` per second and bursts of `burst`
+/// (governor's keyed GCRA limiter). A client is an IPv4 address or an IPv6 /64
+/// ([`handshake_bucket`]). Bounded: once [`MAX_TRACKED_IPS`] addresses are tracked,
 /// a handshake from a new address first forgets those whose budget is full again; if every
 /// one is still busy, the new address is refused rather than the map growing without bound.
 /// Tracked addresses keep their own budget meanwhile.
@@ -165,6 +166,21 @@ impl ShrinkableKeyedStateStore<IpAddr> for TrackedAddresses {
     }
 }
 
+/// The budget an address draws on: an IPv4 address its own, an IPv6 address its /64. One
+/// host (one home or one cloud instance) is routinely given a whole /64, so counting IPv6
+/// addresses apart would hand a single client 2^64 budgets.
+pub(crate) fn handshake_bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 impl HandshakeLimiter {
     pub(crate) fn new(rate: u32, burst: u32) -> Self {
         let per_s = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
@@ -177,7 +193,14 @@ impl HandshakeLimiter {
         }
     }
 
+    /// How many clients (budgets) are tracked now.
+    pub(crate) fn tracked(&self) -> usize {
+        self.tracked.0.len()
+    }
+
+    /// Take one handshake from `ip`'s budget ([`handshake_bucket`]) if it has one.
     pub(crate) fn allow(&self, ip: IpAddr) -> bool {
+        let ip = handshake_bucket(ip);
         if self.tracked.0.len() >= MAX_TRACKED_IPS && !self.tracked.0.contains_key(&ip) {
             self.limiter.retain_recent();
             if self.tracked.0.len() >= MAX_TRACKED_IPS {
@@ -218,16 +241,18 @@ impl FailureThrottle {
         }
     }
 
-    /// Whether `ip` has used up its failures for now.
+    /// Whether `ip` (an IPv4 address, or its IPv6 /64 as for handshakes) has used up its
+    /// failures for now.
     pub(crate) fn blocked(&self, ip: IpAddr, now: Instant) -> bool {
         self.failures
             .lock()
-            .get(&ip)
+            .get(&handshake_bucket(ip))
             .is_some_and(|bucket| bucket.tokens_at(now) < 1.0)
     }
 
     /// Count a failed attempt from `ip`.
     pub(crate) fn failed(&self, ip: IpAddr, now: Instant) {
+        let ip = handshake_bucket(ip);
         let mut failures = self.failures.lock();
         if failures.len() >= MAX_TRACKED_IPS && !failures.contains_key(&ip) {
             failures.retain(|_, bucket| bucket.tokens_at(now) < bucket.burst);
@@ -303,6 +328,23 @@ mod tests {
         assert!(l.allow(a) && l.allow(a));
         assert!(!l.allow(a));
         assert!(l.allow(b));
+    }
+
+    /// An IPv6 /64 is one client: its addresses share one budget, the next /64 has its own,
+    /// and IPv4 addresses stay apart.
+    #[test]
+    fn ipv6_addresses_share_their_64s_budget() {
+        let l = HandshakeLimiter::new(1, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(l.allow(ip("2001:db8:1:2::1")));
+        assert!(l.allow(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")));
+        assert!(
+            !l.allow(ip("2001:db8:1:2::3")),
+            "a third address of the same /64"
+        );
+        assert!(l.allow(ip("2001:db8:1:3::1")), "the next /64");
+        assert!(l.allow(ip("1.1.1.1")) && l.allow(ip("1.1.1.2")));
+        assert!(l.allow(ip("::ffff:1.1.1.1")) && !l.allow(ip("1.1.1.1")));
     }
 
     /// With every tracked address busy, a new address is refused while tracked ones keep

@@ -118,6 +118,7 @@ where
                 let app = App::new()
                     .app_data(app_node.clone())
                     .wrap(session_middleware())
+                    .wrap(http::security_headers())
                     .configure(|cfg| http::routes(cfg, &app_node));
                 let upgrade_node = node.clone().into_inner();
                 let upgrades = fn_service(move |(req, framed)| {

@@ -25,6 +25,23 @@ pub(crate) enum CommandError {
     Timeout(Duration),
 }
 
+impl CommandError {
+    /// Whether the connection failed (dropped, refused, I/O, no answer in time), as opposed to
+    /// Redis answering with an error: the first says nothing will get through until it is
+    /// back, the second concerns one command.
+    pub(crate) fn is_connection_failure(&self) -> bool {
+        match self {
+            Self::Timeout(_) => true,
+            Self::Redis(e) => {
+                e.is_connection_dropped()
+                    || e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+            }
+        }
+    }
+}
+
 /// Everything needed to talk to Redis for commands (not the subscriber).
 ///
 /// The handshake's commands (session, revocation, cap slot) and the cap release go over a
@@ -158,5 +175,21 @@ fn answered<T>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(CommandError::Redis(e)),
         Err(_) => Err(CommandError::Timeout(REDIS_TIMEOUT)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis refusing one command (an error reply) says nothing about the connection; a
+    /// dropped connection or no answer in time says it is down.
+    #[test]
+    fn only_connection_failures_count_as_the_connection_down() {
+        let reply = redis::RedisError::from((redis::ErrorKind::ResponseError, "OOM"));
+        assert!(!CommandError::Redis(reply).is_connection_failure());
+        let dropped = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(CommandError::Redis(dropped.into()).is_connection_failure());
+        assert!(CommandError::Timeout(REDIS_TIMEOUT).is_connection_failure());
     }
 }

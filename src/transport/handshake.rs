@@ -29,7 +29,7 @@ use crate::core::identity::Identity;
 use crate::core::ids::ConnId;
 use crate::core::metrics::metrics;
 use crate::node::Node;
-use crate::policy::client_ip::client_ip;
+use crate::policy::client_ip::{client_ip, join_forwarded_for};
 use crate::policy::origin::{Day, Decision};
 use crate::store::caps::{slot_conn, slot_token, CapOutcome};
 use crate::store::sessions::SessionReadError;
@@ -167,6 +167,16 @@ async fn respond(
     if refusal.retry_after {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    // The App's answers get these from its middleware; this one never passes through it.
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(NOTHING_RUNS_CSP),
+    );
     response
         .head_mut()
         .set_connection_type(actix_http::ConnectionType::Close);
@@ -198,15 +208,24 @@ async fn send(
     Ok(())
 }
 
-/// The client address of a request: the peer, or what trusted proxies say it forwarded for.
+/// The Content-Security-Policy of every HTTP answer but the dashboard page: nothing in it
+/// runs or loads, and no other site may frame it.
+pub(crate) const NOTHING_RUNS_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+
+/// The client address of a request: the peer, or what trusted proxies say it forwarded for
+/// (every `X-Forwarded-For` header, in order).
 pub(crate) fn request_ip(
     node: &Node,
     peer: Option<SocketAddr>,
     headers: &HeaderMap,
 ) -> std::net::IpAddr {
     peer.map(|peer| {
-        let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        client_ip(peer.ip(), xff, &node.trusted_proxies)
+        let xff = join_forwarded_for(
+            headers
+                .get_all("x-forwarded-for")
+                .map(|value| value.as_bytes()),
+        );
+        client_ip(peer.ip(), xff.as_deref(), &node.trusted_proxies)
     })
     .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]))
 }

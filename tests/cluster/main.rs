@@ -2,10 +2,10 @@
 //! several real switchboard pods sharing it, and a real nginx in front configured from
 //! `config/nginx.conf`, all on loopback. Each test checks what a user or an operator would
 //! notice: events reaching every pod, one Redis subscriber per pod, sockets surviving a Redis
-//! outage, readiness catching a wedged subscriber, logout and connection caps across pods, and
-//! resume with `since` on another pod. The `faults` module injects faults under traffic (Redis
-//! killed or frozen, a pod killed, a rolling restart, nginx reloaded) and checks that no
-//! accepted event is lost.
+//! outage, readiness catching a wedged subscriber or a cut publish connection, logout and
+//! connection caps across pods, and resume with `since` on another pod. The `faults` module
+//! injects faults under traffic (Redis killed or frozen, a pod killed, a rolling restart,
+//! nginx reloaded) and checks that no accepted event is lost.
 //!
 //! Needs `redis-server` and `nginx` (`apt-get install -y redis-server nginx`); a missing one
 //! fails the test with that command. Nothing here touches port 6379 or a running Redis.
@@ -23,9 +23,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use client::{connect, event_id, first_difference, open_welcomed, wait_readyz, Publisher};
+use client::{connect, event_id, first_difference, http_at, open_welcomed, wait_readyz, Publisher};
 use common::*;
-use infra::{kill, start_pods, Redis, WedgeProxy};
+use infra::{kill, start_pods, Nginx, Redis, WedgeProxy};
 
 const ORG: &str = "42";
 const TOPIC: &str = "calls";
@@ -293,6 +293,51 @@ async fn topic_first_subscribed_after_redis_restart_gets_events() {
     for ws in old.iter_mut() {
         ws.assert_alive().await;
     }
+}
+
+/// Ready means both Redis connections work: when the command connection publishes go over
+/// is cut (the subscriber fine), a refused publish is followed by /readyz 503 at once, not
+/// by seconds of "ready" while publishes fail; once the connection is back the pod is ready
+/// and publishes are accepted.
+#[actix_web::test]
+async fn readyz_tells_when_the_publish_connection_is_down() {
+    let redis = Redis::start();
+    let pods = start_pods(&redis.url(), 1, &[]);
+    let pod = &pods[0];
+    wait_ready(pod, Duration::from_secs(10)).await;
+    publish_ok(pod, ORG, TOPIC, "call.status", json!({"n": 0})).await;
+    // A canary (every second) may reconnect the command connection between the cut and the
+    // publish; cut again until a publish meets the dead connection.
+    let mut refused = false;
+    for attempt in 1..=5 {
+        let killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query(&mut redis.conn())
+            .expect("CLIENT KILL TYPE normal");
+        assert!(killed >= 1, "the pod holds no command connection to cut");
+        let (status, body) = publish(pod, ORG, TOPIC, "call.status", json!({"n": attempt})).await;
+        if status == 202 {
+            continue;
+        }
+        assert_eq!(status, 503, "publish on a cut connection: {body}");
+        let resp = http_at("GET", &format!("{}/readyz", pod.base_url()), &[], None)
+            .await
+            .expect("GET /readyz");
+        assert_eq!(
+            resp.status, 503,
+            "a publish was just refused for want of Redis, yet /readyz says: {resp}"
+        );
+        assert_eq!(resp.json()["reason"], "redis_unavailable", "{resp}");
+        refused = true;
+        break;
+    }
+    assert!(refused, "no publish met the cut connection in 5 attempts");
+    wait_ready(pod, Duration::from_secs(10)).await;
+    publish_ok(pod, ORG, TOPIC, "call.status", json!({"n": "after"})).await;
 }
 
 /// A subscriber connection that is up but delivers nothing (Redis itself fine) turns /readyz 503 through the canary; unwedged, the pod is ready and delivers again.
@@ -839,6 +884,25 @@ async fn reconnect_to_another_pod_mid_stream_loses_and_repeats_nothing() {
         }
     }
     assert!(got == published, "{}", first_difference(&got, &published));
+}
+
+/// Behind the example nginx, `/metrics` is not served to clients, while the rest of the plain
+/// HTTP routes are and the pod itself still answers its scraper.
+#[actix_web::test]
+async fn nginx_keeps_metrics_internal() {
+    let redis = Redis::start();
+    let pods = start_pods(&redis.url(), 1, &[]);
+    let nginx = Nginx::start(&[pods[0].addr()]);
+    for (path, want) in [("/metrics", 403), ("/metrics?x=1", 403), ("/healthz", 200)] {
+        let resp = http_at("GET", &nginx.url(path), &[], None)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} through nginx: {e}"));
+        assert_eq!(resp.status, want, "GET {path} through nginx: {resp}");
+    }
+    let direct = http_at("GET", &format!("{}/metrics", pods[0].base_url()), &[], None)
+        .await
+        .expect("GET /metrics from the pod");
+    assert_eq!(direct.status, 200, "the pod's own /metrics: {direct}");
 }
 
 /// Poll `cond` every 20 ms until it holds; panics naming `what` after `timeout`.
