@@ -12,10 +12,12 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
+use crate::broker::BrokerError;
 use crate::core::event::{PublishBody, PublishRequest};
 use crate::core::ids::{OrgId, Topic};
 use crate::core::wire::validate_event_name;
 use crate::node::Node;
+use crate::store::redis::CommandError;
 use crate::transport::handshake::request_ip;
 
 /// The largest publish body (actix-web's default payload limit, which the handler enforces
@@ -188,16 +190,53 @@ pub(crate) async fn publish(
         Ok(id) => HttpResponse::Accepted().json(json!({"id": id.to_string()})),
         Err(e) => {
             log::warn!("publish refused: {e}");
-            HttpResponse::ServiceUnavailable()
-                .insert_header((header::RETRY_AFTER, "1"))
-                .json(json!({"error":"unavailable","message":e.to_string()}))
+            not_accepted(&e)
         }
     }
+}
+
+/// The 503 for a publish the broker did not confirm. Most failures mean the event was not
+/// taken (`unavailable`). When Redis was sent the command but did not answer in time, it may
+/// still run it once it resumes: that is `outcome_unknown`, so a publisher that retries knows
+/// the event may arrive twice (with two ids) rather than believing it was dropped.
+fn not_accepted(e: &BrokerError) -> HttpResponse {
+    let error = match e {
+        BrokerError::Redis(CommandError::Timeout(_)) => "outcome_unknown",
+        _ => "unavailable",
+    };
+    HttpResponse::ServiceUnavailable()
+        .insert_header((header::RETRY_AFTER, "1"))
+        .json(json!({"error": error, "message": e.to_string()}))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::redis::REDIS_TIMEOUT;
+
+    async fn error_of(e: BrokerError) -> (u16, String) {
+        let response = not_accepted(&e);
+        let status = response.status().as_u16();
+        let body = actix_web::body::to_bytes(response.into_body())
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        (status, body["error"].as_str().unwrap().to_string())
+    }
+
+    /// A publish Redis did not answer in time may still run when Redis resumes: the publisher
+    /// is told the outcome is unknown, not that the event was refused; both are 503, never 2xx.
+    #[actix_web::test]
+    async fn a_timed_out_publish_is_an_unknown_outcome() {
+        assert_eq!(
+            error_of(BrokerError::Redis(CommandError::Timeout(REDIS_TIMEOUT))).await,
+            (503, "outcome_unknown".to_string())
+        );
+        assert_eq!(
+            error_of(BrokerError::Unavailable("redis away".into())).await,
+            (503, "unavailable".to_string())
+        );
+    }
 
     fn field_of(body: &str) -> String {
         parse_publish(body.as_bytes()).unwrap_err().field
