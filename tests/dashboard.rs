@@ -6,6 +6,8 @@
 //!   `POST /api/publish` from queued to ended; Sign out brings the login back (4401 logged out).
 //!   Each refusal is also said in plain words with its fix (`#status-help`), announced by the
 //!   polite live region `#announce`, and the sign-in field takes the keyboard focus.
+//!   Signed in, the client imported as an ES module (`/client.mjs`) with a WebSocket URL that
+//!   always fails before `open` falls back to `GET /sse` and receives a published event there.
 //! - `dashboard_shows_why_its_origin_is_refused`: from an origin the hub does not admit, the page
 //!   says `origin not allowed: <origin>` (the 4403 reason), not a bare 1006, and in plain words
 //!   "This page's origin http://127.0.0.1:PORT is not allowed by the hub: open it as

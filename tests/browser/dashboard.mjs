@@ -237,6 +237,41 @@ async function scenarioLogin() {
 
   await screenshot('dashboard-login');
 
+  // The client as an ES module, on a network that blocks WebSockets: a second client whose
+  // socket URL always fails before `open` falls back to GET /sse of this hub, says so, and
+  // receives a published event there.
+  await page.evaluate(() => {
+    window.__fallback = { statuses: [], events: [] };
+    return import('/client.mjs').then((mod) => {
+      const sb = new mod.Switchboard({
+        url: (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws-blocked-by-proxy',
+        onStatus: (s, d) => window.__fallback.statuses.push([s, d]),
+        onEvent: (e) => window.__fallback.events.push(e),
+      });
+      window.__fallback.sb = sb;
+      sb.subscribe('calls').connect();
+    });
+  });
+  try {
+    await page.waitForFunction(() => window.__fallback.statuses.some(([s, d]) => s === 'open' && d.transport === 'sse'),
+      null, { timeout: 10000 });
+  } catch (e) {
+    const seen = await page.evaluate(() => JSON.stringify(window.__fallback.statuses));
+    fail(`SSE fallback: the ES module client never opened over SSE; statuses ${seen}`);
+  }
+  step('SSE fallback: the ES module client opened over /sse after the blocked WebSocket failed');
+  const fallbackCall = `${callId}-sse`;
+  const fallbackId = await publish({ ...call, call_id: fallbackCall, status: 'queued' });
+  try {
+    await page.waitForFunction((id) => window.__fallback.events.some((e) => e.id === id && e.data.call_id),
+      fallbackId, { timeout: STEP_MS });
+  } catch (e) {
+    const seen = await page.evaluate(() => JSON.stringify(window.__fallback.events.slice(-5)));
+    fail(`SSE fallback: event ${fallbackId} did not arrive over SSE; last events ${seen}`);
+  }
+  step(`SSE fallback: event ${fallbackId} arrived over SSE`);
+  await page.evaluate(() => window.__fallback.sb.close());
+
   // Sign out: the hub closes this session's socket with 4401 and the page offers the login again.
   await page.click('#logout');
   step('clicked Sign out');
@@ -312,7 +347,8 @@ try {
   else await scenarioOrigin();
 
   if (pageErrors.length) fail(`uncaught errors in the page:\n  ${pageErrors.join('\n  ')}`);
-  const consoleErrors = consoleLines.filter((l) => l.startsWith('error: '));
+  // The browser logs each failed handshake of the deliberately blocked socket (SSE fallback).
+  const consoleErrors = consoleLines.filter((l) => l.startsWith('error: ') && !l.includes("/ws-blocked-by-proxy' failed"));
   if (consoleErrors.length) fail(`errors in the browser console:\n  ${consoleErrors.join('\n  ')}`);
   console.log(`PASS dashboard ${scenario} (${((Date.now() - started) / 1000).toFixed(1)} s); screenshots in ${outDir}`);
 } catch (e) {
