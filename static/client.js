@@ -13,8 +13,9 @@
  * network blocks WebSockets: after WS_FAILURES_BEFORE_SSE sockets in a row fail before they
  * open (a proxy that strips `Upgrade` makes the hub answer 426, which a page sees only as a
  * 1006), the client switches to SSE, says so (`detail.transport === 'sse'`), resumes every
- * topic with `Last-Event-ID`, and probes the WebSocket again now and then, switching back
- * once one opens. `sb.transport` is 'websocket' or 'sse'.
+ * topic with `Last-Event-ID`, and tries the WebSocket again (once as soon as SSE is up, in
+ * case the failures were a hub restart, then after 1, 2, 4 ... up to 10 minutes), switching
+ * back once one is welcomed. `sb.transport` is 'websocket' or 'sse'.
  *
  * Status values passed to onStatus(status, detail):
  *   'connecting'          {url, attempt, transport}
@@ -137,6 +138,7 @@
     this.wsFailures = 0;        // sockets in a row that failed before `open`
     this.probeDelay = WS_PROBE_MS;
     this.probeTimer = null;
+    this.probedOnce = false;    // the WebSocket was tried once right after SSE came up
     this.info = null;           // last welcome
     this.status = 'closed';
     this.topics = new Map();    // wanted topic -> {binary}
@@ -171,7 +173,9 @@
   // one is already open or opening.
   Switchboard.prototype.connect = function () {
     this.stopped = false;
-    if (this.ws || this.sse) return this; // a pending drain reconnect (if any) stays scheduled
+    // Already open or opening (a WebSocket probe does not count while on SSE); a pending drain
+    // reconnect (if any) stays scheduled.
+    if (this.transport === 'sse' ? this.sse : this.ws) return this;
     this.clock.clearTimeout(this.retryTimer);
     this.retryTimer = null;
     this.drainAt = null;
@@ -336,6 +340,14 @@
         'events instead (will try WebSockets again)';
       this._status('open', detail);
       safe(this.onWelcome, 'onWelcome', msg);
+      // Sockets also fail before `open` while the hub restarts, and then SSE comes up when
+      // the WebSocket would have too: try one at once, then back off the probes.
+      if (!this.probedOnce) {
+        this.probedOnce = true;
+        this.clock.clearTimeout(this.probeTimer);
+        this.probeTimer = null;
+        if (!this.ws) this._openWs(true);
+      }
       return; // topics were in the request; no pings (the server's comments keep it alive)
     }
     this.pingTimer = this.clock.setInterval(function () { self._ping(); }, PING_INTERVAL_MS);
@@ -413,6 +425,8 @@
       if (this.wsFailures >= WS_FAILURES_BEFORE_SSE && this.fetch && !this.stopped) {
         // WebSockets look blocked (e.g. a proxy that strips Upgrade, answered 426).
         this.transport = 'sse';
+        this.probedOnce = false;
+        this.probeDelay = WS_PROBE_MS;
         this.attempt = 0;
         this._status('closed', { code: code, reason: reason, willRetry: true });
         this._openSse();
@@ -493,7 +507,8 @@
     var handle = { aborted: false, abort: function () { handle.aborted = true; if (ctrl) ctrl.abort(); } };
     this.sse = handle;
     this._status('connecting', { url: url, attempt: this.attempt, transport: 'sse' });
-    if (!this.probeTimer) this._scheduleProbe();
+    // The first WebSocket try comes when SSE is welcomed; after it, keep one probe pending.
+    if (this.probedOnce && !this.probeTimer && !this.ws) this._scheduleProbe();
     var live = function () { return self.sse === handle && !handle.aborted; };
     var ended = function (code, reason) {
       if (!live()) return;

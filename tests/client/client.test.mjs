@@ -219,24 +219,43 @@ test('on SSE it tries WebSockets again later, and switches back once one is welc
   requests[0].write(sseRecord({ event: 'welcome', data: { type: 'welcome', conn_id: 's1', user: 'u1', org: '42', heartbeat_ms: 1 } }));
   requests[0].write(sseRecord({ id: 'calls=9-1', event: 'call.status', data: event('9-1') }));
   await settle();
-  assert.equal(sockets.length, 3);
-  clock.advance(60_000);
-  assert.equal(sockets.length, 4, 'a WebSocket probe after a minute');
-  sockets[3].fail(); // still blocked: SSE stays, the next probe waits longer
+  assert.equal(sockets.length, 4, 'one WebSocket try as soon as SSE is up (the failures may have been a restart)');
+  sockets[3].fail(); // really blocked: SSE stays, and the next try waits a minute
+  assert.equal(sb.transport, 'sse');
+  clock.advance(59_999);
+  assert.equal(sockets.length, 4);
+  clock.advance(1);
+  assert.equal(sockets.length, 5, 'a WebSocket probe after a minute');
+  sockets[4].fail(); // still blocked: the next probe waits longer
   await settle();
   assert.equal(sb.transport, 'sse');
   assert.equal(requests[0].aborted, false);
   clock.advance(119_999);
-  assert.equal(sockets.length, 4);
-  clock.advance(1);
   assert.equal(sockets.length, 5);
-  sockets[4].welcome();
+  clock.advance(1);
+  assert.equal(sockets.length, 6);
+  sockets[5].welcome();
   assert.equal(sb.transport, 'websocket');
   assert.equal(requests[0].aborted, true, 'the SSE stream is closed once the socket works');
   assert.equal(last('open').transport, 'websocket');
-  assert.deepEqual(sockets[4].sent, [{ type: 'subscribe', topic: 'calls', since: '9-1' }]);
-  sockets[4].receive(event('9-2'));
+  assert.deepEqual(sockets[5].sent, [{ type: 'subscribe', topic: 'calls', since: '9-1' }]);
+  sockets[5].receive(event('9-2'));
   assert.deepEqual(events.map((e) => e.id), ['9-1', '9-2']);
+});
+
+test('after a hub restart mistaken for a blocked network, it is back on the WebSocket at once', async () => {
+  const t = setup();
+  const { sb, sockets, requests, last } = t;
+  sb.subscribe('calls').connect();
+  blockWebSockets(t); // the hub was down for three attempts
+  requests[0].accept();
+  requests[0].write(sseRecord({ event: 'welcome', data: { type: 'welcome', conn_id: 's1', user: 'u1', org: '42', heartbeat_ms: 1 } }));
+  await settle();
+  assert.equal(last('open').transport, 'sse');
+  sockets[3].welcome(); // the immediate try works: the network never blocked WebSockets
+  assert.equal(sb.transport, 'websocket');
+  assert.equal(requests[0].aborted, true);
+  assert.equal(sb.publish('voice:1:in', {}), true);
 });
 
 test('an SSE refusal (HTTP 403/401) is final, with the hub\'s reason', async () => {
