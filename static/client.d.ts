@@ -37,6 +37,9 @@ export interface StatusDetails {
 
 export type Status = keyof StatusDetails;
 
+/** `(status, detail)` pairs: checking `status` narrows `detail`. */
+export type StatusArgs = { [S in Status]: [status: S, detail: StatusDetails[S]] }[Status];
+
 export interface Clock {
   now(): number;
   setTimeout(fn: () => void, ms: number): unknown;
@@ -51,7 +54,7 @@ export interface SwitchboardOptions {
   /** SSE fallback URL; default derived from `url` (`http(s)://<host>/sse`). */
   sseUrl?: string;
   onEvent?(event: SwitchboardEvent): void;
-  onStatus?<S extends Status>(status: S, detail: StatusDetails[S]): void;
+  onStatus?(...args: StatusArgs): void;
   onWelcome?(info: Welcome): void;
   onBinary?(data: ArrayBuffer): void;
   onFrame?(direction: 'in' | 'out', frame: { type: string; [key: string]: unknown }): void;

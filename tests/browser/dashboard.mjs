@@ -237,6 +237,13 @@ async function scenarioLogin() {
 
   await screenshot('dashboard-login');
 
+  // Its TypeScript declarations are served beside it.
+  const dts = await fetch(new URL('/client.d.ts', hub));
+  const dtsText = await dts.text();
+  if (dts.status !== 200 || !dtsText.includes('export declare class Switchboard')) {
+    fail(`GET /client.d.ts: HTTP ${dts.status}, ${JSON.stringify(dtsText.slice(0, 120))}`);
+  }
+
   // The client as an ES module, on a network that blocks WebSockets: a second client whose
   // socket URL always fails before `open` falls back to GET /sse of this hub, says so, and
   // receives a published event there.
