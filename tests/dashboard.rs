@@ -4,8 +4,15 @@
 //! - `dashboard_login_and_live_calls`: the page is refused 4401, shows the dev login, signs in,
 //!   turns `open`, shows the demo simulator's calls, and follows a call published through
 //!   `POST /api/publish` from queued to ended; Sign out brings the login back (4401 logged out).
+//!   Each refusal is also said in plain words with its fix (`#status-help`), announced by the
+//!   polite live region `#announce`, and the sign-in field takes the keyboard focus.
+//!   Signed in, the client imported as an ES module (`/client.mjs`) with a WebSocket URL that
+//!   always fails before `open` falls back to `GET /sse` and receives a published event there.
 //! - `dashboard_shows_why_its_origin_is_refused`: from an origin the hub does not admit, the page
-//!   says `origin not allowed: <origin>` (the 4403 reason), not a bare 1006.
+//!   says `origin not allowed: <origin>` (the 4403 reason), not a bare 1006, and in plain words
+//!   "This page's origin http://127.0.0.1:PORT is not allowed by the hub: open it as
+//!   http://localhost:PORT or ask the operator to add it.", announced, without showing the
+//!   allowlist; Tab reaches Reconnect with a visible focus ring.
 //!
 //! Needs `/usr/bin/chromium` (`apt-get install -y chromium`; `.ci/run` installs it) and
 //! `tests/browser/node_modules` (`npm ci --prefix tests/browser`; `scripts/test.sh` runs it).
@@ -87,6 +94,11 @@ fn collect<R: Read + Send + 'static>(
 /// Run `node tests/browser/dashboard.mjs <hub> <scenario> <out dir>`; panics with its output
 /// (and the hub's) unless it exits 0 and reports PASS. Returns the screenshot directory.
 fn run_browser(hub: &Hub, scenario: &str) -> PathBuf {
+    run_browser_with(hub, scenario, &[])
+}
+
+/// [`run_browser`] with extra environment for the script.
+fn run_browser_with(hub: &Hub, scenario: &str, env: &[(&str, &str)]) -> PathBuf {
     let _one_browser = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dashboard-{scenario}"));
     let _ = std::fs::remove_dir_all(&out_dir);
@@ -99,6 +111,7 @@ fn run_browser(hub: &Hub, scenario: &str) -> PathBuf {
         .arg(&out_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("SB_PUBLISH_KEY", PUBLISH_KEY)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -166,15 +179,19 @@ fn dashboard_login_and_live_calls() {
 }
 
 /// A page whose own origin the hub does not admit tells its user why: `#status-detail` shows
-/// `origin not allowed: http://127.0.0.1:PORT`, and the hub logs the refusal with that origin.
+/// `origin not allowed: http://127.0.0.1:PORT`, `#status-help` says it in plain words with the
+/// fix (open it as http://localhost:PORT or ask the operator), the live region announces it,
+/// the allowlist entry appears nowhere on the page, and the hub logs the refusal with that origin.
 #[test]
 fn dashboard_shows_why_its_origin_is_refused() {
     require_tools();
+    const ALLOWED: &str = "https://board.allowed.example";
     let hub = Hub::start(&[
         ("SWITCHBOARD__ORIGINS__ALLOW_LOCALHOST", "false"),
-        ("SWITCHBOARD__ORIGINS__ALLOWED", "http://localhost:1"),
+        ("SWITCHBOARD__ORIGINS__ALLOWED", ALLOWED),
     ]);
-    run_browser(&hub, "origin");
+    // The script checks the page never shows this entry.
+    run_browser_with(&hub, "origin", &[("SB_ALLOWED_ORIGIN", ALLOWED)]);
     let origin = hub.base_url();
     let want = format!("origin not allowed: {origin}");
     assert!(

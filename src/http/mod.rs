@@ -25,6 +25,8 @@ use crate::transport;
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, node: &web::Data<Node>) {
     cfg.route("/", web::get().to(status::index))
         .route("/client.js", web::get().to(status::client_js))
+        .route("/client.mjs", web::get().to(status::client_mjs))
+        .route("/client.d.ts", web::get().to(status::client_dts))
         .route(
             "/ws",
             web::get().to(transport::handshake::websocket_without_upgrade),

@@ -1,4 +1,5 @@
-//! Health, readiness, metrics, and the static dashboard (`/`, `/client.js`), compiled into
+//! Health, readiness, metrics, and the static dashboard (`/`, and the browser client as
+//! `/client.js`, its ES module wrapper `/client.mjs` and its types `/client.d.ts`), compiled into
 //! the binary so `cargo run` needs no files beside it. The dashboard page carries its own
 //! Content-Security-Policy ([`DASHBOARD_CSP`]): its inline script and style are allowed by
 //! hash, nothing else runs, and it connects only to its own origin.
@@ -17,6 +18,8 @@ use crate::node::Node;
 
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 const CLIENT_JS: &str = include_str!("../../static/client.js");
+const CLIENT_MJS: &str = include_str!("../../static/client.mjs");
+const CLIENT_DTS: &str = include_str!("../../static/client.d.ts");
 
 /// The dashboard's policy: scripts from this origin and the page's own inline script, its
 /// inline style, `fetch` and the WebSocket to this origin only (CSP 3's `'self'` covers `ws:`
@@ -69,6 +72,20 @@ pub(crate) async fn client_js() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/javascript; charset=utf-8")
         .body(CLIENT_JS)
+}
+
+/// The ES module form: it imports `./client.js`, so both are served with a JavaScript type.
+pub(crate) async fn client_mjs() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .body(CLIENT_MJS)
+}
+
+/// TypeScript declarations, for editors and `tsc` in projects that use the client.
+pub(crate) async fn client_dts() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body(CLIENT_DTS)
 }
 
 pub(crate) async fn healthz() -> HttpResponse {

@@ -137,6 +137,20 @@ async function screenshot(name) {
   return path;
 }
 
+// The status region is a polite live region that says, in words, what `#status-help` says.
+async function checkAnnounced(want, what) {
+  const live = await page.evaluate(() => {
+    const el = document.getElementById('announce');
+    return el && { live: el.getAttribute('aria-live'), role: el.getAttribute('role'), text: el.textContent };
+  });
+  if (!live) fail(`${what}: no #announce live region`);
+  if (live.live !== 'polite' || live.role !== 'status') {
+    fail(`${what}: #announce has aria-live=${live.live} role=${live.role}, want polite / status`);
+  }
+  if (!live.text.includes(want)) fail(`${what}: the live region announced ${JSON.stringify(live.text)}, want ${JSON.stringify(want)}`);
+  step(`${what}: announced ${JSON.stringify(live.text)}`);
+}
+
 // ---- scenario login ----------------------------------------------------------------------------
 async function scenarioLogin() {
   await page.goto(new URL('/', hub).href, { waitUntil: 'domcontentloaded' });
@@ -148,6 +162,17 @@ async function scenarioLogin() {
   await waitText('#status-detail', /^unauthenticated: /, 'no session');
   await waitVisible('#login', 'no session');
   await waitVisible('#who', 'no session', false);
+  const notSignedIn = 'You are not signed in: sign in to see live calls.';
+  await waitText('#status-help', notSignedIn, 'no session');
+  await checkAnnounced(notSignedIn, 'no session');
+  // The fix is to sign in, so the keyboard is taken there, to a labelled field.
+  const focused = await page.evaluate(() => {
+    const el = document.activeElement;
+    return el && { id: el.id, label: el.labels && el.labels[0] ? el.labels[0].textContent.trim() : '' };
+  });
+  if (!focused || focused.id !== 'login-user' || !focused.label.startsWith('User')) {
+    fail(`no session: focus is on ${JSON.stringify(focused)}, want the labelled #login-user field`);
+  }
   await screenshot('dashboard-refused');
 
   // Sign in with the dev login.
@@ -158,6 +183,8 @@ async function scenarioLogin() {
   await waitText('#status', 'open', 'after login');
   await waitText('#status-detail', '', 'after login');
   await waitVisible('#login', 'after login', false);
+  await waitText('#status-help', 'Live calls update as they happen.', 'after login');
+  await checkAnnounced('Connected', 'after login');
   await waitText('#who-user', USER, 'after login');
   await waitText('#who-org', ORG, 'after login');
   // Until the server confirms the subscription, a published event would not reach the page.
@@ -210,12 +237,56 @@ async function scenarioLogin() {
 
   await screenshot('dashboard-login');
 
+  // Its TypeScript declarations are served beside it.
+  const dts = await fetch(new URL('/client.d.ts', hub));
+  const dtsText = await dts.text();
+  if (dts.status !== 200 || !dtsText.includes('export declare class Switchboard')) {
+    fail(`GET /client.d.ts: HTTP ${dts.status}, ${JSON.stringify(dtsText.slice(0, 120))}`);
+  }
+
+  // The client as an ES module, on a network that blocks WebSockets: a second client whose
+  // socket URL always fails before `open` falls back to GET /sse of this hub, says so, and
+  // receives a published event there.
+  await page.evaluate(() => {
+    window.__fallback = { statuses: [], events: [] };
+    return import('/client.mjs').then((mod) => {
+      const sb = new mod.Switchboard({
+        url: (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws-blocked-by-proxy',
+        onStatus: (s, d) => window.__fallback.statuses.push([s, d]),
+        onEvent: (e) => window.__fallback.events.push(e),
+      });
+      window.__fallback.sb = sb;
+      sb.subscribe('calls').connect();
+    });
+  });
+  try {
+    await page.waitForFunction(() => window.__fallback.statuses.some(([s, d]) => s === 'open' && d.transport === 'sse'),
+      null, { timeout: 10000 });
+  } catch (e) {
+    const seen = await page.evaluate(() => JSON.stringify(window.__fallback.statuses));
+    fail(`SSE fallback: the ES module client never opened over SSE; statuses ${seen}`);
+  }
+  step('SSE fallback: the ES module client opened over /sse after the blocked WebSocket failed');
+  const fallbackCall = `${callId}-sse`;
+  const fallbackId = await publish({ ...call, call_id: fallbackCall, status: 'queued' });
+  try {
+    await page.waitForFunction((id) => window.__fallback.events.some((e) => e.id === id && e.data.call_id),
+      fallbackId, { timeout: STEP_MS });
+  } catch (e) {
+    const seen = await page.evaluate(() => JSON.stringify(window.__fallback.events.slice(-5)));
+    fail(`SSE fallback: event ${fallbackId} did not arrive over SSE; last events ${seen}`);
+  }
+  step(`SSE fallback: event ${fallbackId} arrived over SSE`);
+  await page.evaluate(() => window.__fallback.sb.close());
+
   // Sign out: the hub closes this session's socket with 4401 and the page offers the login again.
   await page.click('#logout');
   step('clicked Sign out');
   await waitText('#status', 'refused', 'after sign-out');
   await waitText('#status-code', '4401', 'after sign-out');
   await waitText('#status-detail', 'unauthenticated: logged out', 'after sign-out');
+  await waitText('#status-help', 'You signed out: sign in again to see live calls.', 'after sign-out');
+  await checkAnnounced('You signed out', 'after sign-out');
   await waitVisible('#login', 'after sign-out');
   await waitVisible('#who', 'after sign-out', false);
 }
@@ -232,6 +303,30 @@ async function scenarioOrigin() {
   await waitVisible('#login', 'origin refused', false);
   await waitText('#status-retry', '', 'origin refused');
   await waitVisible('#retry', 'origin refused');
+  // In plain words, with the fix that is the person's: the page is on 127.0.0.1, and the
+  // usual trap is localhost versus 127.0.0.1; the hub's allowlist itself is never shown.
+  const alt = `${hub.protocol}//localhost:${hub.port}`;
+  const words = `This page's origin ${origin} is not allowed by the hub: open it as ${alt} or ask the operator to add it.`;
+  await waitText('#status-help', words, 'origin refused');
+  await checkAnnounced(words, 'origin refused');
+  const secret = process.env.SB_ALLOWED_ORIGIN;
+  if (secret) {
+    const shown = await page.evaluate(() => document.documentElement.outerHTML + document.body.innerText);
+    if (shown.includes(secret)) fail(`origin refused: the page reveals the hub's allowlist entry ${secret}`);
+  }
+  // Keyboard: Tab reaches Reconnect, and its focus ring is visible.
+  let onRetry = false;
+  for (let i = 0; i < 15 && !onRetry; i++) {
+    await page.keyboard.press('Tab');
+    onRetry = await page.evaluate(() => document.activeElement && document.activeElement.id === 'retry');
+  }
+  if (!onRetry) fail('origin refused: Tab never reached the Reconnect button');
+  const ring = await page.evaluate(() => {
+    const cs = getComputedStyle(document.activeElement);
+    return { style: cs.outlineStyle, width: cs.outlineWidth };
+  });
+  if (ring.style === 'none' || ring.width === '0px') fail(`origin refused: no visible focus ring on Reconnect (${JSON.stringify(ring)})`);
+  step(`keyboard: Tab reaches Reconnect, focus ring ${ring.style} ${ring.width}`);
   await screenshot('dashboard-origin');
 }
 
@@ -259,7 +354,8 @@ try {
   else await scenarioOrigin();
 
   if (pageErrors.length) fail(`uncaught errors in the page:\n  ${pageErrors.join('\n  ')}`);
-  const consoleErrors = consoleLines.filter((l) => l.startsWith('error: '));
+  // The browser logs each failed handshake of the deliberately blocked socket (SSE fallback).
+  const consoleErrors = consoleLines.filter((l) => l.startsWith('error: ') && !l.includes("/ws-blocked-by-proxy' failed"));
   if (consoleErrors.length) fail(`errors in the browser console:\n  ${consoleErrors.join('\n  ')}`);
   console.log(`PASS dashboard ${scenario} (${((Date.now() - started) / 1000).toFixed(1)} s); screenshots in ${outDir}`);
 } catch (e) {
