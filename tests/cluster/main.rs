@@ -340,6 +340,51 @@ async fn wedged_subscriber_turns_readyz_503() {
     }
 }
 
+/// A pod cut off from Redis while another pod accepts more events on a topic than its history
+/// keeps cannot replay what its socket missed: once back, it tells the socket to reconnect
+/// (after at most `shutdown.reconnect_spread_ms`) and closes it with 1012, so the client
+/// resumes with `since` and learns the gap cannot be filled, instead of losing it silently.
+#[actix_web::test]
+async fn pod_cut_off_past_what_history_keeps_asks_its_sockets_to_resync() {
+    let redis = Redis::start();
+    let proxy = WedgeProxy::start(redis.port());
+    let env = [
+        ("SWITCHBOARD__HISTORY__MAX_LEN", "3"),
+        ("SWITCHBOARD__SHUTDOWN__RECONNECT_SPREAD_MS", "200"),
+    ];
+    let a = start_pods(&redis.url(), 1, &env).remove(0);
+    let b = start_pods(&proxy.url(), 1, &env).remove(0);
+    wait_ready(&b, Duration::from_secs(10)).await;
+    let mut ws = subscribed_user(&b, "u1", ORG).await;
+    redis.wait_numsub(CHANNEL, 1, T).await;
+    let id = publish_ok(&a, ORG, TOPIC, "call.status", json!({"n": 0})).await;
+    assert_eq!(
+        next_event(&mut ws, TOPIC, "before the cut").await["id"],
+        id.as_str()
+    );
+
+    proxy.cut();
+    wait_redis_unavailable(&b, Duration::from_secs(6), "pod B cut off from Redis").await;
+    for n in 1..=5 {
+        publish_ok(&a, ORG, TOPIC, "call.status", json!({ "n": n })).await;
+    }
+    proxy.restore();
+    wait_ready(&b, Duration::from_secs(12)).await;
+
+    let told = ws.next_json(T).await;
+    assert_eq!(
+        told["type"], "reconnect",
+        "history keeps 3 of the 5 events missed: the socket must be told to resync, got {told}"
+    );
+    let after_ms = told["after_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        after_ms <= 200,
+        "reconnect after {after_ms} ms, spread is 200: {told}"
+    );
+    let (code, _) = ws.expect_close(T).await;
+    assert_eq!(code, 1012, "a socket told to reconnect is closed with 1012");
+}
+
 /// `subscribed` for a channel new to the pod comes only once Redis has confirmed the pod's
 /// SUBSCRIBE, so an event published right after it cannot be missed: with Redis's answers to
 /// the subscriber held back, the acknowledgement waits; released, it comes, and the next
