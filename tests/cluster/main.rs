@@ -2,8 +2,9 @@
 //! several real switchboard pods sharing it, and a real nginx in front configured from
 //! `config/nginx.conf`, all on loopback. Each test checks what a user or an operator would
 //! notice: events reaching every pod, one Redis subscriber per pod, sockets surviving a Redis
-//! outage, readiness catching a wedged subscriber, logout and connection caps across pods, and
-//! resume with `since` on another pod. The `faults` module injects faults under traffic (Redis
+//! outage, readiness catching a wedged subscriber, a pod cut off from Redis asking its
+//! sockets to resync when history cannot fill what it missed (or resuming a live-only topic
+//! live), logout and connection caps across pods, and resume with `since` on another pod. The `faults` module injects faults under traffic (Redis
 //! killed or frozen, a pod killed, a rolling restart, nginx reloaded) and checks that no
 //! accepted event is lost.
 //!
@@ -383,6 +384,42 @@ async fn pod_cut_off_past_what_history_keeps_asks_its_sockets_to_resync() {
     );
     let (code, _) = ws.expect_close(T).await;
     assert_eq!(code, 1012, "a socket told to reconnect is closed with 1012");
+}
+
+/// A topic only browsers publish to keeps no history: a pod cut off from Redis while such
+/// events went by cannot replay them, and has nothing a resync could recover either, so its
+/// socket stays open and simply gets the live events again once the pod is back.
+#[actix_web::test]
+async fn pod_cut_off_resumes_a_live_only_topic_live() {
+    let redis = Redis::start();
+    let proxy = WedgeProxy::start(redis.port());
+    let a = start_pods(&redis.url(), 1, &[]).remove(0);
+    let b = start_pods(&proxy.url(), 1, &[]).remove(0);
+    wait_ready(&b, Duration::from_secs(10)).await;
+    let topic = "voice:abc:in";
+    let (mut listener, _, _) = connect_user(&b, "agent", ORG).await;
+    listener.subscribe(topic).await;
+    let (mut caller, _, _) = connect_user(&a, "caller", ORG).await;
+    let say = |n: u32| json!({"type": "publish", "topic": topic, "data": {"n": n}});
+    caller.send_json(&say(1)).await;
+    assert_eq!(
+        next_event(&mut listener, topic, "before the cut").await["data"]["n"],
+        1
+    );
+
+    proxy.cut();
+    wait_redis_unavailable(&b, Duration::from_secs(6), "pod B cut off from Redis").await;
+    caller.send_json(&say(2)).await;
+    proxy.restore();
+    wait_ready(&b, Duration::from_secs(12)).await;
+    caller.send_json(&say(3)).await;
+    let ev = listener.next_json(T).await;
+    assert_eq!(
+        (&ev["type"], &ev["data"]["n"]),
+        (&json!("event"), &json!(3)),
+        "a live-only topic resumes live, without asking the socket to reconnect: {ev}"
+    );
+    listener.assert_alive().await;
 }
 
 /// `subscribed` for a channel new to the pod comes only once Redis has confirmed the pod's
