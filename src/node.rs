@@ -109,6 +109,7 @@ impl Node {
                 let broker_health = health.clone();
                 let live_channels = watch::Sender::new(HashSet::new());
                 let live = live_channels.subscribe();
+                let reconnect_spread_ms = settings.shutdown.reconnect_spread_ms;
                 let addr = RedisBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
                     RedisBroker::new(
                         url,
@@ -117,6 +118,7 @@ impl Node {
                         broker_health,
                         history,
                         live_channels,
+                        reconnect_spread_ms,
                     )
                 });
                 let caps =

@@ -4,13 +4,17 @@
 //! channel this pod's sessions need, kept in step with the [`Registry`] by a reconciling task; a
 //! canary each pod publishes to itself proves the subscription is alive, not just connected. When
 //! Redis goes away the broker reports unavailable (readiness and publish answer 503), reconnects
-//! with capped backoff, resubscribes and carries on; sockets stay open throughout.
+//! with capped backoff, resubscribes and carries on; sockets stay open throughout. Once a
+//! channel is subscribed again, its history after the last event this pod delivered is
+//! replayed before the live events held meanwhile, so the sockets lose nothing other pods
+//! accepted while this one was away; when history no longer reaches back that far, the
+//! channel's sockets are told to reconnect (1012), to resume with `since`.
 //!
 //! Keys and channels (SPEC section 7): events `sb:{org}:{topic}`, history `sb:{org}:{topic}:log`,
 //! an org's history streams `sbx:history:{org}`, control `sbx:control`, canary
 //! `sbx:canary:{node}`. What arrives from Redis is checked as `/api/publish` checks a body.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +25,7 @@ use redis::aio::PubSubSink;
 use redis::{AsyncCommands, Script, Value as RedisValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use super::{BrokerError, BrokerHealth, FetchHistory, Interest, Replay};
 use crate::core::close::{AuthFailure, Close};
@@ -276,7 +280,22 @@ pub(crate) struct RedisBroker {
     /// [`super::BrokerHandle`]).
     live_channels: watch::Sender<HashSet<ChannelKey>>,
     /// Last id seen per channel, to give ids to events published without one.
-    last_ids: std::collections::HashMap<ChannelKey, EventId>,
+    last_ids: HashMap<ChannelKey, EventId>,
+    /// Per channel, the last event from Redis (with its Redis-given id) handed to the
+    /// registry: after a reconnect, the channel's history is replayed after it.
+    delivered: HashMap<ChannelKey, Delivered>,
+    /// Channels catching up after a reconnect, and the live events held meanwhile: they go
+    /// out after the replay of what the connection missed, since a session drops an id not
+    /// newer than the last it saw.
+    catching_up: HashMap<ChannelKey, Vec<Arc<Event>>>,
+    /// How far apart the sockets of a channel that missed events are asked to reconnect
+    /// (`shutdown.reconnect_spread_ms`).
+    resync_spread_ms: u64,
+    /// The `run_id` of the Redis the subscriber last connected to: a new one means Redis
+    /// restarted and lost what it held, sessions included.
+    redis_run_id: Option<String>,
+    /// Counts the Redis restarts seen (changes of `redis_run_id`).
+    redis_epoch: u64,
     canary_channel: String,
     /// Unix ms of the last canary heard back; shared with the readiness check.
     last_canary_ms: Arc<AtomicU64>,
@@ -297,6 +316,7 @@ impl RedisBroker {
         health: Arc<BrokerHealth>,
         history: Option<StreamHistory>,
         live_channels: watch::Sender<HashSet<ChannelKey>>,
+        resync_spread_ms: u64,
     ) -> Self {
         health.set_unavailable("connecting to Redis");
         Self {
@@ -308,7 +328,12 @@ impl RedisBroker {
             history_script: Arc::new(Script::new(HISTORY_LUA)),
             interest_changed: Arc::new(Notify::new()),
             live_channels,
-            last_ids: std::collections::HashMap::new(),
+            last_ids: HashMap::new(),
+            delivered: HashMap::new(),
+            catching_up: HashMap::new(),
+            resync_spread_ms,
+            redis_run_id: None,
+            redis_epoch: 0,
             canary_channel: format!("sbx:canary:{}", node_id()),
             last_canary_ms: Arc::new(AtomicU64::new(0)),
             connected: false,
@@ -322,17 +347,28 @@ impl RedisBroker {
         let url = self.url.clone();
         let fut = async move {
             let client = redis::Client::open(url.as_str())?;
+            // Asked of the Redis the subscriber is about to use, not through the shared
+            // connection, which may still be reconnecting.
+            let mut conn = timed(client.get_multiplexed_async_connection()).await?;
+            let info: String =
+                timed(redis::cmd("INFO").arg("server").query_async(&mut conn)).await?;
+            let run_id = info
+                .lines()
+                .find_map(|line| line.strip_prefix("run_id:"))
+                .map(|id| id.trim().to_string());
             let pubsub = timed(client.get_async_pubsub()).await?;
-            Ok::<_, CommandError>(pubsub.split())
+            let (sink, stream) = pubsub.split();
+            Ok::<_, CommandError>((run_id, sink, stream))
         };
         ctx.spawn(fut.into_actor(self).map(|result, this, ctx| match result {
-            Ok((sink, stream)) => this.on_connected(sink, stream, ctx),
+            Ok((run_id, sink, stream)) => this.on_connected(run_id, sink, stream, ctx),
             Err(e) => this.retry_later(&e.to_string(), ctx),
         }));
     }
 
     fn on_connected(
         &mut self,
+        run_id: Option<String>,
         sink: PubSubSink,
         stream: redis::aio::PubSubStream,
         ctx: &mut Context<Self>,
@@ -345,13 +381,29 @@ impl RedisBroker {
         self.last_canary_ms.store(0, Ordering::Release);
         self.connected = true;
         self.backoff = BACKOFF_FIRST;
-        if self.was_connected {
+        let reconnected = self.was_connected;
+        if reconnected {
             metrics().redis_reconnects.inc();
             log::info!("redis subscriber reconnected; resubscribing every channel");
+            // Hold from now: live events must wait for the replay of what was missed.
+            self.catching_up = self
+                .delivered
+                .keys()
+                .map(|channel| (channel.clone(), Vec::new()))
+                .collect();
         } else {
             log::info!("redis subscriber connected");
         }
         self.was_connected = true;
+        if matches!((&self.redis_run_id, &run_id), (Some(old), Some(new)) if old != new) {
+            self.redis_epoch += 1;
+        }
+        if run_id.is_some() {
+            self.redis_run_id = run_id;
+        }
+        if reconnected {
+            self.catch_up(ctx);
+        }
         ctx.add_stream(stream);
         let fixed = vec![CONTROL_CHANNEL.to_string(), self.canary_channel.clone()];
         actix::spawn(reconcile_subscriptions(
@@ -363,6 +415,91 @@ impl RedisBroker {
             self.generation.subscribe(),
         ));
         // Readiness waits for the first canary to come back through the new subscription.
+    }
+
+    /// After a reconnect, replay on every channel this pod delivered events of what other
+    /// pods published while its subscriber was away (each channel holds its live events
+    /// until its replay is in; held events of an earlier connection were dropped, as the
+    /// replay covers them).
+    fn catch_up(&mut self, ctx: &mut Context<Self>) {
+        let generation = *self.generation.borrow();
+        let reader = GapReader {
+            history: self.history,
+            commands: self.commands.clone(),
+            script: self.history_script.clone(),
+            live: self.live_channels.subscribe(),
+            generation: self.generation.subscribe(),
+            reads: Arc::new(Semaphore::new(GAP_READS_AT_ONCE)),
+        };
+        for (channel, last) in &self.delivered {
+            let fut = reader.clone().read(channel.clone(), last.id);
+            let channel = channel.clone();
+            ctx.spawn(fut.into_actor(self).map(move |gap, this, _| {
+                if *this.generation.borrow() == generation {
+                    this.gap_read(&channel, gap);
+                }
+            }));
+        }
+    }
+
+    /// The history read of a channel catching up is in: deliver the replay and the live
+    /// events held meanwhile, in id order, each once; or, when the replay cannot be complete,
+    /// tell the channel's sockets to resync.
+    ///
+    /// After a Redis restart (since the channel's last event) history that does not reach
+    /// back is not a gap this pod alone has: every pod lost it, and the restart itself cut
+    /// the subscription, so what the new Redis holds is all there is to deliver. Asking
+    /// sockets to reconnect then would only log them out if the sessions were lost with it.
+    fn gap_read(&mut self, channel: &ChannelKey, gap: Result<Gap, GapError>) {
+        let Some(held) = self.catching_up.remove(channel) else {
+            return;
+        };
+        let Some(last) = self.delivered.get(channel).copied() else {
+            return;
+        };
+        let restarted = last.epoch != self.redis_epoch;
+        let replay = match gap {
+            Ok(Gap::Replay(replay)) if replay.recovered || restarted => replay.events,
+            // Nothing of this channel is kept, and what it carried last was not meant to
+            // be: a live-only topic, which simply resumes live.
+            Ok(Gap::NoStream) if !last.kept || restarted => Vec::new(),
+            Ok(Gap::Superseded) => return,
+            outcome => {
+                let why = match outcome {
+                    Err(e) => e.to_string(),
+                    Ok(Gap::Replay(_)) => "history no longer reaches back to it".into(),
+                    _ => "no history of it is kept".into(),
+                };
+                let n = self.registry.resync_channel(channel, self.resync_spread_ms);
+                log::warn!(
+                    "{channel}: cannot replay what the subscriber missed after {}: {why}; asked its {n} socket(s) to reconnect",
+                    last.id
+                );
+                if let Some(newest) = held.last() {
+                    self.delivered.insert(
+                        channel.clone(),
+                        Delivered {
+                            id: newest.id,
+                            kept: last.kept,
+                            epoch: self.redis_epoch,
+                        },
+                    );
+                }
+                return;
+            }
+        };
+        let mut events: Vec<Arc<Event>> = replay.into_iter().chain(held).collect();
+        events.sort_by_key(|event| event.id);
+        events.dedup_by_key(|event| event.id);
+        let mut newest = Delivered {
+            epoch: self.redis_epoch,
+            ..last
+        };
+        for event in events.iter().filter(|event| event.id > last.id) {
+            self.registry.deliver(event);
+            newest.id = event.id;
+        }
+        self.delivered.insert(channel.clone(), newest);
     }
 
     fn retry_later(&mut self, why: &str, ctx: &mut Context<Self>) {
@@ -384,6 +521,8 @@ impl RedisBroker {
         };
         let channel = ChannelKey::new(&org, &topic);
         let received_at = Instant::now();
+        // Whether Redis gave the id (every publish through the hub has one).
+        let mut from_redis = false;
         let (id, body, sender) = if payload.first() == Some(&BINARY_MARK) {
             let id = self.next_local_id(&channel);
             (
@@ -403,6 +542,7 @@ impl RedisBroker {
                 Some(id) => {
                     let last = self.last_ids.entry(channel.clone()).or_default();
                     *last = (*last).max(id);
+                    from_redis = true;
                     id
                 }
                 None => self.next_local_id(&channel),
@@ -410,7 +550,35 @@ impl RedisBroker {
             (id, body, sender)
         };
         metrics().events_received.inc();
+        let kept = self
+            .history
+            .is_some_and(|h| sender.is_none() || h.keep_client_events);
         let event = build_event(channel, id, &body, sender.as_ref(), received_at);
+        if let Some(held) = self.catching_up.get_mut(&event.channel) {
+            if held.len() < MAX_HELD {
+                held.push(event);
+                return;
+            }
+            // Its replay is taking too long to hold the channel's live events any longer.
+            self.catching_up.remove(&event.channel);
+            let n = self
+                .registry
+                .resync_channel(&event.channel, self.resync_spread_ms);
+            log::warn!(
+                "{}: {MAX_HELD} live events held waiting for the replay of what the subscriber missed; asked its {n} socket(s) to reconnect",
+                event.channel
+            );
+        }
+        if from_redis {
+            self.delivered.insert(
+                event.channel.clone(),
+                Delivered {
+                    id,
+                    kept,
+                    epoch: self.redis_epoch,
+                },
+            );
+        }
         self.registry.deliver(&event);
     }
 
@@ -565,6 +733,8 @@ impl Handler<Interest> for RedisBroker {
     fn handle(&mut self, interest: Interest, _: &mut Self::Context) {
         if let Interest::Closed(channel) = &interest {
             self.last_ids.remove(channel);
+            self.delivered.remove(channel);
+            self.catching_up.remove(channel);
         }
         // The reconciler reads the registry itself; one wake-up covers any number of changes.
         self.interest_changed.notify_one();
@@ -688,6 +858,108 @@ async fn read_history(
         .arg(history.replay_max_bytes);
     let answer: Vec<RedisValue> = timed(invocation.invoke_async(conn)).await?;
     Ok(decode_history(channel, since, &answer))
+}
+
+/// The last event of a channel this pod's subscriber handed to the registry.
+#[derive(Debug, Clone, Copy)]
+struct Delivered {
+    /// Its id, which Redis gave (the history entry's id when it was kept).
+    id: EventId,
+    /// Whether it was meant to be kept (history on, and not a browser event left live only).
+    kept: bool,
+    /// The Redis it came from ([`RedisBroker::redis_epoch`]).
+    epoch: u64,
+}
+
+/// What a channel missed while the subscriber was away, read once it is subscribed again.
+enum Gap {
+    /// History after the last delivered id (`recovered` when it reaches back to it).
+    Replay(Replay),
+    /// The channel has no history stream.
+    NoStream,
+    /// The connection ended before the channel was subscribed again; the next one reads.
+    Superseded,
+}
+
+/// Why what a channel missed could not be read.
+#[derive(Debug, thiserror::Error)]
+enum GapError {
+    #[error("history is disabled")]
+    NoHistory,
+    #[error("not subscribed again within {0:?}")]
+    NotSubscribed(Duration),
+    #[error("history unreadable: {0}")]
+    Redis(#[from] CommandError),
+}
+
+/// How long a channel catching up waits for its SUBSCRIBE to be confirmed.
+const GAP_SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Live events a channel catching up holds at most while its replay is read.
+const MAX_HELD: usize = 10_000;
+/// History reads of channels catching up in flight at once: each may bring up to
+/// `history.replay_max_bytes`.
+const GAP_READS_AT_ONCE: usize = 16;
+
+/// Reads what channels missed while the subscriber was away, for one connection.
+#[derive(Clone)]
+struct GapReader {
+    history: Option<StreamHistory>,
+    commands: RedisCommands,
+    script: Arc<Script>,
+    live: watch::Receiver<HashSet<ChannelKey>>,
+    generation: watch::Receiver<u64>,
+    /// Bounds the reads in flight at once ([`GAP_READS_AT_ONCE`]).
+    reads: Arc<Semaphore>,
+}
+
+impl GapReader {
+    /// Once `channel` is subscribed again on the current connection, read its history after
+    /// `since`: read earlier, an event published before the SUBSCRIBE took effect would be
+    /// in neither the read nor the live stream.
+    async fn read(self, channel: ChannelKey, since: EventId) -> Result<Gap, GapError> {
+        let Self {
+            history,
+            commands,
+            script,
+            mut live,
+            mut generation,
+            reads,
+        } = self;
+        let mine = *generation.borrow_and_update();
+        tokio::select! {
+            confirmed = tokio::time::timeout(
+                GAP_SUBSCRIBE_TIMEOUT,
+                live.wait_for(|channels| channels.contains(&channel)),
+            ) => match confirmed {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Ok(Gap::Superseded),
+                Err(_) => return Err(GapError::NotSubscribed(GAP_SUBSCRIBE_TIMEOUT)),
+            },
+            _ = generation.wait_for(|current| *current != mine) => return Ok(Gap::Superseded),
+        }
+        let history = history.ok_or(GapError::NoHistory)?;
+        // Never closed.
+        let Ok(_turn) = reads.acquire().await else {
+            return Ok(Gap::Superseded);
+        };
+        // Right after a reconnect the shared connection may not know yet that its socket died:
+        // the read is sent once more on a dropped connection, as reading twice does no harm.
+        let key = format!("{channel}:log");
+        let answer: Vec<RedisValue> = commands
+            .run_idempotent(|mut conn| {
+                let mut invocation = script.key(&key);
+                invocation
+                    .arg(since.to_string())
+                    .arg(history.max_len)
+                    .arg(history.replay_max_bytes);
+                async move { invocation.invoke_async(&mut conn).await }
+            })
+            .await?;
+        if !matches!(answer.first(), Some(RedisValue::Int(1))) {
+            return Ok(Gap::NoStream);
+        }
+        Ok(Gap::Replay(decode_history(&channel, since, &answer)))
+    }
 }
 
 /// One XRANGE entry: its id and its field/value pairs.

@@ -1,5 +1,5 @@
 //! This node's live sessions: by connection (for logout, eviction and drain), and by channel
-//! (for fan-out). Brokers call [`Registry::deliver`] with a shared, already-encoded
+//! (for fan-out, and to ask a channel's sockets to resync when this node missed its events). Brokers call [`Registry::deliver`] with a shared, already-encoded
 //! [`Event`]; the registry knows which worker threads have subscribers of its channel and
 //! hands it once to each ([`super::fanout`] walks that worker's sockets). A subscriber that
 //! is not ready to write it at once gets it in its bounded [`Outbox`].
@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use parking_lot::{Mutex, RwLock};
+use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::fanout::{self, Subscriber};
@@ -76,6 +77,9 @@ pub(crate) struct Registry {
     /// Each worker's event queue, in the order the workers enlisted.
     workers: RwLock<Vec<UnboundedSender<Arc<Event>>>>,
     sessions: Mutex<HashMap<ConnId, SessionEntry>>,
+    /// Per channel, the control mailbox of each local subscriber: the sockets to tell when
+    /// this node missed events of the channel ([`Self::resync_channel`]).
+    members: Mutex<HashMap<ChannelKey, HashMap<ConnId, Recipient<Control>>>>,
 }
 
 impl Default for Registry {
@@ -86,6 +90,7 @@ impl Default for Registry {
             channels: RwLock::default(),
             workers: RwLock::default(),
             sessions: Mutex::default(),
+            members: Mutex::default(),
         }
     }
 }
@@ -145,6 +150,11 @@ impl Registry {
         if !worker.add(channel, subscriber) {
             return false;
         }
+        self.members
+            .lock()
+            .entry(channel.clone())
+            .or_default()
+            .insert(link.conn, link.control.clone());
         let mut map = self.channels.write();
         let counts = map.entry(channel.clone()).or_default();
         let first = counts.iter().all(|&n| n == 0);
@@ -163,6 +173,15 @@ impl Registry {
         };
         if !worker.remove(channel, conn) {
             return false;
+        }
+        {
+            let mut members = self.members.lock();
+            if let Some(conns) = members.get_mut(channel) {
+                conns.remove(&conn);
+                if conns.is_empty() {
+                    members.remove(channel);
+                }
+            }
         }
         let mut map = self.channels.write();
         let Some(counts) = map.get_mut(channel) else {
@@ -216,6 +235,24 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// Tell every local subscriber of `channel` to reconnect after a delay spread at random
+    /// over `spread_ms`, and close it with 1012, as the drain does: this node missed events
+    /// of the channel it cannot replay, and a client resuming with `since` learns from
+    /// whichever pod answers whether they can still be recovered. Returns how many.
+    pub(crate) fn resync_channel(&self, channel: &ChannelKey, spread_ms: u64) -> usize {
+        let members = self.members.lock();
+        let Some(conns) = members.get(channel) else {
+            return 0;
+        };
+        let mut rng = rand::rng();
+        for control in conns.values() {
+            control.do_send(Control::Drain {
+                after_ms: rng.random_range(0..=spread_ms),
+            });
+        }
+        conns.len()
     }
 
     /// Every local session's control mailbox, for the drain.

@@ -2,10 +2,12 @@
 //! several real switchboard pods sharing it, and a real nginx in front configured from
 //! `config/nginx.conf`, all on loopback. Each test checks what a user or an operator would
 //! notice: events reaching every pod, one Redis subscriber per pod, sockets surviving a Redis
-//! outage, readiness catching a wedged subscriber or a cut publish connection, logout and
-//! connection caps across pods, and resume with `since` on another pod. The `faults` module
-//! injects faults under traffic (Redis killed or frozen, a pod killed, a rolling restart,
-//! nginx reloaded) and checks that no accepted event is lost.
+//! outage, readiness catching a wedged subscriber or a cut publish connection, a pod cut off
+//! from Redis asking its sockets to resync when history cannot fill what it missed (or
+//! resuming a live-only topic live), logout and connection caps across pods, and resume with
+//! `since` on another pod. The `faults` module injects faults under traffic (Redis killed or
+//! frozen, a pod killed or cut off, a rolling restart, nginx reloaded) and checks that no
+//! accepted event is lost.
 //!
 //! Needs `redis-server` and `nginx` (`apt-get install -y redis-server nginx`); a missing one
 //! fails the test with that command. Nothing here touches port 6379 or a running Redis.
@@ -383,6 +385,87 @@ async fn wedged_subscriber_turns_readyz_503() {
             other => panic!("after unwedging, expected event {id}, got {other:?}"),
         }
     }
+}
+
+/// A pod cut off from Redis while another pod accepts more events on a topic than its history
+/// keeps cannot replay what its socket missed: once back, it tells the socket to reconnect
+/// (after at most `shutdown.reconnect_spread_ms`) and closes it with 1012, so the client
+/// resumes with `since` and learns the gap cannot be filled, instead of losing it silently.
+#[actix_web::test]
+async fn pod_cut_off_past_what_history_keeps_asks_its_sockets_to_resync() {
+    let redis = Redis::start();
+    let proxy = WedgeProxy::start(redis.port());
+    let env = [
+        ("SWITCHBOARD__HISTORY__MAX_LEN", "3"),
+        ("SWITCHBOARD__SHUTDOWN__RECONNECT_SPREAD_MS", "200"),
+    ];
+    let a = start_pods(&redis.url(), 1, &env).remove(0);
+    let b = start_pods(&proxy.url(), 1, &env).remove(0);
+    wait_ready(&b, Duration::from_secs(10)).await;
+    let mut ws = subscribed_user(&b, "u1", ORG).await;
+    redis.wait_numsub(CHANNEL, 1, T).await;
+    let id = publish_ok(&a, ORG, TOPIC, "call.status", json!({"n": 0})).await;
+    assert_eq!(
+        next_event(&mut ws, TOPIC, "before the cut").await["id"],
+        id.as_str()
+    );
+
+    proxy.cut();
+    wait_redis_unavailable(&b, Duration::from_secs(6), "pod B cut off from Redis").await;
+    for n in 1..=5 {
+        publish_ok(&a, ORG, TOPIC, "call.status", json!({ "n": n })).await;
+    }
+    proxy.restore();
+    wait_ready(&b, Duration::from_secs(12)).await;
+
+    let told = ws.next_json(T).await;
+    assert_eq!(
+        told["type"], "reconnect",
+        "history keeps 3 of the 5 events missed: the socket must be told to resync, got {told}"
+    );
+    let after_ms = told["after_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        after_ms <= 200,
+        "reconnect after {after_ms} ms, spread is 200: {told}"
+    );
+    let (code, _) = ws.expect_close(T).await;
+    assert_eq!(code, 1012, "a socket told to reconnect is closed with 1012");
+}
+
+/// A topic only browsers publish to keeps no history: a pod cut off from Redis while such
+/// events went by cannot replay them, and has nothing a resync could recover either, so its
+/// socket stays open and simply gets the live events again once the pod is back.
+#[actix_web::test]
+async fn pod_cut_off_resumes_a_live_only_topic_live() {
+    let redis = Redis::start();
+    let proxy = WedgeProxy::start(redis.port());
+    let a = start_pods(&redis.url(), 1, &[]).remove(0);
+    let b = start_pods(&proxy.url(), 1, &[]).remove(0);
+    wait_ready(&b, Duration::from_secs(10)).await;
+    let topic = "voice:abc:in";
+    let (mut listener, _, _) = connect_user(&b, "agent", ORG).await;
+    listener.subscribe(topic).await;
+    let (mut caller, _, _) = connect_user(&a, "caller", ORG).await;
+    let say = |n: u32| json!({"type": "publish", "topic": topic, "data": {"n": n}});
+    caller.send_json(&say(1)).await;
+    assert_eq!(
+        next_event(&mut listener, topic, "before the cut").await["data"]["n"],
+        1
+    );
+
+    proxy.cut();
+    wait_redis_unavailable(&b, Duration::from_secs(6), "pod B cut off from Redis").await;
+    caller.send_json(&say(2)).await;
+    proxy.restore();
+    wait_ready(&b, Duration::from_secs(12)).await;
+    caller.send_json(&say(3)).await;
+    let ev = listener.next_json(T).await;
+    assert_eq!(
+        (&ev["type"], &ev["data"]["n"]),
+        (&json!("event"), &json!(3)),
+        "a live-only topic resumes live, without asking the socket to reconnect: {ev}"
+    );
+    listener.assert_alive().await;
 }
 
 /// `subscribed` for a channel new to the pod comes only once Redis has confirmed the pod's
