@@ -271,17 +271,31 @@ pub struct ConfigErrors(pub Vec<String>);
 
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, line) in self.0.iter().enumerate() {
+        for (i, problem) in self.0.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "config error: {line}")?;
+            // One line per problem, though the TOML parser's messages span several (a snippet
+            // with a caret) and values may hold line breaks.
+            let words: Vec<&str> = problem
+                .split(['\n', '\r'])
+                .map(str::trim)
+                .filter(|part| !part.is_empty())
+                .collect();
+            write!(f, "config error: {}", words.join(" "))?;
         }
         Ok(())
     }
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// The longest duration any setting may name: one year, in seconds.
+const YEAR_S: u64 = 365 * 86_400;
+/// The most messages one socket's queue may hold.
+const MAX_OUTBOUND_QUEUE: u64 = 1 << 20;
+/// The most HTTP worker threads (each a thread with its own event loop).
+const MAX_WORKERS: u64 = 1024;
 
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
@@ -548,7 +562,55 @@ impl Settings {
         if l.max_frame_bytes < 256 {
             errors.push("limits.max_frame_bytes must be at least 256".into());
         }
-        if l.cap_lease_s * 1000 <= self.heartbeat.interval_ms {
+        // Durations and the queue size are used in sums and allocations at run time
+        // (`now + ttl`, `Instant + timeout`, a channel of `outbound_queue`): bounded here, so
+        // none of those can overflow. The other sizes stay within what TOML can write, so
+        // `switchboard config` can print them.
+        let toml_max = i64::MAX as u64;
+        let at_most: [(&str, u64, u64); 12] = [
+            ("server.workers", self.server.workers as u64, MAX_WORKERS),
+            ("limits.max_frame_bytes", l.max_frame_bytes as u64, toml_max),
+            (
+                "limits.max_subscriptions",
+                l.max_subscriptions as u64,
+                toml_max,
+            ),
+            ("history.max_len", self.history.max_len as u64, toml_max),
+            ("auth.session_ttl_s", self.auth.session_ttl_s, YEAR_S),
+            ("limits.cap_lease_s", l.cap_lease_s, YEAR_S),
+            ("history.ttl_s", self.history.ttl_s, YEAR_S),
+            (
+                "shutdown.drain_timeout_s",
+                self.shutdown.drain_timeout_s,
+                YEAR_S,
+            ),
+            (
+                "heartbeat.interval_ms",
+                self.heartbeat.interval_ms,
+                YEAR_S * 1000,
+            ),
+            (
+                "heartbeat.timeout_ms",
+                self.heartbeat.timeout_ms,
+                YEAR_S * 1000,
+            ),
+            (
+                "shutdown.reconnect_spread_ms",
+                self.shutdown.reconnect_spread_ms,
+                YEAR_S * 1000,
+            ),
+            (
+                "limits.outbound_queue",
+                l.outbound_queue as u64,
+                MAX_OUTBOUND_QUEUE,
+            ),
+        ];
+        for (key, value, max) in at_most {
+            if value > max {
+                errors.push(format!("{key} = {value} is too large (at most {max})"));
+            }
+        }
+        if l.cap_lease_s.saturating_mul(1000) <= self.heartbeat.interval_ms {
             errors.push(format!(
                 "limits.cap_lease_s ({}s) must exceed heartbeat.interval_ms ({}ms): slots are refreshed by the heartbeat",
                 l.cap_lease_s, self.heartbeat.interval_ms
@@ -732,8 +794,63 @@ fn nearest_key<'a>(key: &str, known: &'a BTreeSet<String>) -> Option<&'a String>
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: a huge `limits.cap_lease_s` overflowed the check against the
+    /// heartbeat, huge durations were accepted to overflow later (`now + ttl` at login,
+    /// `Instant + timeout`), and sizes beyond TOML's integers left `switchboard config`
+    /// unable to print the settings; they are refused, one line each.
+    #[test]
+    fn huge_values_are_refused_not_overflowed() {
+        let mut s = Settings::default();
+        s.limits.cap_lease_s = u64::MAX;
+        s.auth.session_ttl_s = u64::MAX;
+        s.heartbeat.timeout_ms = u64::MAX;
+        s.limits.outbound_queue = usize::MAX;
+        s.limits.max_frame_bytes = usize::MAX;
+        s.server.workers = 1 << 20;
+        let Err(errors) = s.validate(None, &mut Vec::new()) else {
+            panic!("huge values accepted");
+        };
+        for key in [
+            "limits.cap_lease_s",
+            "auth.session_ttl_s",
+            "heartbeat.timeout_ms",
+            "limits.outbound_queue",
+            "limits.max_frame_bytes",
+            "server.workers",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(&format!("{key} = "))),
+                "{key}: {errors:?}"
+            );
+        }
+    }
+
+    /// Found by fuzzing: TOML syntax errors (and values holding line breaks) printed over
+    /// several lines, only the first marked `config error:`.
+    #[test]
+    fn every_problem_prints_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default.toml"), "[server\nport = 1\r").unwrap();
+        let env = [(
+            "SWITCHBOARD__LIMITS__CAP_POLICY".to_string(),
+            "x\ny".to_string(),
+        )];
+        let Err(errors) = Settings::load_from(dir.path(), &env) else {
+            panic!("broken TOML accepted");
+        };
+        let text = errors.to_string();
+        assert_eq!(text.lines().count(), errors.0.len(), "{text}");
+        assert!(
+            text.lines().all(|l| l.starts_with("config error: ")),
+            "{text}"
+        );
+    }
 
     /// Cookie keys must be base64 of 64 bytes or more.
     #[test]

@@ -99,9 +99,14 @@ pub(crate) fn apply(text: &str, edits: &[Edit]) -> String {
     chars.into_iter().collect()
 }
 
+/// `count` edits, to [`apply`] to a text.
+pub(crate) fn edits(count: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Edit>> {
+    prop::collection::vec(edit(), count)
+}
+
 /// `base`, or `base` with up to three edits: mostly near-valid, sometimes untouched.
 pub(crate) fn mutated(base: impl Strategy<Value = String>) -> impl Strategy<Value = String> {
-    (base, prop::collection::vec(edit(), 0..4)).prop_map(|(text, edits)| apply(&text, &edits))
+    (base, edits(0..4)).prop_map(|(text, edits)| apply(&text, &edits))
 }
 
 /// Any text at all, weighted towards the tricky characters.
