@@ -25,8 +25,9 @@ use tokio::sync::{watch, Notify};
 use super::{BrokerError, BrokerHealth, FetchHistory, Interest, Replay};
 use crate::core::close::{AuthFailure, Close};
 use crate::core::event::{build_event, Event, EventSender, PublishBody, PublishRequest};
-use crate::core::ids::{node_id, unix_ms, ChannelKey, EventId};
+use crate::core::ids::{node_id, unix_ms, ChannelKey, EventId, InvalidId};
 use crate::core::metrics::metrics;
+use crate::core::wire::validate_event_name;
 use crate::delivery::registry::Registry;
 use crate::store::redis::{
     timed, CommandError, RedisCommands, BACKOFF_CAP, BACKOFF_FIRST, REDIS_TIMEOUT,
@@ -52,6 +53,31 @@ struct WireEvent {
     user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     conn_id: Option<String>,
+}
+
+/// The event name of a message that names none.
+const MESSAGE: &str = "message";
+
+/// Why a message on an event channel (or a history entry) is not an event.
+#[derive(Debug, thiserror::Error)]
+enum MalformedEvent {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Name(#[from] InvalidId),
+}
+
+impl WireEvent {
+    /// Read a message a publisher put on an event channel, or a history entry. Backend
+    /// services publish there directly, so the event name is checked as `/api/publish`
+    /// checks it: it becomes an SSE `event:` line, where a line break would forge records.
+    fn read(payload: &[u8]) -> Result<Self, MalformedEvent> {
+        let wire: WireEvent = serde_json::from_slice(payload)?;
+        if let Some(name) = &wire.event {
+            validate_event_name(name)?;
+        }
+        Ok(wire)
+    }
 }
 
 /// Orders on [`CONTROL_CHANNEL`].
@@ -269,7 +295,7 @@ impl RedisBroker {
                 None,
             )
         } else {
-            let wire: WireEvent = match serde_json::from_slice(payload) {
+            let wire = match WireEvent::read(payload) {
                 Ok(w) => w,
                 Err(e) => {
                     log::warn!("ignoring malformed message on {channel}: {e}");
@@ -288,7 +314,7 @@ impl RedisBroker {
                 (Some(user), Some(conn_id)) => Some(EventSender { user, conn_id }),
                 _ => None,
             };
-            let event = wire.event.unwrap_or_else(|| "message".into());
+            let event = wire.event.unwrap_or_else(|| MESSAGE.into());
             (
                 id,
                 PublishBody::Json {
@@ -585,18 +611,22 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
         .and_then(|v| redis::from_redis_value(v).ok())
         .unwrap_or_default();
     let now = Instant::now();
+    // Replayed ids only ever go forward from `since`, whatever the answer holds.
+    let mut newest = since;
     let events: Vec<Arc<Event>> = entries
         .into_iter()
         .filter_map(|(id, fields)| {
-            let id = EventId::parse(&id)?;
+            let id = EventId::parse(&id).filter(|&id| id > newest)?;
             let (_, raw) = fields.into_iter().find(|(k, _)| k == "m")?;
-            let wire: WireEvent = serde_json::from_slice(&raw).ok()?;
+            let wire = WireEvent::read(&raw).ok()?;
+            let event = wire.event.unwrap_or_else(|| MESSAGE.into());
+            newest = id;
             let sender = match (wire.user, wire.conn_id) {
                 (Some(user), Some(conn_id)) => Some(EventSender { user, conn_id }),
                 _ => None,
             };
             let body = PublishBody::Json {
-                event: wire.event.unwrap_or_else(|| "message".into()),
+                event,
                 data: wire.data,
             };
             Some(build_event(
@@ -610,6 +640,9 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
         .collect();
     Replay { events, recovered }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -834,6 +867,42 @@ mod tests {
             (&"alice".into(), &"c-1".into())
         );
         assert!(replay.recovered);
+    }
+
+    /// Found by fuzzing: entries out of order or not after `since` were replayed as given,
+    /// and an event name with a line break reached SSE's `event:` line; both are skipped.
+    #[test]
+    fn replay_only_moves_forward_with_valid_names() {
+        let forged = r#"{"event":"x\ndata: forged\n\nevent: y","data":{"n":5}}"#;
+        let entries = vec![
+            kept("1-0", 1),
+            kept("3-0", 3),
+            kept("2-0", 2),
+            kept("3-0", 3),
+            entry("5-0", &[("m", forged)]),
+            kept("6-0", 6),
+        ];
+        let replay = decode_history(
+            &channel(),
+            id("1-0"),
+            &answer("6-0", true, "1-0", 6, 6, entries),
+        );
+        assert_eq!(ids(&replay), ["3-0", "6-0"]);
+        assert_eq!(numbers(&replay), [3, 6]);
+    }
+
+    /// Found by fuzzing: a message published straight to Redis with a line break in its
+    /// event name was delivered, and SSE wrote the name into its `event:` line; such a
+    /// message is malformed, as `/api/publish` would have refused it.
+    #[test]
+    fn a_message_with_a_bad_event_name_is_malformed() {
+        let forged = br#"{"event":"x\ndata: forged","data":{}}"#;
+        assert!(matches!(
+            WireEvent::read(forged),
+            Err(MalformedEvent::Name(InvalidId::EventName))
+        ));
+        assert!(WireEvent::read(br#"{"event":"call.status","data":{}}"#).is_ok());
+        assert!(WireEvent::read(br#"{"data":1}"#).is_ok());
     }
 
     /// A channel's publisher and history reader on a fresh redis-server.

@@ -5,7 +5,7 @@
 
 use actix_session::storage::SessionKey;
 use actix_session::Session;
-use actix_web::cookie::{Cookie, CookieJar};
+use actix_web::cookie::{Cookie, CookieJar, Key};
 use actix_web::HttpRequest;
 
 use crate::core::close::{AuthFailure, Close};
@@ -24,6 +24,19 @@ pub(crate) async fn load_session(
     cookie_headers: impl Iterator<Item = &[u8]>,
 ) -> Result<SessionState, SessionReadError> {
     let name = node.settings.auth.cookie_name.as_str();
+    match session_key(cookie_headers, name, &node.cookie_key)? {
+        Some(key) => node.sessions.load(&key).await,
+        None => Ok(SessionState::new()),
+    }
+}
+
+/// The session key the cookie `name` carries, decrypted with `key`; `None` when the cookie
+/// is there but does not decrypt (tampered, or sealed with another key or name).
+fn session_key<'h>(
+    cookie_headers: impl Iterator<Item = &'h [u8]>,
+    name: &str,
+    key: &Key,
+) -> Result<Option<SessionKey>, SessionReadError> {
     // Parsed as actix-web parses cookies: percent-decoded, as the middleware set them. A
     // cookie of ours that does not even decode (tampered) is there, and invalid.
     let raw = cookie_headers
@@ -36,18 +49,14 @@ pub(crate) async fn load_session(
         })
         .ok_or(SessionReadError::NoCookie)?;
     let Ok(cookie) = Cookie::parse_encoded(raw.to_string()) else {
-        return Ok(SessionState::new());
+        return Ok(None);
     };
     let mut jar = CookieJar::new();
     jar.add_original(cookie);
-    let Some(key) = jar
-        .private(&node.cookie_key)
+    Ok(jar
+        .private(key)
         .get(name)
-        .and_then(|c| SessionKey::try_from(c.value().to_string()).ok())
-    else {
-        return Ok(SessionState::new());
-    };
-    node.sessions.load(&key).await
+        .and_then(|c| SessionKey::try_from(c.value().to_string()).ok()))
 }
 
 /// The identity in a session's state, telling apart every way it can be unusable.
@@ -55,6 +64,15 @@ pub(crate) async fn identify_state(
     node: &Node,
     state: &SessionState,
 ) -> Result<Identity, AuthFailure> {
+    let identity = read_identity(state, now_s())?;
+    if node.revocations.is_revoked(&identity.sid).await {
+        return Err(AuthFailure::LoggedOut);
+    }
+    Ok(identity)
+}
+
+/// The identity a session's state holds at `now` (Unix seconds), or why there is none.
+fn read_identity(state: &SessionState, now: u64) -> Result<Identity, AuthFailure> {
     let get = |key: &str| state.get(key).map(String::as_str);
     if get(KEY_LOGGED_OUT) == Some("true") {
         return Err(AuthFailure::LoggedOut);
@@ -69,11 +87,8 @@ pub(crate) async fn identify_state(
         })
     };
     let identity = read().ok_or(AuthFailure::Invalid)?;
-    if identity.exp <= now_s() {
+    if identity.exp <= now {
         return Err(AuthFailure::Expired);
-    }
-    if node.revocations.is_revoked(&identity.sid).await {
-        return Err(AuthFailure::LoggedOut);
     }
     Ok(identity)
 }
@@ -103,3 +118,6 @@ pub(crate) async fn request_identity(
         .await
         .map_err(Close::Unauthenticated)
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -382,6 +382,9 @@ impl Handler<Control> for SseStream {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
