@@ -356,12 +356,7 @@ impl Settings {
             .separator("__")
             .try_parsing(true)
             .list_separator(",")
-            .source(Some(
-                env.iter()
-                    .filter(|(k, _)| k.starts_with("SWITCHBOARD__"))
-                    .cloned()
-                    .collect(),
-            ));
+            .source(Some(settings_env(env, &mut errors)));
         for key in LIST_KEYS {
             env_source = env_source.with_list_parse_key(key);
         }
@@ -685,6 +680,32 @@ fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, BadCookieKey> {
     Ok(bytes)
 }
 
+/// The `SWITCHBOARD__SECTION__KEY` variables of `env`. A name with more `__` than that names
+/// no setting, and is refused here: the config crate nests a table per `__` and recurses per
+/// level, so a name made of thousands of them overflowed the stack.
+fn settings_env(env: &[(String, String)], errors: &mut Vec<String>) -> config::Map<String, String> {
+    let mut vars = config::Map::new();
+    for (name, value) in env.iter().filter(|(k, _)| k.starts_with("SWITCHBOARD__")) {
+        if name.matches("__").count() > 2 {
+            errors.push(format!(
+                "environment variable {:?} names no setting: write SWITCHBOARD__SECTION__KEY",
+                clip(name, 80)
+            ));
+        } else {
+            vars.insert(name.clone(), value.clone());
+        }
+    }
+    vars
+}
+
+/// At most `max` characters of `text`, for echoing names of any length.
+fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 /// Hide the password part of `redis://user:password@host`.
 pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -850,6 +871,21 @@ mod tests {
             text.lines().all(|l| l.starts_with("config error: ")),
             "{text}"
         );
+    }
+
+    /// Found by fuzzing: an environment variable named with thousands of `__` overflowed
+    /// the stack (the config crate recurses once per level); it is refused in one line.
+    #[test]
+    fn deeply_nested_environment_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default.toml"), "").unwrap();
+        let name = format!("SWITCHBOARD__SERVER{}", "__X".repeat(5000));
+        let Err(errors) = Settings::load_from(dir.path(), &[(name, "1".into())]) else {
+            panic!("a name of 5000 levels accepted");
+        };
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0].contains("names no setting"), "{errors}");
+        assert!(errors.0[0].len() < 200, "{errors}");
     }
 
     /// Cookie keys must be base64 of 64 bytes or more.

@@ -103,7 +103,7 @@ fn admits(policy: &OriginPolicy, header: &str) -> bool {
 }
 
 proptest! {
-    #![proptest_config(config(512))]
+    #![proptest_config(config(256))]
 
     /// Reading an origin twice changes nothing: the normalised form reads as itself.
     #[test]
