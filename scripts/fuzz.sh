@@ -65,6 +65,6 @@ echo | tee -a "$out/report.txt"
 printf '%-40s %10s %8s\n' target inputs failures | tee -a "$out/report.txt"
 awk 'NR > 1 && NF == 4 { sub(/::fuzz::.*/, "", $1); inputs[$1] += $3; failures[$1] += $4 }
      END { for (t in inputs) printf "%-40s %10d %8d\n", t, inputs[t], failures[t] }' \
-    <(sed -n '2,/^$/p' "$out/report.txt") | sort | tee -a "$out/report.txt"
+    <(sed -n '1,/^$/p' "$out/report.txt") | sort | tee -a "$out/report.txt"
 echo "fuzz: $all_inputs inputs in all; report in $out/report.txt"
 exit "$failed"
