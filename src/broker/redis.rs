@@ -997,14 +997,19 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
         .and_then(|v| redis::from_redis_value(v).ok())
         .unwrap_or_default();
     let now = Instant::now();
+    // Replayed ids only ever go forward from `since`, whatever the answer holds.
+    let mut newest = since;
     let events: Vec<Arc<Event>> = entries
         .into_iter()
         .filter_map(|(id, fields)| {
-            let id = EventId::parse(&id)?;
+            let id = EventId::parse(&id).filter(|&id| id > newest)?;
             let (_, raw) = fields.into_iter().find(|(k, _)| k == "m")?;
             // The entry's id is the event's: an `id` inside `m` is not looked at.
             let (_, body, sender) = match decode_message(&raw, u64::MAX) {
-                Ok(message) => message,
+                Ok(message) => {
+                    newest = id;
+                    message
+                }
                 Err(e) => {
                     log::warn!("skipping history entry {id} of {channel}: {e}");
                     return None;
@@ -1021,6 +1026,9 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
         .collect();
     Replay { events, recovered }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -1280,6 +1288,28 @@ mod tests {
         assert!(matches!(far, Err(BadMessage::IdAhead(_))));
         let bad = decode(r#"{"id":"soon","data":1}"#).unwrap_err();
         assert!(matches!(bad, BadMessage::Id(_)), "{bad}");
+    }
+
+    /// Found by fuzzing: entries out of order or not after `since` were replayed as given,
+    /// and an event name with a line break reached SSE's `event:` line; both are skipped.
+    #[test]
+    fn replay_only_moves_forward_with_valid_names() {
+        let forged = r#"{"event":"x\ndata: forged\n\nevent: y","data":{"n":5}}"#;
+        let entries = vec![
+            kept("1-0", 1),
+            kept("3-0", 3),
+            kept("2-0", 2),
+            kept("3-0", 3),
+            entry("5-0", &[("m", forged)]),
+            kept("6-0", 6),
+        ];
+        let replay = decode_history(
+            &channel(),
+            id("1-0"),
+            &answer("6-0", true, "1-0", "0-0", entries),
+        );
+        assert_eq!(ids(&replay), ["3-0", "6-0"]);
+        assert_eq!(numbers(&replay), [3, 6]);
     }
 
     /// A channel's publisher and history reader on a fresh redis-server.

@@ -313,11 +313,18 @@ pub struct ConfigErrors(pub Vec<String>);
 
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, line) in self.0.iter().enumerate() {
+        for (i, problem) in self.0.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "config error: {line}")?;
+            // One line per problem, though the TOML parser's messages span several (a snippet
+            // with a caret) and values may hold line breaks.
+            let words: Vec<&str> = problem
+                .split(['\n', '\r'])
+                .map(str::trim)
+                .filter(|part| !part.is_empty())
+                .collect();
+            write!(f, "config error: {}", words.join(" "))?;
         }
         Ok(())
     }
@@ -376,6 +383,13 @@ const MIN_JWT_SECRET_BYTES: usize = 32;
 /// 24` gives 48); development accepts [`MIN_DEV_PUBLISH_KEY_CHARS`].
 const MIN_PUBLISH_KEY_CHARS: usize = 32;
 const MIN_DEV_PUBLISH_KEY_CHARS: usize = 8;
+
+/// The longest duration any setting may name: one year, in seconds.
+const YEAR_S: u64 = 365 * 86_400;
+/// The most messages one socket's queue may hold.
+const MAX_OUTBOUND_QUEUE: u64 = 1 << 20;
+/// The most HTTP worker threads (each a thread with its own event loop).
+const MAX_WORKERS: u64 = 1024;
 
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
@@ -436,12 +450,7 @@ impl Settings {
             .separator("__")
             .try_parsing(true)
             .list_separator(",")
-            .source(Some(
-                env.iter()
-                    .filter(|(k, _)| k.starts_with("SWITCHBOARD__"))
-                    .cloned()
-                    .collect(),
-            ));
+            .source(Some(settings_env(env, &mut errors)));
         for key in LIST_KEYS {
             env_source = env_source.with_list_parse_key(key);
         }
@@ -707,7 +716,80 @@ impl Settings {
         if l.client_event_bytes == 0 {
             errors.push("limits.client_event_bytes must be at least 1".into());
         }
-        if l.cap_lease_s * 1000 <= self.heartbeat.interval_ms {
+        // Durations and the queue size are used in sums and allocations at run time
+        // (`now + ttl`, `Instant + timeout`, a channel of `outbound_queue`): bounded here, so
+        // none of those can overflow. The other sizes stay within what TOML can write, so
+        // `switchboard config` can print them.
+        let toml_max = i64::MAX as u64;
+        let at_most: [(&str, u64, u64); 17] = [
+            ("server.workers", self.server.workers as u64, MAX_WORKERS),
+            ("limits.max_frame_bytes", l.max_frame_bytes as u64, toml_max),
+            (
+                "limits.max_subscriptions",
+                l.max_subscriptions as u64,
+                toml_max,
+            ),
+            ("history.max_len", self.history.max_len as u64, toml_max),
+            (
+                "history.max_topics_per_org",
+                self.history.max_topics_per_org as u64,
+                toml_max,
+            ),
+            (
+                "history.replay_max_bytes",
+                self.history.replay_max_bytes as u64,
+                toml_max,
+            ),
+            (
+                "limits.client_event_bytes",
+                l.client_event_bytes as u64,
+                toml_max,
+            ),
+            ("auth.session_ttl_s", self.auth.session_ttl_s, YEAR_S),
+            ("limits.cap_lease_s", l.cap_lease_s, YEAR_S),
+            ("history.ttl_s", self.history.ttl_s, YEAR_S),
+            (
+                "auth.revocation_check_s",
+                self.auth.revocation_check_s,
+                YEAR_S,
+            ),
+            (
+                "api.body_timeout_ms",
+                self.api.body_timeout_ms,
+                YEAR_S * 1000,
+            ),
+            (
+                "shutdown.drain_timeout_s",
+                self.shutdown.drain_timeout_s,
+                YEAR_S,
+            ),
+            (
+                "heartbeat.interval_ms",
+                self.heartbeat.interval_ms,
+                YEAR_S * 1000,
+            ),
+            (
+                "heartbeat.timeout_ms",
+                self.heartbeat.timeout_ms,
+                YEAR_S * 1000,
+            ),
+            (
+                "shutdown.reconnect_spread_ms",
+                self.shutdown.reconnect_spread_ms,
+                YEAR_S * 1000,
+            ),
+            (
+                "limits.outbound_queue",
+                l.outbound_queue as u64,
+                MAX_OUTBOUND_QUEUE,
+            ),
+        ];
+        for (key, value, max) in at_most {
+            if value > max {
+                errors.push(format!("{key} = {value} is too large (at most {max})"));
+            }
+        }
+        if l.cap_lease_s.saturating_mul(1000) <= self.heartbeat.interval_ms {
             errors.push(format!(
                 "limits.cap_lease_s ({}s) must exceed heartbeat.interval_ms ({}ms): slots are refreshed by the heartbeat",
                 l.cap_lease_s, self.heartbeat.interval_ms
@@ -786,6 +868,32 @@ fn decode_cookie_key(raw: &str) -> Result<Vec<u8>, BadCookieKey> {
         return Err(BadCookieKey::TooShort(bytes.len()));
     }
     Ok(bytes)
+}
+
+/// The `SWITCHBOARD__SECTION__KEY` variables of `env`. A name with more `__` than that names
+/// no setting, and is refused here: the config crate nests a table per `__` and recurses per
+/// level, so a name made of thousands of them overflowed the stack.
+fn settings_env(env: &[(String, String)], errors: &mut Vec<String>) -> config::Map<String, String> {
+    let mut vars = config::Map::new();
+    for (name, value) in env.iter().filter(|(k, _)| k.starts_with("SWITCHBOARD__")) {
+        if name.matches("__").count() > 2 {
+            errors.push(format!(
+                "environment variable {:?} names no setting: write SWITCHBOARD__SECTION__KEY",
+                clip(name, 80)
+            ));
+        } else {
+            vars.insert(name.clone(), value.clone());
+        }
+    }
+    vars
+}
+
+/// At most `max` characters of `text`, for echoing names of any length.
+fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
 }
 
 /// Hide the password part of `redis://user:password@host`.
@@ -897,8 +1005,80 @@ fn nearest_key<'a>(key: &str, known: &'a BTreeSet<String>) -> Option<&'a String>
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: a huge `limits.cap_lease_s` overflowed the check against the
+    /// heartbeat, huge durations were accepted to overflow later (`now + ttl` at login,
+    /// `Instant + timeout`), and sizes beyond TOML's integers left `switchboard config`
+    /// unable to print the settings; they are refused, one line each.
+    #[test]
+    fn huge_values_are_refused_not_overflowed() {
+        let mut s = Settings::default();
+        s.limits.cap_lease_s = u64::MAX;
+        s.auth.session_ttl_s = u64::MAX;
+        s.heartbeat.timeout_ms = u64::MAX;
+        s.limits.outbound_queue = usize::MAX;
+        s.limits.max_frame_bytes = usize::MAX;
+        s.server.workers = 1 << 20;
+        let Err(errors) = s.validate(&mut Vec::new()) else {
+            panic!("huge values accepted");
+        };
+        for key in [
+            "limits.cap_lease_s",
+            "auth.session_ttl_s",
+            "heartbeat.timeout_ms",
+            "limits.outbound_queue",
+            "limits.max_frame_bytes",
+            "server.workers",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(&format!("{key} = "))),
+                "{key}: {errors:?}"
+            );
+        }
+    }
+
+    /// Found by fuzzing: TOML syntax errors (and values holding line breaks) printed over
+    /// several lines, only the first marked `config error:`.
+    #[test]
+    fn every_problem_prints_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default.toml"), "[server\nport = 1\r").unwrap();
+        let env = [(
+            "SWITCHBOARD__LIMITS__CAP_POLICY".to_string(),
+            "x\ny".to_string(),
+        )];
+        let Err(errors) = Settings::load_from(dir.path(), &env) else {
+            panic!("broken TOML accepted");
+        };
+        let text = errors.to_string();
+        assert_eq!(text.lines().count(), errors.0.len(), "{text}");
+        assert!(
+            text.lines().all(|l| l.starts_with("config error: ")),
+            "{text}"
+        );
+    }
+
+    /// Found by fuzzing: an environment variable named with thousands of `__` overflowed
+    /// the stack (the config crate recurses once per level); it is refused in one line.
+    #[test]
+    fn deeply_nested_environment_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Development, so that the name is the only problem.
+        let default = "[server]\nprofile = \"development\"\n";
+        std::fs::write(dir.path().join("default.toml"), default).unwrap();
+        let name = format!("SWITCHBOARD__SERVER{}", "__X".repeat(5000));
+        let Err(errors) = Settings::load_from(dir.path(), &[(name, "1".into())]) else {
+            panic!("a name of 5000 levels accepted");
+        };
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0].contains("names no setting"), "{errors}");
+        assert!(errors.0[0].len() < 200, "{errors}");
+    }
 
     /// Cookie keys must be base64 of 64 bytes or more.
     #[test]

@@ -213,18 +213,18 @@ impl EventId {
         })
     }
 
-    /// The next id after `prev` at wall-clock `now_ms`, never going backwards (past the
-    /// last `seq` of a millisecond, the next millisecond).
+    /// The next id after `prev` at wall-clock `now_ms`, never going backwards. `prev` may be
+    /// any id a publisher handed Redis, `u64::MAX` parts included: a full sequence moves on
+    /// to the next millisecond, and the greatest id of all is its own successor.
     pub(crate) fn next_after(prev: EventId, now_ms: u64) -> Self {
         if now_ms > prev.ms {
             Self { ms: now_ms, seq: 0 }
         } else if let Some(seq) = prev.seq.checked_add(1) {
             Self { ms: prev.ms, seq }
         } else {
-            Self {
-                ms: prev.ms.saturating_add(1),
-                seq: 0,
-            }
+            prev.ms
+                .checked_add(1)
+                .map_or(prev, |ms| Self { ms, seq: 0 })
         }
     }
 }
@@ -277,20 +277,31 @@ impl TopicPattern {
         Ok(Self { parts })
     }
 
+    /// Whether `topic` matches. The positions the parts so far can end at are carried from
+    /// part to part, so the work is bounded by parts × length² whatever the pattern: trying
+    /// every split in turn took exponential time for patterns like `a*-*-*-*-*-*`.
     pub(crate) fn matches(&self, topic: &Topic) -> bool {
-        fn go(parts: &[PatternPart], s: &str) -> bool {
-            match parts.split_first() {
-                None => s.is_empty(),
-                Some((PatternPart::Literal(l), rest)) => {
-                    s.strip_prefix(l.as_str()).is_some_and(|r| go(rest, r))
-                }
-                Some((PatternPart::Segment, rest)) => {
-                    let segment_len = s.find(':').unwrap_or(s.len());
-                    (1..=segment_len).any(|n| go(rest, &s[n..]))
+        let s = topic.as_str();
+        let mut ends = vec![false; s.len() + 1];
+        ends[0] = true;
+        for part in &self.parts {
+            let mut next = vec![false; s.len() + 1];
+            for at in (0..=s.len()).filter(|&at| ends[at]) {
+                match part {
+                    PatternPart::Literal(l) => {
+                        if s[at..].starts_with(l.as_str()) {
+                            next[at + l.len()] = true;
+                        }
+                    }
+                    PatternPart::Segment => {
+                        let segment_len = s[at..].find(':').unwrap_or(s.len() - at);
+                        next[at + 1..=at + segment_len].fill(true);
+                    }
                 }
             }
+            ends = next;
         }
-        go(&self.parts, topic.as_str())
+        ends[s.len()]
     }
 }
 
@@ -300,6 +311,9 @@ fn truncate(s: &str, max: usize) -> &str {
         None => s,
     }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -347,6 +361,37 @@ mod tests {
         };
         assert_eq!(EventId::next_after(last, 1), EventId { ms: 6, seq: 0 });
         assert!(EventId::parse("x-1").is_none());
+    }
+
+    /// Found by fuzzing: an id at the top of its sequence (a publisher may hand Redis any id)
+    /// overflowed the next id's sequence; it moves on to the next millisecond instead.
+    #[test]
+    fn next_id_after_a_full_sequence() {
+        let full = EventId {
+            ms: 7,
+            seq: u64::MAX,
+        };
+        assert_eq!(EventId::next_after(full, 0), EventId { ms: 8, seq: 0 });
+        let last = EventId {
+            ms: u64::MAX,
+            seq: u64::MAX,
+        };
+        assert_eq!(EventId::next_after(last, 0), last);
+    }
+
+    /// Found by fuzzing: a pattern with many `*` in one segment took exponential time on a
+    /// long topic that does not match; it answers at once now.
+    #[test]
+    fn many_stars_match_in_bounded_time() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pattern = TopicPattern::parse(&format!("x{}y", "*".repeat(40))).unwrap();
+            let topic = Topic::parse(&format!("x{}z", "a".repeat(120))).unwrap();
+            let matched = pattern.matches(&topic);
+            let _ = tx.send(matched);
+        });
+        let matched = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(matched, Ok(false), "no answer within 10 s");
     }
 
     /// `*` matches exactly one non-empty segment.

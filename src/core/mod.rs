@@ -6,6 +6,8 @@
 
 pub(crate) mod close;
 pub(crate) mod event;
+#[cfg(test)]
+pub(crate) mod fuzzing;
 pub(crate) mod identity;
 pub mod ids;
 pub(crate) mod metrics;

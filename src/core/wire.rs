@@ -51,8 +51,12 @@ impl ClientMessage {
         serde_json::from_str(text).map_err(|e| {
             let msg = e.to_string();
             if let Some(rest) = msg.strip_prefix("unknown variant ") {
-                let name = rest.split(',').next().unwrap_or(rest);
-                BadFrame::UnknownType(name.to_string())
+                // "`name`, expected one of …": the name itself may hold commas and backticks.
+                let name = match rest.rsplit_once("`, expected") {
+                    Some((name, _)) => format!("{name}`"),
+                    None => rest.to_string(),
+                };
+                BadFrame::UnknownType(name)
             } else if e.is_syntax() || e.is_eof() {
                 BadFrame::Malformed(e)
             } else {
@@ -160,6 +164,9 @@ pub(crate) fn validate_event_name(raw: &str) -> Result<(), InvalidId> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -183,6 +190,29 @@ mod tests {
             ClientMessage::decode(r#"{"type":"ping"}"#),
             Ok(ClientMessage::Ping)
         ));
+    }
+
+    /// Found by fuzzing: a float in published data reached subscribers with its last digit
+    /// changed (serde_json's default float parsing is not exact).
+    #[test]
+    fn published_floats_reach_subscribers_unchanged() {
+        let text = r#"{"type":"publish","topic":"a","data":[1.1557555010587585e-135,-1.0181148613003223e166]}"#;
+        let Ok(ClientMessage::Publish { data, .. }) = ClientMessage::decode(text) else {
+            panic!("a publish message");
+        };
+        let frame = encode_event("a", EventId::default(), "m", &data, None);
+        let frame: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(frame["data"][0].as_f64(), Some(1.1557555010587585e-135));
+        assert_eq!(frame["data"][1].as_f64(), Some(-1.0181148613003223e166));
+    }
+
+    /// Found by fuzzing: a type with a comma in it was cut at the comma in the reply.
+    #[test]
+    fn unknown_type_is_named_whole() {
+        let e = ClientMessage::decode(r#"{"type":",sub, scribe`"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("unknown message type `,sub, scribe``"), "{e}");
     }
 
     /// Server frames carry `type` first, as the protocol promises.

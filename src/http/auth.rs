@@ -399,6 +399,9 @@ pub(crate) async fn recheck_revocations(node: std::sync::Arc<Node>) {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

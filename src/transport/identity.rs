@@ -5,7 +5,7 @@
 
 use actix_session::storage::SessionKey;
 use actix_session::Session;
-use actix_web::cookie::{Cookie, CookieJar};
+use actix_web::cookie::{Cookie, CookieJar, Key};
 use actix_web::HttpRequest;
 
 use crate::core::close::{AuthFailure, Close};
@@ -25,6 +25,19 @@ pub(crate) async fn load_session(
     cookie_headers: impl Iterator<Item = &[u8]>,
 ) -> Result<Option<SessionState>, SessionReadError> {
     let name = node.settings.auth.cookie_name.as_str();
+    match session_key(cookie_headers, name, &node.cookie_key)? {
+        Some(key) => node.sessions.load(&key).await,
+        None => Ok(Some(SessionState::new())),
+    }
+}
+
+/// The session key the cookie `name` carries, decrypted with `key`; `None` when the cookie
+/// is there but does not decrypt (tampered, or sealed with another key or name).
+fn session_key<'h>(
+    cookie_headers: impl Iterator<Item = &'h [u8]>,
+    name: &str,
+    key: &Key,
+) -> Result<Option<SessionKey>, SessionReadError> {
     // Parsed as actix-web parses cookies: percent-decoded, as the middleware set them. A
     // cookie of ours that does not even decode (tampered) is there, and invalid.
     let raw = cookie_headers
@@ -37,22 +50,18 @@ pub(crate) async fn load_session(
         })
         .ok_or(SessionReadError::NoCookie)?;
     let Ok(cookie) = Cookie::parse_encoded(raw.to_string()) else {
-        return Ok(Some(SessionState::new()));
+        return Ok(None);
     };
-    let Some(key) = session_key(node, cookie) else {
-        return Ok(Some(SessionState::new()));
-    };
-    node.sessions.load(&key).await
+    Ok(unseal(cookie, name, key))
 }
 
-/// The session key in a cookie of ours: `None` when it does not decrypt with
-/// `auth.cookie_key` (tampered, or written under another key).
-fn session_key(node: &Node, cookie: Cookie<'static>) -> Option<SessionKey> {
-    let name = cookie.name().to_string();
+/// The session key sealed in `cookie` (named `name`): `None` when it does not decrypt with
+/// `key` (tampered, or written under another key or name).
+fn unseal(cookie: Cookie<'static>, name: &str, key: &Key) -> Option<SessionKey> {
     let mut jar = CookieJar::new();
     jar.add_original(cookie);
-    jar.private(&node.cookie_key)
-        .get(&name)
+    jar.private(key)
+        .get(name)
         .and_then(|c| SessionKey::try_from(c.value().to_string()).ok())
 }
 
@@ -69,6 +78,24 @@ pub(crate) async fn identify_state(
     node: &Node,
     state: &SessionState,
 ) -> Result<Identity, AuthFailure> {
+    let identity = read_identity(state, now_s())?;
+    // A session of an earlier boot of this (embedded) node: its logout may be forgotten.
+    if !node.revocations.same_boot(
+        state
+            .get(KEY_BOOT)
+            .and_then(|v| serde_json::from_str::<String>(v).ok())
+            .as_deref(),
+    ) {
+        return Err(AuthFailure::Expired);
+    }
+    if node.revocations.is_revoked(&identity.sid).await {
+        return Err(AuthFailure::LoggedOut);
+    }
+    Ok(identity)
+}
+
+/// The identity a session's state holds at `now` (Unix seconds), or why there is none.
+fn read_identity(state: &SessionState, now: u64) -> Result<Identity, AuthFailure> {
     let get = |key: &str| state.get(key).map(String::as_str);
     if get(KEY_LOGGED_OUT) == Some("true") {
         return Err(AuthFailure::LoggedOut);
@@ -83,19 +110,8 @@ pub(crate) async fn identify_state(
         })
     };
     let identity = read().ok_or(AuthFailure::Invalid)?;
-    if identity.exp <= now_s() {
+    if identity.exp <= now {
         return Err(AuthFailure::Expired);
-    }
-    // A session of an earlier boot of this (embedded) node: its logout may be forgotten.
-    if !node.revocations.same_boot(
-        get(KEY_BOOT)
-            .and_then(|v| serde_json::from_str::<String>(v).ok())
-            .as_deref(),
-    ) {
-        return Err(AuthFailure::Expired);
-    }
-    if node.revocations.is_revoked(&identity.sid).await {
-        return Err(AuthFailure::LoggedOut);
     }
     Ok(identity)
 }
@@ -112,7 +128,8 @@ pub(crate) async fn identify(
     // A cookie that fails decryption, or whose session the store no longer holds, reaches
     // us as an empty session: only the first is invalid, the second expired.
     let state = session.entries().clone();
-    if state.is_empty() && session_key(node, cookie.into_owned()).is_some() {
+    let name = node.settings.auth.cookie_name.as_str();
+    if state.is_empty() && unseal(cookie.into_owned(), name, &node.cookie_key).is_some() {
         return Err(AuthFailure::Expired);
     }
     identify_state(node, &state).await
@@ -129,3 +146,6 @@ pub(crate) async fn request_identity(
         .await
         .map_err(Close::Unauthenticated)
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -499,6 +499,9 @@ impl Handler<Control> for SseStream {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
