@@ -17,7 +17,6 @@ use crate::core::event::{PublishBody, PublishRequest};
 use crate::core::ids::{OrgId, Topic};
 use crate::core::wire::validate_event_name;
 use crate::node::Node;
-use crate::store::redis::CommandError;
 use crate::transport::handshake::request_ip;
 
 /// The largest publish body (actix-web's default payload limit, which the handler enforces
@@ -195,13 +194,15 @@ pub(crate) async fn publish(
     }
 }
 
-/// The 503 for a publish the broker did not confirm. Most failures mean the event was not
-/// taken (`unavailable`). When Redis was sent the command but did not answer in time, it may
-/// still run it once it resumes: that is `outcome_unknown`, so a publisher that retries knows
-/// the event may arrive twice (with two ids) rather than believing it was dropped.
+/// The 503 for a publish the broker did not confirm. When the broker knew it could not take
+/// it, or Redis refused the connection or answered an error, the event was not taken
+/// (`unavailable`). When the command may have reached Redis but no answer came (a timeout, a
+/// connection broken meanwhile), Redis may still run it, for example once a frozen Redis
+/// resumes: that is `outcome_unknown`, so a publisher that retries knows the event may
+/// arrive twice (with two ids) rather than believing it was dropped.
 fn not_accepted(e: &BrokerError) -> HttpResponse {
     let error = match e {
-        BrokerError::Redis(CommandError::Timeout(_)) => "outcome_unknown",
+        BrokerError::Redis(failure) if failure.outcome_unknown() => "outcome_unknown",
         _ => "unavailable",
     };
     HttpResponse::ServiceUnavailable()
@@ -212,7 +213,7 @@ fn not_accepted(e: &BrokerError) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::redis::REDIS_TIMEOUT;
+    use crate::store::redis::{CommandError, REDIS_TIMEOUT};
 
     async fn error_of(e: BrokerError) -> (u16, String) {
         let response = not_accepted(&e);

@@ -26,6 +26,19 @@ pub(crate) enum CommandError {
 }
 
 impl CommandError {
+    /// Whether Redis may have run the command though no answer came: it was (or may have
+    /// been) sent, and then the answer timed out or the connection broke. Only a refused
+    /// connection or an error answer say for sure that it did not run.
+    pub(crate) fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Timeout(_) => true,
+            Self::Redis(e) => {
+                !e.is_connection_refusal()
+                    && (e.is_timeout() || e.is_connection_dropped() || e.is_io_error())
+            }
+        }
+    }
+
     /// Whether the connection failed (dropped, refused, I/O, no answer in time), as opposed to
     /// Redis answering with an error: the first says nothing will get through until it is
     /// back, the second concerns one command.
@@ -191,5 +204,18 @@ mod tests {
         let dropped = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
         assert!(CommandError::Redis(dropped.into()).is_connection_failure());
         assert!(CommandError::Timeout(REDIS_TIMEOUT).is_connection_failure());
+    }
+
+    /// A command that may have reached Redis (no answer in time, connection broken after)
+    /// may still run; one on a refused connection, or answered with an error, did not.
+    #[test]
+    fn a_command_without_an_answer_has_an_unknown_outcome() {
+        let io = |kind| CommandError::Redis(std::io::Error::from(kind).into());
+        assert!(CommandError::Timeout(REDIS_TIMEOUT).outcome_unknown());
+        assert!(io(std::io::ErrorKind::BrokenPipe).outcome_unknown());
+        assert!(io(std::io::ErrorKind::ConnectionReset).outcome_unknown());
+        assert!(!io(std::io::ErrorKind::ConnectionRefused).outcome_unknown());
+        let reply = redis::RedisError::from((redis::ErrorKind::ResponseError, "OOM"));
+        assert!(!CommandError::Redis(reply).outcome_unknown());
     }
 }

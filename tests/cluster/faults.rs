@@ -431,13 +431,13 @@ async fn redis_frozen_past_every_timeout_loses_no_accepted_event() {
     let logs = fleet.finish(&published).await;
     assert_no_socket_lost(&logs, "Redis frozen");
     let tally = check_delivery(&logs, &publisher, &published);
-    // A publish whose answer timed out was refused 503, yet Redis may carry it out once it
-    // runs again: such an event reaches the clients. Only those may.
+    // A publish whose answer did not come was refused 503 `outcome_unknown`, since Redis may
+    // carry it out once it runs again: such an event reaches the clients. Only those may.
     let timed_out = publisher
         .refused
         .borrow()
         .iter()
-        .filter(|(_, body)| body.contains("timed out"))
+        .filter(|(_, body)| body.contains("outcome_unknown"))
         .count();
     assert!(
         tally.unaccepted <= timed_out * tally.clients,
