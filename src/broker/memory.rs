@@ -152,6 +152,8 @@ impl EventLog {
         Replay {
             events,
             recovered: reaches_back && !cut,
+            // Only the pod catching up after a Redis outage asks for this; embedded has none.
+            whole_stream: false,
         }
     }
 

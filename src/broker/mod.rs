@@ -73,6 +73,11 @@ pub(crate) struct Replay {
     pub(crate) events: Vec<Arc<Event>>,
     /// False when history no longer reaches back to `since`: the client must reload state.
     pub(crate) recovered: bool,
+    /// The events are every one the stream ever held after `since`: it was never trimmed
+    /// and the replay was not cut. A `since` older than such a stream's first entry is not
+    /// `recovered` (the stream may have expired and come back), but a caller that knows
+    /// nothing was published between `since` and the stream's start can rely on it.
+    pub(crate) whole_stream: bool,
 }
 
 /// Whether the broker can take events, and why not. Clustered, that takes both Redis

@@ -5,7 +5,8 @@
 //! canary each pod publishes to itself proves the subscription is alive, not just connected. When
 //! Redis goes away the broker reports unavailable (readiness and publish answer 503), reconnects
 //! with capped backoff, resubscribes and carries on; sockets stay open throughout. Once a
-//! channel is subscribed again, its history after the last event this pod delivered is
+//! channel is subscribed again, its history after the last event this pod delivered (on a
+//! channel that carried none yet: after its subscription was last known alive) is
 //! replayed before the live events held meanwhile, so the sockets lose nothing other pods
 //! accepted while this one was away; when history no longer reaches back that far, the
 //! channel's sockets are told to reconnect (1012), to resume with `since`.
@@ -299,6 +300,8 @@ pub(crate) struct RedisBroker {
     canary_channel: String,
     /// Unix ms of the last canary heard back; shared with the readiness check.
     last_canary_ms: Arc<AtomicU64>,
+    /// When the current (or last) subscriber connection was made, Unix ms.
+    connected_at_ms: u64,
     connected: bool,
     /// The subscriber has been connected before: the next connection is a reconnect.
     was_connected: bool,
@@ -336,6 +339,7 @@ impl RedisBroker {
             redis_epoch: 0,
             canary_channel: format!("sbx:canary:{}", node_id()),
             last_canary_ms: Arc::new(AtomicU64::new(0)),
+            connected_at_ms: 0,
             connected: false,
             was_connected: false,
             backoff: BACKOFF_FIRST,
@@ -375,6 +379,10 @@ impl RedisBroker {
     ) {
         self.generation.send_modify(|g| *g += 1);
         self.interest_changed = Arc::new(Notify::new());
+        if self.was_connected {
+            self.mark_quiet_channels();
+        }
+        self.connected_at_ms = unix_ms();
         self.live_channels.send_replace(HashSet::new());
         // Readiness waits for a canary through this connection, not one heard before the
         // outage: that one says nothing about the command connection since Redis came back.
@@ -415,6 +423,42 @@ impl RedisBroker {
             self.generation.subscribe(),
         ));
         // Readiness waits for the first canary to come back through the new subscription.
+    }
+
+    /// Channels that were subscribed on the lost connection but delivered no event yet have
+    /// no last id to catch up from; without one, what was published on them while the
+    /// subscriber was away would be lost without notice. Their gap starts when the lost
+    /// subscription was last known alive (its last canary, else when it connected): nothing
+    /// was delivered on them up to then, so nothing after it can have been. A pod clock
+    /// behind Redis's may replay an event from just before a socket subscribed; one ahead
+    /// cannot lose one, as events published before the drop were delivered live.
+    fn mark_quiet_channels(&mut self) {
+        let alive_until = self
+            .last_canary_ms
+            .load(Ordering::Acquire)
+            .max(self.connected_at_ms);
+        let quiet: Vec<ChannelKey> = self
+            .live_channels
+            .borrow()
+            .iter()
+            .filter(|channel| !self.delivered.contains_key(*channel))
+            .cloned()
+            .collect();
+        for channel in quiet {
+            self.delivered.insert(
+                channel,
+                Delivered {
+                    id: EventId {
+                        ms: alive_until,
+                        seq: 0,
+                    },
+                    // Nothing of it was seen: no stream means nothing was published.
+                    kept: false,
+                    epoch: self.redis_epoch,
+                    quiet: true,
+                },
+            );
+        }
     }
 
     /// After a reconnect, replay on every channel this pod delivered events of what other
@@ -459,7 +503,11 @@ impl RedisBroker {
         };
         let restarted = last.epoch != self.redis_epoch;
         let replay = match gap {
-            Ok(Gap::Replay(replay)) if replay.recovered || restarted => replay.events,
+            Ok(Gap::Replay(replay))
+                if replay.recovered || restarted || (last.quiet && replay.whole_stream) =>
+            {
+                replay.events
+            }
             // Nothing of this channel is kept, and what it carried last was not meant to
             // be: a live-only topic, which simply resumes live.
             Ok(Gap::NoStream) if !last.kept || restarted => Vec::new(),
@@ -482,6 +530,7 @@ impl RedisBroker {
                             id: newest.id,
                             kept: last.kept,
                             epoch: self.redis_epoch,
+                            quiet: false,
                         },
                     );
                 }
@@ -498,6 +547,7 @@ impl RedisBroker {
         for event in events.iter().filter(|event| event.id > last.id) {
             self.registry.deliver(event);
             newest.id = event.id;
+            newest.quiet = false;
         }
         self.delivered.insert(channel.clone(), newest);
     }
@@ -576,6 +626,7 @@ impl RedisBroker {
                     id,
                     kept,
                     epoch: self.redis_epoch,
+                    quiet: false,
                 },
             );
         }
@@ -869,6 +920,9 @@ struct Delivered {
     kept: bool,
     /// The Redis it came from ([`RedisBroker::redis_epoch`]).
     epoch: u64,
+    /// No event of the channel was seen: `id` is when its subscription was last known
+    /// alive, so a stream that began after it holds all that was missed.
+    quiet: bool,
 }
 
 /// What a channel missed while the subscriber was away, read once it is subscribed again.
@@ -1024,7 +1078,11 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
             ))
         })
         .collect();
-    Replay { events, recovered }
+    Replay {
+        events,
+        recovered,
+        whole_stream: newest_trimmed.is_none() && !cut,
+    }
 }
 
 #[cfg(test)]
@@ -1186,6 +1244,21 @@ mod tests {
         );
         assert_eq!(ids(&replay), ["4-0", "5-0"]);
         assert!(!replay.recovered);
+        // Yet it is the whole stream: a pod that knows nothing was published on the channel
+        // before `since` (it was quiet there) can rely on it.
+        assert!(replay.whole_stream);
+        let trimmed = decode_history(
+            &channel(),
+            id("1-0"),
+            &answer(
+                "5-0",
+                false,
+                "4-0",
+                "3-0",
+                vec![kept("4-0", 4), kept("5-0", 5)],
+            ),
+        );
+        assert!(!trimmed.whole_stream && !trimmed.recovered);
     }
 
     /// `since` is the newest trimmed entry (or lies between it and the oldest kept one):

@@ -326,17 +326,36 @@ async fn redis_killed_under_steady_publishing_loses_no_accepted_event() {
 /// Pod B alone loses Redis (a partition between it and Redis) while pod A keeps accepting publishes: B says 503 on /readyz and keeps its sockets open; once B is back and ready, its sockets must still get every event A accepted meanwhile, since nothing tells their clients to resume.
 #[actix_web::test]
 async fn pod_cut_off_from_redis_still_delivers_what_other_pods_accepted_meanwhile() {
+    pod_cut_off_from_redis(20).await;
+}
+
+/// The same, with the cut before the topic carried any event: pod B has no last event of the
+/// channel to catch up from, and must still deliver what was published while it was away.
+#[actix_web::test]
+async fn pod_cut_off_before_a_topic_carried_any_event_still_delivers_what_it_missed() {
+    pod_cut_off_from_redis(0).await;
+}
+
+/// Pod B cut off from Redis after `before` accepted publishes (through pod A), 30 more while
+/// it is away, 30 after it is ready again: every socket on both pods gets every one.
+async fn pod_cut_off_from_redis(before: usize) {
     let redis = Redis::start();
     let proxy = WedgeProxy::start(redis.port());
     let mut pods = start_pods(&redis.url(), 1, OPEN_HANDSHAKES);
     pods.extend(start_pods(&proxy.url(), 1, OPEN_HANDSHAKES));
     let deadline = Instant::now() + Duration::from_secs(40);
     let fleet = followers_on(&redis, &pods, 20, deadline).await;
-    let mut publisher = Publisher::start(&pods[0].base_url(), ORG, TOPIC, PUBLISH_EVERY);
-    publisher.wait_count(20, T).await;
+    let mut publisher = None;
+    if before > 0 {
+        let started = Publisher::start(&pods[0].base_url(), ORG, TOPIC, PUBLISH_EVERY);
+        started.wait_count(before, T).await;
+        publisher = Some(started);
+    }
 
     proxy.cut();
     wait_redis_unavailable(&pods[1], Duration::from_secs(6), "pod B cut off from Redis").await;
+    let mut publisher = publisher
+        .unwrap_or_else(|| Publisher::start(&pods[0].base_url(), ORG, TOPIC, PUBLISH_EVERY));
     let cut_at = publisher.count();
     publisher.wait_count(cut_at + 30, T).await;
     proxy.restore();
