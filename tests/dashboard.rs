@@ -14,6 +14,11 @@
 //!   http://localhost:PORT or ask the operator to add it.", announced, without showing the
 //!   allowlist; Tab reaches Reconnect with a visible focus ring.
 //!
+//! - `dashboard_over_sse_behind_a_proxy_that_strips_upgrade`: the page opened through an nginx
+//!   whose `/ws` location does not pass `Upgrade`/`Connection` on (so every socket fails
+//!   before `open`) signs in, says it is connected over the fallback, and shows a call
+//!   published through `POST /api/publish`, all over `GET /sse`.
+//!
 //! Needs `/usr/bin/chromium` (`apt-get install -y chromium`; `.ci/run` installs it) and
 //! `tests/browser/node_modules` (`npm ci --prefix tests/browser`; `scripts/test.sh` runs it).
 //! Without them these tests fail and say so; they never skip. Screenshots land in
@@ -27,7 +32,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{terminate, Hub, PUBLISH_KEY, T};
+use common::{terminate, Hub, Nginx, PUBLISH_KEY, T};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// Backstop for one run of the browser script (which bounds itself at 60 s).
@@ -99,6 +104,12 @@ fn run_browser(hub: &Hub, scenario: &str) -> PathBuf {
 
 /// [`run_browser`] with extra environment for the script.
 fn run_browser_with(hub: &Hub, scenario: &str, env: &[(&str, &str)]) -> PathBuf {
+    run_browser_at(hub, &hub.base_url(), scenario, env)
+}
+
+/// [`run_browser_with`] opening the page at `base` (a proxy in front of `hub`) instead of
+/// the hub itself.
+fn run_browser_at(hub: &Hub, base: &str, scenario: &str, env: &[(&str, &str)]) -> PathBuf {
     let _one_browser = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dashboard-{scenario}"));
     let _ = std::fs::remove_dir_all(&out_dir);
@@ -106,7 +117,7 @@ fn run_browser_with(hub: &Hub, scenario: &str, env: &[(&str, &str)]) -> PathBuf 
 
     let mut child = Command::new("node")
         .arg(browser_dir().join("dashboard.mjs"))
-        .arg(hub.base_url())
+        .arg(base)
         .arg(scenario)
         .arg(&out_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -200,4 +211,55 @@ fn dashboard_shows_why_its_origin_is_refused() {
         "the hub did not log a WARN with {want:?}; output:\n{}",
         hub.logs()
     );
+}
+
+/// An nginx in front of `hub` whose `/ws` location behaves like a proxy that strips the
+/// WebSocket upgrade: `Upgrade` and `Connection` are not passed on (and nginx speaks HTTP/1.0
+/// to the hub there), so the hub sees a plain GET and answers 426. Everything else is proxied
+/// as it is, `/sse` unbuffered so events are not held back.
+fn nginx_stripping_upgrade(hub: &Hub) -> Nginx {
+    const CONF: &str = r#"worker_processes 1;
+error_log /dev/stderr warn;
+events { worker_connections 64; }
+http {
+    client_body_temp_path @DIR@/tmp/body; proxy_temp_path @DIR@/tmp/proxy;
+    fastcgi_temp_path @DIR@/tmp/fastcgi; uwsgi_temp_path @DIR@/tmp/uwsgi;
+    scgi_temp_path @DIR@/tmp/scgi;
+    access_log /dev/stdout;
+    server {
+        listen 127.0.0.1:@PORT@;
+        proxy_set_header Host $http_host;
+        location /ws {
+            proxy_set_header Host $http_host;
+            proxy_set_header Upgrade "";
+            proxy_set_header Connection "";
+            proxy_pass http://@HUB@;
+        }
+        location /sse {
+            proxy_http_version 1.1;
+            proxy_buffering off;
+            proxy_pass http://@HUB@;
+        }
+        location / { proxy_pass http://@HUB@; }
+    }
+}
+"#;
+    let upstream = hub.addr().to_string();
+    Nginx::start_with(|port, dir| {
+        CONF.replace("@DIR@", &dir.display().to_string())
+            .replace("@PORT@", &port.to_string())
+            .replace("@HUB@", &upstream)
+    })
+}
+
+/// Behind a proxy that strips the WebSocket upgrade, the board still works: its sockets fail
+/// before `open`, it falls back to `GET /sse`, the dev login signs in through the proxy, the
+/// status says `open (fallback)` with the plain-words reason, and a call published through
+/// `POST /api/publish` shows on the board within seconds.
+#[test]
+fn dashboard_over_sse_behind_a_proxy_that_strips_upgrade() {
+    require_tools();
+    let hub = Hub::start(&[]);
+    let nginx = nginx_stripping_upgrade(&hub);
+    run_browser_at(&hub, &nginx.url(""), "sse", &[]);
 }

@@ -11,6 +11,10 @@
 //           Sign out closes the socket (4401 logged out) and brings the login form back.
 //   origin  the hub does not admit the page's own origin: the page says
 //           `origin not allowed: <origin>` (the 4403 close reason), not a bare 1006.
+//   sse     <base> is a proxy in front of the hub that strips the WebSocket upgrade: every socket
+//           fails before `open`, the page falls back to GET /sse, signs in with the dev login,
+//           says it is connected over the fallback, and shows a call published through
+//           POST /api/publish.
 //
 // Prints one line per step; on failure prints what went wrong (with the page's state, its
 // console and its raw frame log), takes a screenshot, and exits 1. Screenshots go to the out
@@ -35,10 +39,11 @@ const USER = 'agent-1';
 const STEP_MS = 5000;       // bound on each wait for something the page should show promptly
 const SIMULATOR_MS = 20000; // bound on the wait for the demo simulator's first call on screen
 const OVERALL_MS = 60000;   // the whole script, browser start included
+const FALLBACK_MS = 15000;  // bound on the page giving up on WebSockets (a few failed tries with backoff)
 
 const [base, scenario, outArg] = process.argv.slice(2);
-if (!base || !['login', 'origin'].includes(scenario)) {
-  console.error('usage: node dashboard.mjs <hub base url, e.g. http://127.0.0.1:8080> <login|origin> [out dir]');
+if (!base || !['login', 'origin', 'sse'].includes(scenario)) {
+  console.error('usage: node dashboard.mjs <hub base url, e.g. http://127.0.0.1:8080> <login|origin|sse> [out dir]');
   process.exit(2);
 }
 const hub = new URL(base);
@@ -330,6 +335,58 @@ async function scenarioOrigin() {
   await screenshot('dashboard-origin');
 }
 
+// ---- scenario sse -------------------------------------------------------------------------------
+async function scenarioSse() {
+  await page.goto(new URL('/', hub).href, { waitUntil: 'domcontentloaded' });
+  step(`opened ${page.url()}`);
+
+  // The sockets fail before `open` (the proxy answers the hub's 426), the page turns to
+  // GET /sse, which refuses it 401 (4401): no session yet, so the dev login shows.
+  await waitText('#status', 'refused', 'no session, over the fallback', FALLBACK_MS);
+  await waitText('#status-code', '4401', 'no session, over the fallback');
+  await waitVisible('#login', 'no session, over the fallback');
+  const wsFailed = (line) => line.includes("/ws' failed") && line.includes('Unexpected response code: 426');
+  const failedBefore = consoleLines.filter(wsFailed).length;
+  if (failedBefore === 0) fail('no session, over the fallback: no WebSocket failed with 426 through the proxy');
+  step(`no session, over the fallback: ${failedBefore} WebSocket handshake(s) answered 426 through the proxy`);
+
+  await page.fill('#login-user', USER);
+  await page.fill('#login-org', ORG);
+  await page.click('#login-submit');
+  step(`signed in as ${USER} / org ${ORG}`);
+  await waitText('#status', 'open (fallback)', 'after login', FALLBACK_MS);
+  await waitVisible('#login', 'after login', false);
+  await waitText('#help-title', 'Connected (fallback)', 'after login');
+  await waitText('#status-help', 'This network blocks WebSockets, so live calls arrive over a slower fallback ' +
+    'connection. Nothing to do: the board switches back by itself when it can.', 'after login');
+  await checkAnnounced('Connected (fallback)', 'after login');
+  await waitText('#who-user', USER, 'after login');
+
+  const callId = `e2e-sse-${process.pid}-${Date.now()}`;
+  const row = `#calls tr[data-call-id="${callId}"]`;
+  const call = {
+    call_id: callId, direction: 'inbound', from: '+15550100', to: '+15550199', agent_id: null,
+    started_at: new Date().toISOString(), ended_at: null, ended_reason: null,
+  };
+  for (const status of ['queued', 'ringing']) {
+    const id = await publish({ ...call, status });
+    step(`published ${callId} ${status} (event ${id}) through the proxy`);
+    await waitText(`${row} td.status`, status, `call ${status} over the fallback`);
+  }
+  // Once the fallback is up the page tries a WebSocket again; that fails too, and it stays.
+  if (consoleLines.filter(wsFailed).length <= failedBefore) {
+    try {
+      await page.waitForEvent('console', { predicate: (m) => wsFailed(m.text()), timeout: STEP_MS });
+    } catch (e) {
+      if (!/Timeout/i.test(e.message)) throw e;
+      fail(`still on the fallback: the page did not try a WebSocket again within ${STEP_MS} ms`);
+    }
+  }
+  step('still on the fallback: the WebSocket tried again after the fallback came up failed too');
+  await waitText('#status', 'open (fallback)', 'still on the fallback');
+  await screenshot('dashboard-sse');
+}
+
 // ---- run ---------------------------------------------------------------------------------------
 const overall = setTimeout(() => {
   console.error(`FAIL dashboard ${scenario}: the whole run took longer than ${OVERALL_MS} ms`);
@@ -351,11 +408,17 @@ try {
   page.on('pageerror', (e) => pageErrors.push(String(e && e.stack || e)));
 
   if (scenario === 'login') await scenarioLogin();
+  else if (scenario === 'sse') await scenarioSse();
   else await scenarioOrigin();
 
   if (pageErrors.length) fail(`uncaught errors in the page:\n  ${pageErrors.join('\n  ')}`);
-  // The browser logs each failed handshake of the deliberately blocked socket (SSE fallback).
-  const consoleErrors = consoleLines.filter((l) => l.startsWith('error: ') && !l.includes("/ws-blocked-by-proxy' failed"));
+  // The browser logs each failed handshake of the deliberately blocked socket (SSE fallback);
+  // behind the proxy that strips the upgrade every /ws fails, and GET /sse without a session
+  // is refused 401.
+  const expected = scenario === 'sse'
+    ? (l) => l.includes("/ws' failed") || l.includes('the server responded with a status of 401')
+    : (l) => l.includes("/ws-blocked-by-proxy' failed");
+  const consoleErrors = consoleLines.filter((l) => l.startsWith('error: ') && !expected(l));
   if (consoleErrors.length) fail(`errors in the browser console:\n  ${consoleErrors.join('\n  ')}`);
   console.log(`PASS dashboard ${scenario} (${((Date.now() - started) / 1000).toFixed(1)} s); screenshots in ${outDir}`);
 } catch (e) {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::client::{event_id, first_difference, http_at, open_welcomed, post_json_at, Publisher};
 use crate::common::*;
 use crate::follow::{follow, FollowLog, Shared};
-use crate::infra::{kill, start_pod_on, start_pods, Nginx, Redis, WedgeProxy};
+use crate::infra::{kill, start_pod_on, start_pods, Redis, WedgeProxy};
 use crate::{wait_ready, wait_redis_unavailable, wait_until, CHANNEL, ORG, TOPIC};
 
 /// Every test here opens its sockets from one address (and nginx forwards them all as

@@ -7,71 +7,19 @@
 //! Nothing here uses port 6379 or a Redis that was already running. A missing `redis-server`
 //! or `nginx` fails the test with the command that installs them; it never skips.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{terminate, Hub};
+use crate::common::{
+    blocking_get_status, echo_lines, free_port, open_tempdir, require_tool, Hub, Nginx,
+};
 
-/// How CI (and a developer) gets the tools these tests need.
-pub const INSTALL_HINT: &str = "apt-get install -y redis-server nginx";
-
-/// How long redis-server or nginx may take to start answering.
+/// How long redis-server may take to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The path of `tool`, looked up on PATH and in /usr/sbin (where Debian puts nginx, and which
-/// is not on every user's PATH). Panics with the install command when it is not installed.
-pub fn require_tool(tool: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|dir| dir.join(tool))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!("`{tool}` is not installed; the cluster tests need it: {INSTALL_HINT}")
-        })
-}
-
-/// A TCP port nobody listens on right now (never 6379, the conventional Redis port).
-pub fn free_port() -> u16 {
-    loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let port = listener.local_addr().expect("local addr").port();
-        if port != 6379 {
-            return port;
-        }
-    }
-}
-
-/// A temporary directory that other users can enter (nginx workers run as `nobody` when
-/// the tests run as root, and must reach their temp directories inside it).
-fn open_tempdir(prefix: &str) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir()
-        .expect("create a temporary directory");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod the temporary directory");
-    }
-    dir
-}
-
-/// Echo every line of `pipe` to the test's output with `prefix` (shown when a test fails).
-fn echo_lines<R: Read + Send + 'static>(pipe: R, prefix: String) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[{prefix}] {line}");
-        }
-    });
-}
 
 // ---------------------------------------------------------------------------------------------
 // redis-server
@@ -395,154 +343,15 @@ pub fn render_nginx_conf(
     out
 }
 
-/// A real nginx in front of some pods, run in the foreground as a child of the test.
-pub struct Nginx {
-    port: u16,
-    child: Option<Child>,
-    /// The command line options naming its configuration, prefix and pid file, which
-    /// `nginx -s reload` needs too.
-    options: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
 impl Nginx {
     /// Start nginx on a free port with `config/nginx.conf` pointing at `upstreams`, and wait
     /// until `GET /healthz` through it answers 200.
     pub fn start(upstreams: &[SocketAddr]) -> Nginx {
-        let bin = require_tool("nginx");
-        let dir = open_tempdir("sb-nginx-");
-        std::fs::create_dir_all(dir.path().join("tmp")).expect("mkdir nginx tmp");
         let template_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/nginx.conf");
         let template = std::fs::read_to_string(&template_path)
             .unwrap_or_else(|e| panic!("read {}: {e}", template_path.display()));
-        let port = free_port();
-        let conf = dir.path().join("nginx.conf");
-        std::fs::write(
-            &conf,
-            render_nginx_conf(&template, upstreams, port, dir.path()),
-        )
-        .expect("write nginx.conf");
-        let options = vec![
-            "-c".to_string(),
-            conf.display().to_string(),
-            "-p".to_string(),
-            format!("{}/", dir.path().display()),
-            "-e".to_string(),
-            dir.path().join("startup-error.log").display().to_string(),
-            "-g".to_string(),
-            format!("daemon off; pid {}/nginx.pid;", dir.path().display()),
-        ];
-        let mut child = Command::new(bin)
-            .args(&options)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nginx");
-        echo_lines(
-            child.stdout.take().expect("piped stdout"),
-            format!("nginx:{port} access"),
-        );
-        echo_lines(
-            child.stderr.take().expect("piped stderr"),
-            format!("nginx:{port} error"),
-        );
-        let mut nginx = Nginx {
-            port,
-            child: Some(child),
-            options,
-            _dir: dir,
-        };
-        nginx.wait_serving();
-        nginx
+        Nginx::start_with(|port, dir| render_nginx_conf(&template, upstreams, port, dir))
     }
-
-    /// Wait until nginx proxies `GET /healthz` to a pod and answers 200.
-    fn wait_serving(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if blocking_get_status(self.addr(), "/healthz") == Some(200) {
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("nginx on port {} exited at start-up: {status}", self.port);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nginx on port {} did not proxy /healthz within {START_TIMEOUT:?}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr())
-    }
-
-    /// `nginx -s reload`, as an operator runs it: the master re-reads its configuration,
-    /// starts new workers and tells the old ones to finish gracefully.
-    pub fn reload(&self) {
-        let out = Command::new(require_tool("nginx"))
-            .args(&self.options)
-            .args(["-s", "reload"])
-            .output()
-            .expect("run nginx -s reload");
-        assert!(
-            out.status.success(),
-            "nginx -s reload failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// The pids of the master's worker processes right now (from /proc).
-    pub fn workers(&self) -> Vec<u32> {
-        let master = self.child.as_ref().expect("nginx is running").id();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                // /proc/PID/stat: `pid (comm) state ppid ...`; comm may hold spaces.
-                std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .ok()
-                    .and_then(|stat| {
-                        let after = stat.rsplit_once(')')?.1;
-                        after.split_whitespace().nth(1)?.parse::<u32>().ok()
-                    })
-                    == Some(master)
-            })
-            .collect()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SIGTERM: the master stops its workers too (SIGKILL would orphan them, still
-        // listening on the port).
-        terminate(&mut child, Duration::from_secs(5));
-    }
-}
-
-/// The status code of a plain `GET path` over HTTP/1.0 (blocking; for start-up checks).
-fn blocking_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    use std::io::Write;
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut head = String::new();
-    BufReader::new(stream).read_line(&mut head).ok()?;
-    head.split(' ').nth(1)?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------------

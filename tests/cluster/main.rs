@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use client::{connect, event_id, first_difference, http_at, open_welcomed, wait_readyz, Publisher};
 use common::*;
-use infra::{kill, start_pods, Nginx, Redis, WedgeProxy};
+use infra::{kill, start_pods, Redis, WedgeProxy};
 
 const ORG: &str = "42";
 const TOPIC: &str = "calls";

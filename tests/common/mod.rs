@@ -18,6 +18,8 @@
 //! - `auth`: dev login, the session cookie, and JWTs (`dev_login`, `session_cookie`, `jwt`).
 //! - `publish`: `POST /api/publish` (`publish`, `publish_ok`, `publish_raw`).
 //! - `metrics`: reading and waiting on `/metrics` samples.
+//! - `nginx`: a real nginx in front of hubs (`Nginx`), and the tools, free ports and temporary
+//!   directories such helper processes need (`require_tool`, `free_port`, `open_tempdir`).
 //! - `ws`: the WebSocket client (`Ws`, `ws_connect`, `connect_user`, `Frame`, `TestSocket`).
 //! - `raw_ws`: a hand-spoken WebSocket that never answers pings (`RawWs`).
 //! - `sse`: the Server-Sent Events client (`open_sse`, `SseClient`).
@@ -31,6 +33,7 @@ mod auth;
 mod checks;
 mod http;
 mod metrics;
+mod nginx;
 mod process;
 mod publish;
 mod raw_ws;
@@ -40,7 +43,8 @@ mod ws;
 // Each test crate uses only part of the harness, so some of these re-exports go unused in it.
 #[allow(unused_imports)]
 pub use self::{
-    auth::*, checks::*, http::*, metrics::*, process::*, publish::*, raw_ws::*, sse::*, ws::*,
+    auth::*, checks::*, http::*, metrics::*, nginx::*, process::*, publish::*, raw_ws::*, sse::*,
+    ws::*,
 };
 
 use std::time::Duration;
