@@ -325,11 +325,15 @@ async fn jwt_with_invalid_org_is_refused() {
     assert!(session_cookie(&resp).is_none(), "{resp}");
 }
 
-/// A socket opened just before its session expires is closed when the session does, with
-/// 4401 `session expired`, not left open for as long as the client keeps it.
+/// A socket opened just before its session expires is closed when the session does (within
+/// `auth.revocation_check_s`), with 4401 `session expired`, not left open for as long as the
+/// client keeps it.
 #[actix_web::test]
 async fn a_socket_closes_when_its_session_expires() {
-    let hub = Hub::start(&[("SWITCHBOARD__AUTH__SESSION_TTL_S", "2")]);
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__AUTH__SESSION_TTL_S", "2"),
+        ("SWITCHBOARD__AUTH__REVOCATION_CHECK_S", "1"),
+    ]);
     let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
     assert_close(
         ws.expect_close(Duration::from_secs(5)).await,
@@ -342,7 +346,10 @@ async fn a_socket_closes_when_its_session_expires() {
 /// An SSE stream ends with its session too: a `close` record with 4401 `session expired`.
 #[actix_web::test]
 async fn an_sse_stream_ends_when_its_session_expires() {
-    let hub = Hub::start(&[("SWITCHBOARD__AUTH__SESSION_TTL_S", "2")]);
+    let hub = Hub::start(&[
+        ("SWITCHBOARD__AUTH__SESSION_TTL_S", "2"),
+        ("SWITCHBOARD__AUTH__REVOCATION_CHECK_S", "1"),
+    ]);
     let cookie = dev_login(&hub, "u1", "42").await;
     let headers = [("origin", ORIGIN), ("cookie", cookie.as_str())];
     let mut sse = sse_stream(open_sse(&hub, "topic=calls", &headers).await);

@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::fanout::{self, Subscriber};
 use super::outbox::Outbox;
 use super::writer::Socket;
-use crate::core::close::Close;
+use crate::core::close::{AuthFailure, Close};
 use crate::core::event::Event;
 use crate::core::ids::{ChannelKey, ConnId};
 
@@ -66,6 +66,8 @@ struct SessionEntry {
     slot: String,
     /// The login session this socket belongs to (for logout).
     sid: String,
+    /// When that session expires, Unix seconds.
+    exp: u64,
 }
 
 /// This node's sessions, by connection, and which workers have subscribers of each channel.
@@ -102,6 +104,7 @@ impl Registry {
         user_key: String,
         slot: String,
         sid: String,
+        exp: u64,
     ) {
         self.sessions.lock().insert(
             link.conn,
@@ -110,6 +113,7 @@ impl Registry {
                 user_key,
                 slot,
                 sid,
+                exp,
             },
         );
     }
@@ -218,6 +222,19 @@ impl Registry {
         let mut n = 0;
         for entry in sessions.values().filter(|e| e.sid == sid) {
             entry.link.control.do_send(Control::Close(close.clone()));
+            n += 1;
+        }
+        n
+    }
+
+    /// Close every local socket whose login session expired by `now_s` (Unix seconds), with
+    /// 4401 `session expired`; returns how many.
+    pub(crate) fn close_expired(&self, now_s: u64) -> usize {
+        let sessions = self.sessions.lock();
+        let mut n = 0;
+        for entry in sessions.values().filter(|e| e.exp <= now_s) {
+            let expired = Close::Unauthenticated(AuthFailure::Expired);
+            entry.link.control.do_send(Control::Close(expired));
             n += 1;
         }
         n

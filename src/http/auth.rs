@@ -370,16 +370,22 @@ pub(crate) async fn logout(
     HttpResponse::NoContent().finish()
 }
 
-/// Every `auth.revocation_check_s`, close the local sockets of sessions that logged out
-/// meanwhile: a pod whose subscriber was reconnecting when the logout was broadcast never
-/// heard it. An unreachable store skips a round (closing every socket over a Redis blip would
-/// be worse than a late close).
-pub(crate) async fn recheck_revocations(node: std::sync::Arc<Node>) {
+/// Every `auth.revocation_check_s`, close the local sockets whose session expired, and those
+/// of sessions that logged out meanwhile: a pod whose subscriber was reconnecting when the
+/// logout was broadcast never heard it. One sweep for the node, rather than a timer per
+/// socket: a socket outlives its session by at most the period. An unreachable store skips
+/// the logout check of a round (closing every socket over a Redis blip would be worse than a
+/// late close).
+pub(crate) async fn recheck_sessions(node: std::sync::Arc<Node>) {
     let period = std::time::Duration::from_secs(node.settings.auth.revocation_check_s);
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        let expired = node.registry.close_expired(now_s());
+        if expired > 0 {
+            log::info!("closed {expired} socket(s) whose session expired");
+        }
         let sids = node.registry.session_ids();
         if sids.is_empty() {
             continue;

@@ -203,7 +203,7 @@ impl Bound {
             actix::spawn(refresh_leases(caps, move || registry.cap_slots()));
         }
         actix::spawn(trim::trim_when_quiet(node.registry.clone()));
-        actix::spawn(http::auth::recheck_revocations(node.clone()));
+        actix::spawn(http::auth::recheck_sessions(node.clone()));
         let handle = self.server.handle();
         actix::spawn(async move {
             shutdown::signalled().await;

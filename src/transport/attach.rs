@@ -3,9 +3,8 @@
 //! the cap slot the handshake took), subscribe channels (live at once, or held until Redis
 //! confirms the channel or until the history after `since` is read, then released in order
 //! without duplicates; replays within the connection's
-//! [`ReplayBudget`](crate::delivery::replay::ReplayBudget)), close it when its login
-//! session expires (4401 `session expired`), and detach when the [`Attachment`] is
-//! dropped (every channel left, unregistered, the cap slot given back). The transports
+//! [`ReplayBudget`](crate::delivery::replay::ReplayBudget)), and detach when the
+//! [`Attachment`] is dropped (every channel left, unregistered, the cap slot given back). The transports
 //! only frame what this decides.
 
 use std::cell::RefCell;
@@ -18,7 +17,7 @@ use std::time::Instant;
 use actix::prelude::*;
 
 use crate::broker::{Interest, Replay, CONFIRM_TIMEOUT};
-use crate::core::close::{AuthFailure, Close};
+use crate::core::close::Close;
 use crate::core::event::Event;
 use crate::core::identity::Identity;
 use crate::core::ids::{ChannelKey, ConnId, EventId};
@@ -54,8 +53,6 @@ pub(crate) struct Attachment {
     link: Arc<SessionLink>,
     /// The subscriptions, shared with the socket's writer (WebSocket).
     shared: Shared,
-    /// Closes the connection when its session expires; stopped on detach.
-    expiry: tokio::task::JoinHandle<()>,
     /// What `since` replays may still cost this connection.
     replays: Rc<RefCell<ReplayBudget>>,
     /// One replay of this connection reads history at a time, each within what the ones
@@ -131,9 +128,9 @@ impl Attachment {
             identity.user_key(),
             slot.clone(),
             identity.sid.clone(),
+            identity.exp,
         );
         metrics().connections.inc();
-        let expiry = close_at_expiry(identity.exp, link.control.clone());
         let replays = Rc::new(RefCell::new(ReplayBudget::new(
             node.settings.history.replay_max_bytes,
             Instant::now(),
@@ -144,7 +141,6 @@ impl Attachment {
             slot,
             link,
             shared,
-            expiry,
             replays,
             replay_turn: Rc::new(tokio::sync::Semaphore::new(1)),
         }
@@ -328,22 +324,8 @@ impl Attachment {
     }
 }
 
-/// Order the connection closed as `session expired` when `exp` (unix seconds) passes: a socket
-/// admitted just before its session ran out must not outlive it.
-fn close_at_expiry(exp: u64, control: Recipient<Control>) -> tokio::task::JoinHandle<()> {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp);
-    let left = at
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    actix::spawn(async move {
-        tokio::time::sleep(left).await;
-        control.do_send(Control::Close(Close::Unauthenticated(AuthFailure::Expired)));
-    })
-}
-
 impl Drop for Attachment {
     fn drop(&mut self) {
-        self.expiry.abort();
         metrics().connections.dec();
         let emptied = self.node.registry.unregister(
             self.link.conn,
