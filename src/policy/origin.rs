@@ -1408,7 +1408,8 @@ mod tests {
         Day::parse(text).expect("test date is valid")
     }
 
-    fn config(
+    /// The `[origins]` section these lists give (the fuzz targets build theirs with it too).
+    pub(super) fn config(
         allowed: &[&str],
         allow_localhost: bool,
         allow_missing: bool,

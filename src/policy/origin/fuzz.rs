@@ -79,18 +79,12 @@ fn normalised(header: &str) -> Option<Origin> {
 }
 
 fn policy(allowed: &[&str], allow_localhost: bool, legacy: &[(&str, &str)]) -> OriginPolicy {
-    OriginPolicy::from_config(&OriginsConfig {
-        allowed: allowed.iter().map(|s| s.to_string()).collect(),
+    OriginPolicy::from_config(&super::tests::config(
+        allowed,
         allow_localhost,
-        allow_missing: false,
-        legacy: legacy
-            .iter()
-            .map(|(origin, until)| LegacyOrigin {
-                origin: origin.to_string(),
-                until: until.to_string(),
-            })
-            .collect(),
-    })
+        false,
+        legacy,
+    ))
     .expect("valid config")
 }
 
