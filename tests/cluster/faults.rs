@@ -250,6 +250,26 @@ fn live_cap_slots(redis: &Redis, prefix: &str, n: usize) -> Vec<usize> {
     pipe.query(&mut redis.conn()).expect("ZCOUNT caps")
 }
 
+/// Once every pod says ready again: 30 more publishes, all accepted (a refusal after readiness
+/// is a pod saying ready while it cannot serve); then stop publishing and return the ids of
+/// every accepted publish.
+async fn publish_once_ready_again(pods: &[Hub], publisher: &mut Publisher) -> Vec<String> {
+    for pod in pods {
+        wait_ready(pod, Duration::from_secs(12)).await;
+    }
+    let refused_when_ready = publisher.refused.borrow().len();
+    let resumed = publisher.count();
+    publisher.wait_count(resumed + 30, T).await;
+    let published = publisher.stop().await;
+    assert_eq!(
+        publisher.refused.borrow().len(),
+        refused_when_ready,
+        "a publish refused after every pod said ready again: {:?}",
+        &publisher.refused.borrow()[refused_when_ready..]
+    );
+    published
+}
+
 /// No follower's socket closed or dropped: the fault was invisible to the clients.
 fn assert_no_socket_lost(logs: &[FollowLog], fault: &str) {
     for (i, log) in logs.iter().enumerate() {
@@ -295,19 +315,7 @@ async fn redis_killed_under_steady_publishing_loses_no_accepted_event() {
     );
 
     redis.restart();
-    for pod in &pods {
-        wait_ready(pod, Duration::from_secs(12)).await;
-    }
-    let refused_when_ready = publisher.refused.borrow().len();
-    let resumed = publisher.count();
-    publisher.wait_count(resumed + 30, T).await;
-    let published = publisher.stop().await;
-    assert_eq!(
-        publisher.refused.borrow().len(),
-        refused_when_ready,
-        "a publish refused after every pod said ready again: {:?}",
-        &publisher.refused.borrow()[refused_when_ready..]
-    );
+    let published = publish_once_ready_again(&pods, &mut publisher).await;
     assert_refusals_are_503(&publisher, "Redis down");
 
     let logs = fleet.finish(&published).await;
@@ -419,12 +427,7 @@ async fn redis_frozen_past_every_timeout_loses_no_accepted_event() {
         "{accepted_frozen} publishes were accepted (202) while Redis was frozen"
     );
 
-    for pod in &pods {
-        wait_ready(pod, Duration::from_secs(12)).await;
-    }
-    let refused_when_ready = publisher.refused.borrow().len();
-    let resumed = publisher.count();
-    publisher.wait_count(resumed + 30, T).await;
+    let published = publish_once_ready_again(&pods, &mut publisher).await;
     // The freeze outlasted the cap lease: every open socket's slot must be leased again.
     let deadline_caps = Instant::now() + Duration::from_secs(2) + T;
     loop {
@@ -438,13 +441,6 @@ async fn redis_frozen_past_every_timeout_loses_no_accepted_event() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let published = publisher.stop().await;
-    assert_eq!(
-        publisher.refused.borrow().len(),
-        refused_when_ready,
-        "a publish refused after every pod said ready again: {:?}",
-        &publisher.refused.borrow()[refused_when_ready..]
-    );
     assert_refusals_are_503(&publisher, "Redis frozen");
 
     let logs = fleet.finish(&published).await;
