@@ -422,33 +422,21 @@ async fn cycle(
     }
     let mut tasks = Vec::new();
     for (i, cookie) in cookies.churners.iter().enumerate() {
-        let args = (
+        tasks.push(actix_web::rt::spawn(churner(
             hub.clone(),
             cookie.clone(),
             seed * 1000 + i as u64,
             load.clone(),
-        );
-        tasks.push(actix_web::rt::spawn(churner(
-            args.0,
-            args.1,
-            args.2,
-            args.3,
             stop.clone(),
             c.clone(),
         )));
     }
     for (i, cookie) in cookies.reconnectors.iter().enumerate() {
-        let args = (
+        tasks.push(actix_web::rt::spawn(reconnector(
             hub.clone(),
             cookie.clone(),
             seed * 2000 + i as u64,
             load.clone(),
-        );
-        tasks.push(actix_web::rt::spawn(reconnector(
-            args.0,
-            args.1,
-            args.2,
-            args.3,
             stop.clone(),
             c.clone(),
         )));
