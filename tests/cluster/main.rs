@@ -19,6 +19,7 @@ mod client;
 mod faults;
 mod follow;
 mod infra;
+mod on_redis_cluster;
 
 use std::time::Duration;
 
