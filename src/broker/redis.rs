@@ -14,6 +14,14 @@
 //! Keys and channels (SPEC section 7): events `sb:{org}:{topic}`, history `sb:{org}:{topic}:log`,
 //! an org's history streams `sbx:history:{org}`, control `sbx:control`, canary
 //! `sbx:canary:{node}`. What arrives from Redis is checked as `/api/publish` checks a body.
+//!
+//! On a Redis Cluster (`redis.cluster_urls`) the same broker publishes with SPUBLISH and
+//! subscribes with SSUBSCRIBE over one RESP3 cluster connection, which sends each subscription
+//! to the shard owning its channel; keys carry the org as hash tag ([`KeyScheme`]). When a
+//! node's connection drops, or a shard unsubscribes a channel still wanted (its slot moved),
+//! the whole subscription is rebuilt and caught up from history as after an outage. The
+//! canary then proves the subscription path through the shard that owns this pod's canary
+//! channel; the other shards are watched by their connections (a lost one is noticed at once).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

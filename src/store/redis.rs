@@ -283,26 +283,16 @@ impl RedisCommands {
     /// cluster answers.
     pub(crate) async fn connect_cluster(seeds: &[String]) -> Result<Self, CommandError> {
         let client: ClusterClient = cluster_client(seeds).build()?;
-        let mut delay = BACKOFF_FIRST;
-        loop {
-            match timed(client.get_async_connection()).await {
-                Ok(conn) => {
-                    return Ok(Self {
-                        conn: RedisConn::Cluster(conn),
-                        opener: None,
-                        keys: KeyScheme::OrgTagged,
-                    });
-                }
-                Err(e) => {
-                    log::warn!(
-                        "waiting for the Redis Cluster at {}: {e}; retrying in {delay:?}",
-                        redacted_seeds(seeds)
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF_CAP);
-                }
-            }
-        }
+        let what = format!("the Redis Cluster at {}", redacted_seeds(seeds));
+        let conn = until_connected(&what, || async {
+            timed(client.get_async_connection()).await
+        })
+        .await;
+        Ok(Self {
+            conn: RedisConn::Cluster(conn),
+            opener: None,
+            keys: KeyScheme::OrgTagged,
+        })
     }
 
     /// Connect to one Redis, retrying with backoff until it answers (pods may start before
@@ -314,26 +304,16 @@ impl RedisCommands {
             .set_response_timeout(REDIS_TIMEOUT)
             .set_number_of_retries(1)
             .set_max_delay(BACKOFF_CAP.as_millis() as u64);
-        let mut delay = BACKOFF_FIRST;
-        loop {
-            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
-                Ok(conn) => {
-                    return Ok(Self {
-                        conn: RedisConn::Single(conn),
-                        opener: Some(Arc::new(Opener { client, config })),
-                        keys: KeyScheme::Plain,
-                    })
-                }
-                Err(e) => {
-                    log::warn!(
-                        "waiting for Redis at {}: {e}; retrying in {delay:?}",
-                        redact_url(url)
-                    );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF_CAP);
-                }
-            }
-        }
+        let what = format!("Redis at {}", redact_url(url));
+        let conn = until_connected(&what, || {
+            ConnectionManager::new_with_config(client.clone(), config.clone())
+        })
+        .await;
+        Ok(Self {
+            conn: RedisConn::Single(conn),
+            opener: Some(Arc::new(Opener { client, config })),
+            keys: KeyScheme::Plain,
+        })
     }
 
     /// The connection shared by the whole process.
@@ -406,6 +386,27 @@ impl RedisCommands {
                 timed(command(self.thread_connection())).await
             }
             first => answered(first),
+        }
+    }
+}
+
+/// Open a connection with `open` until it succeeds, waiting with capped backoff in between
+/// (pods may start before Redis); `what` names the Redis in the log lines.
+async fn until_connected<C, E, F, Fut>(what: &str, open: F) -> C
+where
+    E: std::fmt::Display,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<C, E>>,
+{
+    let mut delay = BACKOFF_FIRST;
+    loop {
+        match open().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                log::warn!("waiting for {what}: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(BACKOFF_CAP);
+            }
         }
     }
 }

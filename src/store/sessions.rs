@@ -116,6 +116,25 @@ impl ClusterSessionStore {
         Self { commands }
     }
 
+    /// `SET` a session's JSON with its TTL, under `condition` (`NX`: only a new key, `XX`: only
+    /// an existing one); Nil when the condition did not hold.
+    async fn set(
+        &self,
+        key: &SessionKey,
+        body: String,
+        condition: &str,
+        ttl: &Duration,
+    ) -> Result<redis::Value, CommandError> {
+        let mut conn = self.commands.manager();
+        let mut set = redis::cmd("SET");
+        set.arg(session_cache_key(key.as_ref()))
+            .arg(body)
+            .arg(condition)
+            .arg("EX")
+            .arg(ttl.whole_seconds());
+        timed(set.query_async(&mut conn)).await
+    }
+
     /// Store `state` under a new random key, only if no session has that key.
     async fn insert(&self, state: &SessionState, ttl: &Duration) -> Result<SessionKey, SaveError> {
         let body = serde_json::to_string(state).map_err(|e| SaveError::Serialization(e.into()))?;
@@ -123,14 +142,7 @@ impl ClusterSessionStore {
             .sample_string(&mut rand::rng(), SESSION_KEY_LEN)
             .try_into()
             .map_err(|e| SaveError::Other(anyhow::Error::new(e)))?;
-        let mut conn = self.commands.manager();
-        let mut set = redis::cmd("SET");
-        set.arg(session_cache_key(key.as_ref()))
-            .arg(body)
-            .arg("NX")
-            .arg("EX")
-            .arg(ttl.whole_seconds());
-        timed(set.query_async::<()>(&mut conn))
+        self.set(&key, body, "NX", ttl)
             .await
             .map_err(|e| SaveError::Other(e.into()))?;
         Ok(key)
@@ -165,17 +177,8 @@ impl SessionStore for ClusterSessionStore {
     ) -> Result<SessionKey, UpdateError> {
         let body =
             serde_json::to_string(&state).map_err(|e| UpdateError::Serialization(e.into()))?;
-        let mut conn = self.commands.manager();
-        let mut set = redis::cmd("SET");
-        set.arg(session_cache_key(key.as_ref()))
-            .arg(body)
-            .arg("XX")
-            .arg("EX")
-            .arg(ttl.whole_seconds());
-        match timed(set.query_async::<redis::Value>(&mut conn))
-            .await
-            .map_err(|e| UpdateError::Other(e.into()))?
-        {
+        let answer = self.set(&key, body, "XX", ttl).await;
+        match answer.map_err(|e| UpdateError::Other(e.into()))? {
             // Expired since it was loaded: store it anew under a fresh key.
             redis::Value::Nil => self.insert(&state, ttl).await.map_err(|e| match e {
                 SaveError::Serialization(e) => UpdateError::Serialization(e),

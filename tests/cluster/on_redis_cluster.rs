@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::client::{connect, open_welcomed};
+use crate::client::connect;
 use crate::common::*;
 use crate::infra::wait_pod_ready;
-use crate::{next_event, subscribed_user, ORG, TOPIC};
+use crate::{logout_closes, next_event, subscribed_user, ORG, TOPIC};
 
 /// The channel of `ORG`'s `TOPIC` on a Redis Cluster: the org in braces, its hash tag.
 pub const CLUSTER_CHANNEL: &str = "sb:{42}:calls";
@@ -109,7 +109,9 @@ async fn logout_and_caps_across_pods_over_redis_cluster() {
     let cookie = dev_login(&pods[0], "alice", ORG).await;
     let mut held = Vec::new();
     for pod in &pods {
-        held.push(open_welcomed(pod.addr(), &cookie).await.0);
+        let mut ws = ws_open(pod, Some(ORIGIN), Some(&cookie)).await;
+        assert_eq!(ws.next_json(T).await["type"], "welcome");
+        held.push(ws);
     }
     let mut third = connect(pods[1].addr(), Some(ORIGIN), Some(&cookie))
         .await
@@ -121,21 +123,5 @@ async fn logout_and_caps_across_pods_over_redis_cluster() {
         "a third socket with two open across pods",
     );
 
-    let resp = http(
-        &pods[0],
-        "DELETE",
-        "/auth/session",
-        &[("cookie", &cookie)],
-        None,
-    )
-    .await;
-    assert_eq!(resp.status, 204, "logout: {resp}");
-    for (i, ws) in held.iter_mut().enumerate() {
-        assert_close(
-            ws.expect_close(T).await,
-            4401,
-            "unauthenticated: logged out",
-            &format!("socket on pod {i} after logout on pod 0"),
-        );
-    }
+    logout_closes(&pods[0], &cookie, &mut held, 0).await;
 }
