@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::client::connect;
 use crate::common::*;
 use crate::infra::wait_pod_ready;
-use crate::{logout_closes, next_event, subscribed_user, ORG, TOPIC};
+use crate::{logout_closes, next_event, subscribed_user, wait_ready, ORG, TOPIC};
 
 /// The channel of `ORG`'s `TOPIC` on a Redis Cluster: the org in braces, its hash tag.
 pub const CLUSTER_CHANNEL: &str = "sb:{42}:calls";
@@ -67,6 +67,39 @@ async fn publish_reaches_every_pod_over_redis_cluster() {
         assert_eq!(ev["data"]["n"], 2, "a backend's SPUBLISH, pod {i}: {ev}");
     }
     other_org.expect_silence(Duration::from_millis(300)).await;
+}
+
+/// On a Redis Cluster, the slot of a topic's channel moved to another master while sockets on two pods follow it: the shard that gave it up unsubscribes the pods, they subscribe on the new owner, and every event published after the move reaches every socket, the sockets never closed.
+#[actix_web::test]
+async fn a_slot_moved_to_another_master_keeps_delivering() {
+    let cluster = RedisCluster::start();
+    let pods = start_cluster_pods(&cluster, 2, &[]);
+    let mut sockets = Vec::new();
+    for (i, pod) in pods.iter().enumerate() {
+        sockets.push(subscribed_user(pod, &format!("u{i}"), ORG).await);
+    }
+    let before = publish_ok(&pods[0], ORG, TOPIC, "call.status", json!({"n": 0})).await;
+    for ws in &mut sockets {
+        assert_eq!(
+            next_event(ws, TOPIC, "before the move").await["id"],
+            before.as_str()
+        );
+    }
+
+    cluster.move_slot_of(CLUSTER_CHANNEL);
+    for pod in &pods {
+        wait_ready(pod, Duration::from_secs(10)).await;
+    }
+    let mut after = Vec::new();
+    for n in 1..=5 {
+        after.push(publish_ok(&pods[n % 2], ORG, TOPIC, "call.status", json!({"n": n})).await);
+    }
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        for id in &after {
+            let ev = next_event(ws, TOPIC, &format!("after the move, pod {i}")).await;
+            assert_eq!(ev["id"], id.as_str(), "pod {i}: {ev}");
+        }
+    }
 }
 
 /// On a Redis Cluster, a client resuming on another pod with `since` gets what it missed from history, recovered, then live events.

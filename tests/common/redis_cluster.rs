@@ -50,6 +50,8 @@ impl RedisCluster {
                     .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
                     // A replica may take over however long it was cut off from its master.
                     .args(["--cluster-replica-validity-factor", "0"])
+                    // Replicas synchronise at once rather than after the default 5 s wait.
+                    .args(["--repl-diskless-sync-delay", "0"])
                     .arg("--dir")
                     .arg(&node_dir)
                     .stdin(Stdio::null())
@@ -197,6 +199,80 @@ impl RedisCluster {
         panic!("no master owns slot {slot} of {key}");
     }
 
+    /// Move `key`'s slot, with its keys, from the master that owns it to another master, as
+    /// resharding does (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE on every master); returns
+    /// the port of the new owner once every live node agrees.
+    pub fn move_slot_of(&self, key: &str) -> u16 {
+        let source = self.master_of(key);
+        let masters: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .filter(|&port| role(port).as_deref() == Some("master"))
+            .collect();
+        let target = *masters
+            .iter()
+            .find(|&&port| port != source)
+            .expect("another master");
+        let mut src = node_conn(source).expect("source master");
+        let mut dst = node_conn(target).expect("target master");
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut src)
+            .expect("CLUSTER KEYSLOT");
+        let id = |conn: &mut redis::Connection| -> String {
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query(conn)
+                .expect("CLUSTER MYID")
+        };
+        let (src_id, dst_id) = (id(&mut src), id(&mut dst));
+        let setslot = |conn: &mut redis::Connection, state: &str, node: &str| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(node)
+                .exec(conn)
+                .expect("CLUSTER SETSLOT");
+        };
+        setslot(&mut dst, "IMPORTING", &src_id);
+        setslot(&mut src, "MIGRATING", &dst_id);
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query(&mut src)
+                .expect("CLUSTER GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(target)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .exec(&mut src)
+                .expect("MIGRATE");
+        }
+        for port in masters {
+            let mut conn = node_conn(port).expect("a master");
+            setslot(&mut conn, "NODE", &dst_id);
+        }
+        wait_until(
+            FORM_TIMEOUT,
+            &format!("{key}'s slot moved to {target}"),
+            || self.master_of(key) == target,
+        );
+        target
+    }
+
     /// SIGKILL the master owning `key` (no goodbye to its clients); returns its port.
     pub fn kill_master_of(&mut self, key: &str) -> u16 {
         let port = self.master_of(key);
@@ -267,6 +343,13 @@ fn ping(port: u16) -> bool {
             .query::<String>(&mut conn)
             .is_ok_and(|pong| pong == "PONG")
     })
+}
+
+/// `master` or `slave`, as ROLE answers first.
+fn role(port: u16) -> Option<String> {
+    let mut conn = node_conn(port)?;
+    let answer: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).ok()?;
+    redis::from_redis_value(answer.first()?).ok()
 }
 
 fn cluster_info(port: u16) -> Option<String> {
