@@ -46,8 +46,9 @@ impl CommandError {
     }
 
     /// Whether Redis, or on a cluster the shard that owns the key, cannot serve right now: the
-    /// connection failed, or a cluster node answered that the cluster is down or the key's
-    /// shard is failing over. Such a command may succeed once the shard is back.
+    /// connection failed, or a cluster node answered that the cluster is down, that the key's
+    /// shard is failing over, or still redirected it after the client's retries (its slot
+    /// map catching up with a failover). Such a command may succeed once the shard is back.
     pub(crate) fn is_shard_unavailable(&self) -> bool {
         self.is_connection_failure()
             || matches!(
@@ -55,6 +56,8 @@ impl CommandError {
                 Self::Redis(e) if matches!(
                     e.kind(),
                     redis::ErrorKind::ClusterDown
+                        | redis::ErrorKind::Moved
+                        | redis::ErrorKind::Ask
                         | redis::ErrorKind::TryAgain
                         | redis::ErrorKind::MasterDown
                         | redis::ErrorKind::ClusterConnectionNotFound
@@ -511,6 +514,8 @@ mod tests {
     fn a_cluster_down_answer_counts_as_the_shard_unavailable() {
         let down = redis::RedisError::from((redis::ErrorKind::ClusterDown, "CLUSTERDOWN"));
         assert!(CommandError::Redis(down).is_shard_unavailable());
+        let moved = redis::RedisError::from((redis::ErrorKind::Moved, "MOVED", "1 h:1".into()));
+        assert!(CommandError::Redis(moved).is_shard_unavailable());
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert!(CommandError::Redis(refused.into()).is_shard_unavailable());
         let reply = redis::RedisError::from((redis::ErrorKind::ResponseError, "OOM"));
