@@ -60,7 +60,7 @@ pub(crate) struct Node {
 /// Why the node could not be built.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum NodeError {
-    #[error("cannot use redis.url: {0}")]
+    #[error("cannot use redis.url or redis.cluster_urls: {0}")]
     Redis(#[from] CommandError),
 }
 
@@ -73,7 +73,7 @@ impl Node {
         let health = Arc::new(BrokerHealth::default());
         let broker_thread = Arbiter::new();
         let limits = &settings.limits;
-        let (broker, caps, revocations, sessions, control) = match settings.redis.url.clone() {
+        let (broker, caps, revocations, sessions, control) = match settings.redis_target() {
             None => {
                 let history = settings.history_enabled().then(|| HistoryLimits {
                     max_len: settings.history.max_len,
@@ -95,8 +95,8 @@ impl Node {
                     None,
                 )
             }
-            Some(url) => {
-                let commands = RedisCommands::connect(&url).await?;
+            Some(target) => {
+                let commands = RedisCommands::open(&target).await?;
                 let history = settings.history_enabled().then_some(StreamHistory {
                     max_len: settings.history.max_len,
                     ttl_s: settings.history.ttl_s,
@@ -112,7 +112,7 @@ impl Node {
                 let reconnect_spread_ms = settings.shutdown.reconnect_spread_ms;
                 let addr = RedisBroker::start_in_arbiter(&broker_thread.handle(), move |_| {
                     RedisBroker::new(
-                        url,
+                        target,
                         broker_registry,
                         broker_commands,
                         broker_health,

@@ -343,6 +343,44 @@ fn config_command_redacts_redis_password() {
     assert!(out.stdout.contains("<redacted>"), "{out}");
 }
 
+/// One Redis and a Redis Cluster given together is refused with one line naming both keys;
+/// a seed that is not a redis:// URL is named; seed passwords are redacted by `config`.
+#[test]
+fn redis_url_and_cluster_urls_together_are_refused() {
+    let both = run_cli(
+        &["serve"],
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1"),
+            (
+                "SWITCHBOARD__REDIS__CLUSTER_URLS",
+                "redis://127.0.0.1:2,http://127.0.0.1:3",
+            ),
+        ],
+    );
+    assert_eq!(both.code(), Some(2), "{both}");
+    let errors = config_errors(&both);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("redis.url") && e.contains("redis.cluster_urls")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("\"http://127.0.0.1:3\"")),
+        "{errors:?}"
+    );
+    let shown = run_cli(
+        &["config"],
+        &[(
+            "SWITCHBOARD__REDIS__CLUSTER_URLS",
+            "redis://u:hunter2secret@127.0.0.1:2,redis://127.0.0.1:3",
+        )],
+    );
+    assert_eq!(shown.code(), Some(0), "{shown}");
+    assert!(!shown.all().contains("hunter2secret"), "{shown}");
+    assert!(shown.stdout.contains("redis://127.0.0.1:3"), "{shown}");
+}
+
 /// Origins are compared after normalising case and dropping the default port.
 #[test]
 fn check_origin_normalises_case_and_default_port() {

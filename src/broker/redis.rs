@@ -14,6 +14,14 @@
 //! Keys and channels (SPEC section 7): events `sb:{org}:{topic}`, history `sb:{org}:{topic}:log`,
 //! an org's history streams `sbx:history:{org}`, control `sbx:control`, canary
 //! `sbx:canary:{node}`. What arrives from Redis is checked as `/api/publish` checks a body.
+//!
+//! On a Redis Cluster (`redis.cluster_urls`) the same broker publishes with SPUBLISH and
+//! subscribes with SSUBSCRIBE over one RESP3 cluster connection, which sends each subscription
+//! to the shard owning its channel; keys carry the org as hash tag ([`KeyScheme`]). When a
+//! node's connection drops, or a shard unsubscribes a channel still wanted (its slot moved),
+//! the whole subscription is rebuilt and caught up from history as after an outage. The
+//! canary then proves the subscription path through the shard that owns this pod's canary
+//! channel; the other shards are watched by their connections (a lost one is noticed at once).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,13 +30,16 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use redis::aio::PubSubSink;
-use redis::{AsyncCommands, Script, Value as RedisValue};
+use redis::cluster_async::ClusterConnection;
+use redis::{ProtocolVersion, PushInfo, PushKind, Script, Value as RedisValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::{BrokerError, BrokerHealth, FetchHistory, Interest, Replay};
+use crate::config::RedisTarget;
 use crate::core::close::{AuthFailure, Close};
 use crate::core::event::{build_event, Event, EventSender, PublishBody, PublishRequest};
 use crate::core::ids::{node_id, unix_ms, ChannelKey, EventId, InvalidId};
@@ -36,7 +47,8 @@ use crate::core::metrics::metrics;
 use crate::core::wire::validate_event_name;
 use crate::delivery::registry::Registry;
 use crate::store::redis::{
-    timed, CommandError, RedisCommands, BACKOFF_CAP, BACKOFF_FIRST, REDIS_TIMEOUT,
+    cluster_client, hash_tag, timed, CommandError, KeyScheme, RedisCommands, RedisConn,
+    BACKOFF_CAP, BACKOFF_FIRST, REDIS_TIMEOUT,
 };
 
 /// Channel every pod listens to for orders that concern sockets anywhere (logout, eviction).
@@ -138,7 +150,9 @@ impl ControlChannel {
         // unwrap: two string fields always serialise.
         let text = serde_json::to_string(message).unwrap();
         let mut conn = self.commands.manager();
-        timed(conn.publish::<_, _, ()>(CONTROL_CHANNEL, text)).await
+        let mut publish = redis::cmd(self.commands.keys().publish_command());
+        publish.arg(CONTROL_CHANNEL).arg(text);
+        timed(publish.exec_async(&mut conn)).await
     }
 
     /// Ask every pod to close the sockets of login session `sid`.
@@ -159,8 +173,10 @@ impl ControlChannel {
 }
 
 /// Append to history and publish in one step, so an event is never in one and not the other.
-/// KEYS: the history stream, the event channel, the org's history index. ARGV: keep ('1' or
-/// '0'), `max_len`, `ttl_s`, the message, the org's topic limit.
+/// KEYS: the history stream, the event channel, the org's history index, the id sequence.
+/// ARGV: keep ('1' or '0'), `max_len`, `ttl_s`, the message, the org's topic limit, the
+/// publish command (PUBLISH, or SPUBLISH on a Redis Cluster, where all four keys share the
+/// org's hash tag: see [`KeyScheme`]).
 ///
 /// The index (`sbx:history:{org}`, a sorted set of the org's streams scored by when each
 /// expires) bounds history per org: a stream new to an org that already keeps
@@ -211,9 +227,9 @@ if ARGV[1] == '1' then
 end
 if not id then
   local t = redis.call('TIME')
-  id = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000)) .. '-' .. redis.call('INCR', 'sbx:seq')
+  id = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000)) .. '-' .. redis.call('INCR', KEYS[4])
 end
-redis.call('PUBLISH', KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[4], 2))
+redis.call(ARGV[6], KEYS[2], '{"id":"' .. id .. '",' .. string.sub(ARGV[4], 2))
 return {id, state}
 "#;
 
@@ -266,7 +282,9 @@ pub(crate) struct StreamHistory {
 }
 
 pub(crate) struct RedisBroker {
-    url: String,
+    target: RedisTarget,
+    /// How channels and keys are named on that Redis.
+    keys: KeyScheme,
     registry: Arc<Registry>,
     commands: RedisCommands,
     health: Arc<BrokerHealth>,
@@ -313,7 +331,7 @@ pub(crate) struct RedisBroker {
 
 impl RedisBroker {
     pub(crate) fn new(
-        url: String,
+        target: RedisTarget,
         registry: Arc<Registry>,
         commands: RedisCommands,
         health: Arc<BrokerHealth>,
@@ -323,7 +341,8 @@ impl RedisBroker {
     ) -> Self {
         health.set_unavailable("connecting to Redis");
         Self {
-            url,
+            target,
+            keys: commands.keys(),
             registry,
             commands,
             health,
@@ -348,7 +367,20 @@ impl RedisBroker {
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
-        let url = self.url.clone();
+        let seeds = match &self.target {
+            RedisTarget::Single(url) => url.clone(),
+            RedisTarget::Cluster(seeds) => {
+                let fut = connect_sharded(seeds.clone());
+                ctx.spawn(fut.into_actor(self).map(|result, this, ctx| match result {
+                    Ok((sink, pushes)) => {
+                        this.on_connected(None, sink, Subscription::Sharded(pushes), ctx)
+                    }
+                    Err(e) => this.retry_later(&e.to_string(), ctx),
+                }));
+                return;
+            }
+        };
+        let url = seeds;
         let fut = async move {
             let client = redis::Client::open(url.as_str())?;
             // Asked of the Redis the subscriber is about to use, not through the shared
@@ -365,7 +397,12 @@ impl RedisBroker {
             Ok::<_, CommandError>((run_id, sink, stream))
         };
         ctx.spawn(fut.into_actor(self).map(|result, this, ctx| match result {
-            Ok((run_id, sink, stream)) => this.on_connected(run_id, sink, stream, ctx),
+            Ok((run_id, sink, stream)) => this.on_connected(
+                run_id,
+                SubscriberSink::Single(sink),
+                Subscription::Single(stream),
+                ctx,
+            ),
             Err(e) => this.retry_later(&e.to_string(), ctx),
         }));
     }
@@ -373,8 +410,8 @@ impl RedisBroker {
     fn on_connected(
         &mut self,
         run_id: Option<String>,
-        sink: PubSubSink,
-        stream: redis::aio::PubSubStream,
+        sink: SubscriberSink,
+        subscription: Subscription,
         ctx: &mut Context<Self>,
     ) {
         self.generation.send_modify(|g| *g += 1);
@@ -412,10 +449,23 @@ impl RedisBroker {
         if reconnected {
             self.catch_up(ctx);
         }
-        ctx.add_stream(stream);
+        match subscription {
+            Subscription::Single(stream) => {
+                ctx.add_stream(stream);
+            }
+            Subscription::Sharded(pushes) => {
+                // Tagged with its connection: pushes of a connection given up are ignored.
+                let generation = *self.generation.borrow();
+                let pushes = futures_util::stream::unfold(pushes, |mut pushes| async move {
+                    pushes.recv().await.map(|push| (push, pushes))
+                });
+                ctx.add_stream(pushes.map(move |push| ShardPush { generation, push }));
+            }
+        }
         let fixed = vec![CONTROL_CHANNEL.to_string(), self.canary_channel.clone()];
         actix::spawn(reconcile_subscriptions(
             sink,
+            self.keys,
             fixed,
             self.registry.clone(),
             self.interest_changed.clone(),
@@ -478,9 +528,9 @@ impl RedisBroker {
         for (channel, last) in &self.delivered {
             let fut = reader.clone().read(channel.clone(), last.id);
             let channel = channel.clone();
-            ctx.spawn(fut.into_actor(self).map(move |gap, this, _| {
+            ctx.spawn(fut.into_actor(self).map(move |gap, this, ctx| {
                 if *this.generation.borrow() == generation {
-                    this.gap_read(&channel, gap);
+                    this.gap_read(&channel, gap, ctx);
                 }
             }));
         }
@@ -494,7 +544,24 @@ impl RedisBroker {
     /// back is not a gap this pod alone has: every pod lost it, and the restart itself cut
     /// the subscription, so what the new Redis holds is all there is to deliver. Asking
     /// sockets to reconnect then would only log them out if the sessions were lost with it.
-    fn gap_read(&mut self, channel: &ChannelKey, gap: Result<Gap, GapError>) {
+    ///
+    /// On a Redis Cluster, a shard failing over may take the subscription (a replica serves
+    /// it) before its new master answers the history read: that is not history missing but
+    /// the shard not back yet, so the subscriber starts over and reads again rather than ask
+    /// the sockets to reconnect.
+    fn gap_read(
+        &mut self,
+        channel: &ChannelKey,
+        gap: Result<Gap, GapError>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Err(GapError::Redis(e)) = &gap {
+            if matches!(self.target, RedisTarget::Cluster(_)) && e.is_shard_unavailable() {
+                let why = format!("history of {channel} unreadable: {e}");
+                self.sharded_subscription_lost(&why, ctx);
+                return;
+            }
+        }
         let Some(held) = self.catching_up.remove(channel) else {
             return;
         };
@@ -565,11 +632,7 @@ impl RedisBroker {
         ctx.run_later(delay, |this, ctx| this.connect(ctx));
     }
 
-    fn on_event_message(&mut self, channel: &str, payload: &[u8]) {
-        let Some((org, topic)) = ChannelKey::parse(channel) else {
-            return;
-        };
-        let channel = ChannelKey::new(&org, &topic);
+    fn on_event_message(&mut self, channel: ChannelKey, payload: &[u8]) {
         let received_at = Instant::now();
         // Whether Redis gave the id (every publish through the hub has one).
         let mut from_redis = false;
@@ -671,10 +734,11 @@ impl RedisBroker {
             self.health.set_ready();
         }
         let mut conn = self.commands.manager();
-        let channel = self.canary_channel.clone();
+        let mut publish = redis::cmd(self.keys.publish_command());
+        publish.arg(&self.canary_channel).arg(unix_ms());
         let health = self.health.clone();
         actix::spawn(async move {
-            match timed(conn.publish::<_, _, ()>(channel, unix_ms())).await {
+            match timed(publish.exec_async(&mut conn)).await {
                 Ok(()) => health.command_answered(),
                 Err(e) => health.command_failed(&e),
             }
@@ -685,7 +749,8 @@ impl RedisBroker {
 /// Keep the subscriber's channel set equal to the registry's, until the connection ends or
 /// is superseded: a reconciler left behind would hold a dead sink forever.
 async fn reconcile_subscriptions(
-    sink: PubSubSink,
+    sink: SubscriberSink,
+    keys: KeyScheme,
     fixed: Vec<String>,
     registry: Arc<Registry>,
     changed: Arc<Notify>,
@@ -694,7 +759,7 @@ async fn reconcile_subscriptions(
 ) {
     let mine = *generation.borrow_and_update();
     tokio::select! {
-        () = keep_subscriptions(sink, fixed, registry, changed, live) => {}
+        () = keep_subscriptions(sink, keys, fixed, registry, changed, live) => {}
         // Also when the broker is gone (sender dropped).
         _ = generation.wait_for(|current| *current != mine) => {
             log::debug!("subscriber connection {mine} superseded; its reconciler stops");
@@ -703,21 +768,28 @@ async fn reconcile_subscriptions(
 }
 
 async fn keep_subscriptions(
-    mut sink: PubSubSink,
+    mut sink: SubscriberSink,
+    keys: KeyScheme,
     fixed: Vec<String>,
     registry: Arc<Registry>,
     changed: Arc<Notify>,
     live: watch::Sender<HashSet<ChannelKey>>,
 ) {
-    if let Err(e) = sink.subscribe(&fixed).await {
+    if let Err(e) = sink.subscribe(fixed).await {
         log::warn!("cannot subscribe control channels: {e}");
+        sink.lost();
         return;
     }
     let mut subscribed: HashSet<ChannelKey> = HashSet::new();
     loop {
         let wanted: HashSet<ChannelKey> = registry.active_channels().into_iter().collect();
-        let add: Vec<&str> = wanted.difference(&subscribed).map(|c| c.as_str()).collect();
-        let remove: Vec<&str> = subscribed.difference(&wanted).map(|c| c.as_str()).collect();
+        let names = |channels: std::collections::hash_set::Difference<'_, ChannelKey, _>| {
+            channels
+                .map(|c| keys.channel(c).into_owned())
+                .collect::<Vec<String>>()
+        };
+        let add = names(wanted.difference(&subscribed));
+        let remove = names(subscribed.difference(&wanted));
         if !remove.is_empty() {
             // No longer live from now: a subscribe arriving while the UNSUBSCRIBE is on its
             // way must wait for the next SUBSCRIBE, not be acknowledged on the old one.
@@ -728,16 +800,18 @@ async fn keep_subscriptions(
             });
         }
         if !add.is_empty() {
-            if let Err(e) = sink.subscribe(&add).await {
+            if let Err(e) = sink.subscribe(add).await {
                 log::debug!("subscriber gone while subscribing: {e}");
+                sink.lost();
                 return;
             }
             // Live as soon as Redis answered, not only after the UNSUBSCRIBE below.
             live.send_modify(|channels| channels.extend(wanted.difference(&subscribed).cloned()));
         }
         if !remove.is_empty() {
-            if let Err(e) = sink.unsubscribe(&remove).await {
+            if let Err(e) = sink.unsubscribe(remove).await {
                 log::debug!("subscriber gone while unsubscribing: {e}");
+                sink.lost();
                 return;
             }
         }
@@ -757,18 +831,31 @@ impl Actor for RedisBroker {
     }
 }
 
-impl StreamHandler<redis::Msg> for RedisBroker {
-    fn handle(&mut self, msg: redis::Msg, _: &mut Self::Context) {
-        let channel = msg.get_channel_name();
-        let payload = msg.get_payload_bytes();
+impl RedisBroker {
+    /// A message on any subscribed channel: the canary, an order, or an event.
+    fn on_message(&mut self, channel: &str, payload: &[u8]) {
         if channel == self.canary_channel {
             self.last_canary_ms.store(unix_ms(), Ordering::Release);
         } else if channel == CONTROL_CHANNEL {
             self.on_control(payload);
-        } else {
-            let channel = channel.to_string();
-            self.on_event_message(&channel, payload);
+        } else if let Some(channel) = self.keys.parse_channel(channel) {
+            self.on_event_message(channel, payload);
         }
+    }
+
+    /// The sharded subscription lost channels (a node's connection closed, or a shard gave up
+    /// slots it no longer owns): start over on a new cluster connection. Rebuilding, rather
+    /// than letting the cluster client resubscribe by itself, is what tells this broker when
+    /// to replay from history what the lost channels carried meanwhile, as after any outage.
+    fn sharded_subscription_lost(&mut self, why: &str, ctx: &mut Context<Self>) {
+        self.generation.send_modify(|g| *g += 1);
+        self.retry_later(why, ctx);
+    }
+}
+
+impl StreamHandler<redis::Msg> for RedisBroker {
+    fn handle(&mut self, msg: redis::Msg, _: &mut Self::Context) {
+        self.on_message(msg.get_channel_name(), msg.get_payload_bytes());
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
@@ -776,6 +863,53 @@ impl StreamHandler<redis::Msg> for RedisBroker {
         self.generation.send_modify(|g| *g += 1);
         self.retry_later("connection closed", ctx);
     }
+}
+
+impl StreamHandler<ShardPush> for RedisBroker {
+    fn handle(&mut self, ShardPush { generation, push }: ShardPush, ctx: &mut Self::Context) {
+        if generation != *self.generation.borrow() || !self.connected {
+            return;
+        }
+        let text = |value: Option<&RedisValue>| match value {
+            Some(RedisValue::BulkString(bytes)) => Some(bytes.clone()),
+            _ => None,
+        };
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                if let (Some(channel), Some(payload)) =
+                    (text(push.data.first()), text(push.data.get(1)))
+                {
+                    self.on_message(&String::from_utf8_lossy(&channel), &payload);
+                }
+            }
+            PushKind::Disconnection => {
+                self.sharded_subscription_lost("a Redis Cluster node's connection closed", ctx)
+            }
+            // Unasked (its channel is still wanted): the shard no longer owns the slot.
+            PushKind::SUnsubscribe => {
+                let Some(channel) = text(push.data.first()) else {
+                    return;
+                };
+                let channel = String::from_utf8_lossy(&channel);
+                let wanted = channel == CONTROL_CHANNEL
+                    || channel == self.canary_channel
+                    || self
+                        .keys
+                        .parse_channel(&channel)
+                        .is_some_and(|key| self.registry.active_channels().contains(&key));
+                if wanted {
+                    self.sharded_subscription_lost(
+                        &format!("Redis Cluster unsubscribed {channel} (its slot moved)"),
+                        ctx,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A cluster connection's pushes end once it is given up, which its successor handles.
+    fn finished(&mut self, _: &mut Self::Context) {}
 }
 
 impl Handler<Interest> for RedisBroker {
@@ -790,6 +924,102 @@ impl Handler<Interest> for RedisBroker {
         // The reconciler reads the registry itself; one wake-up covers any number of changes.
         self.interest_changed.notify_one();
     }
+}
+
+/// A push from a sharded subscription, tagged with the connection (generation) it came on.
+struct ShardPush {
+    generation: u64,
+    push: PushInfo,
+}
+
+/// What a subscriber connection delivers: one Redis's pub/sub messages, or a Redis
+/// Cluster connection's RESP3 pushes (messages, and word of lost nodes and channels).
+enum Subscription {
+    Single(redis::aio::PubSubStream),
+    Sharded(tokio::sync::mpsc::UnboundedReceiver<PushInfo>),
+}
+
+/// Where the reconciler subscribes: one Redis's pub/sub connection (SUBSCRIBE), or a Redis
+/// Cluster connection that sends each SSUBSCRIBE to the shard owning its channel (a shard
+/// then carries only its own channels' traffic, and a pod subscribes per shard).
+enum SubscriberSink {
+    Single(PubSubSink),
+    Sharded {
+        conn: ClusterConnection,
+        /// The connection's own push channel, to report it lost when a command fails.
+        pushes: tokio::sync::mpsc::UnboundedSender<PushInfo>,
+    },
+}
+
+impl SubscriberSink {
+    async fn subscribe(&mut self, channels: Vec<String>) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.subscribe(channels).await,
+            Self::Sharded { conn, .. } => {
+                let sent = by_slot(channels).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.ssubscribe(group).await }
+                });
+                futures_util::future::try_join_all(sent).await.map(drop)
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, channels: Vec<String>) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.unsubscribe(channels).await,
+            Self::Sharded { conn, .. } => {
+                let sent = by_slot(channels).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.sunsubscribe(group).await }
+                });
+                futures_util::future::try_join_all(sent).await.map(drop)
+            }
+        }
+    }
+
+    /// A subscription command failed: on a cluster, tell the broker to start over (one
+    /// Redis's pub/sub stream ends by itself when its connection does).
+    fn lost(&self) {
+        if let Self::Sharded { pushes, .. } = self {
+            let _ = pushes.send(PushInfo {
+                kind: PushKind::Disconnection,
+                data: Vec::new(),
+            });
+        }
+    }
+}
+
+/// Channels grouped by hash tag: one SSUBSCRIBE may name channels of one slot only.
+fn by_slot(channels: Vec<String>) -> Vec<Vec<String>> {
+    let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+    for channel in channels {
+        groups
+            .entry(hash_tag(&channel).to_string())
+            .or_default()
+            .push(channel);
+    }
+    groups.into_values().collect()
+}
+
+/// Open a Redis Cluster connection for sharded subscriptions: RESP3, its pushes (messages,
+/// `sunsubscribe` from a shard whose slots moved, lost nodes) into a channel of its own.
+async fn connect_sharded(
+    seeds: Vec<String>,
+) -> Result<
+    (
+        SubscriberSink,
+        tokio::sync::mpsc::UnboundedReceiver<PushInfo>,
+    ),
+    CommandError,
+> {
+    let (pushes, received) = tokio::sync::mpsc::unbounded_channel();
+    let client = cluster_client(&seeds)
+        .use_protocol(ProtocolVersion::RESP3)
+        .push_sender(pushes.clone())
+        .build()?;
+    let conn = timed(client.get_async_connection()).await?;
+    Ok((SubscriberSink::Sharded { conn, pushes }, received))
 }
 
 /// Publishing to Redis: a JSON event's history entry and its PUBLISH in one script, a binary
@@ -836,22 +1066,28 @@ impl RedisPublisher {
                 let mut framed = Vec::with_capacity(bytes.len() + 1);
                 framed.push(BINARY_MARK);
                 framed.extend_from_slice(bytes);
-                timed(conn.publish::<_, _, ()>(channel.as_str(), framed)).await?;
+                let keys = self.commands.keys();
+                let mut publish = redis::cmd(keys.publish_command());
+                publish.arg(keys.channel(&channel).as_ref()).arg(framed);
+                timed(publish.exec_async(&mut conn)).await?;
                 return Ok(EventId::default());
             }
         };
         // Browser-published events are live only unless configured otherwise: one user must
         // not be able to pin memory in Redis that every org's sessions need.
         let keep = history.filter(|h| request.sender.is_none() || h.keep_client_events);
-        let mut invocation = self.script.key(format!("{channel}:log"));
+        let keys = self.commands.keys();
+        let mut invocation = self.script.key(keys.history_stream(&channel));
         invocation
-            .key(channel.as_str())
-            .key(format!("sbx:history:{}", request.org.as_str()))
+            .key(keys.channel(&channel).as_ref())
+            .key(keys.history_index(&request.org))
+            .key(keys.sequence(&request.org).as_ref())
             .arg(if keep.is_some() { "1" } else { "0" })
             .arg(keep.map_or(0, |h| h.max_len))
             .arg(keep.map_or(0, |h| h.ttl_s))
             .arg(message)
-            .arg(keep.map_or(0, |h| h.max_topics_per_org));
+            .arg(keep.map_or(0, |h| h.max_topics_per_org))
+            .arg(keys.publish_command());
         let (id, state): (String, String) = timed(invocation.invoke_async(&mut conn)).await?;
         if state == "capped" {
             log::warn!(
@@ -872,6 +1108,7 @@ impl Handler<FetchHistory> for RedisBroker {
             return Box::pin(async { Ok(Replay::default()) });
         };
         let mut conn = self.commands.manager();
+        let keys = self.keys;
         let script = self.history_script.clone();
         let mut live = self.live_channels.subscribe();
         Box::pin(async move {
@@ -889,20 +1126,21 @@ impl Handler<FetchHistory> for RedisBroker {
                 replay_max_bytes: history.replay_max_bytes.min(msg.max_bytes),
                 ..history
             };
-            read_history(&mut conn, &script, &msg.channel, msg.since, history).await
+            read_history(&mut conn, keys, &script, &msg.channel, msg.since, history).await
         })
     }
 }
 
 /// Run [`HISTORY_LUA`] for the entries of `channel` after `since` and decode its answer.
 async fn read_history(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut RedisConn,
+    keys: KeyScheme,
     script: &Script,
     channel: &ChannelKey,
     since: EventId,
     history: StreamHistory,
 ) -> Result<Replay, BrokerError> {
-    let mut invocation = script.key(format!("{channel}:log"));
+    let mut invocation = script.key(keys.history_stream(channel));
     invocation
         .arg(since.to_string())
         .arg(history.max_len)
@@ -998,7 +1236,7 @@ impl GapReader {
         };
         // Right after a reconnect the shared connection may not know yet that its socket died:
         // the read is sent once more on a dropped connection, as reading twice does no harm.
-        let key = format!("{channel}:log");
+        let key = commands.keys().history_stream(&channel);
         let answer: Vec<RedisValue> = commands
             .run_idempotent(|mut conn| {
                 let mut invocation = script.key(&key);
@@ -1389,7 +1627,7 @@ mod tests {
     struct Clustered {
         redis: TestRedis,
         publisher: RedisPublisher,
-        conn: redis::aio::ConnectionManager,
+        conn: RedisConn,
         history: Option<StreamHistory>,
     }
 
@@ -1450,9 +1688,16 @@ mod tests {
         async fn history_since(&mut self, since: EventId) -> Replay {
             let history = self.history.expect("history is kept");
             let script = Script::new(HISTORY_LUA);
-            read_history(&mut self.conn, &script, &channel(), since, history)
-                .await
-                .expect("read history")
+            read_history(
+                &mut self.conn,
+                KeyScheme::Plain,
+                &script,
+                &channel(),
+                since,
+                history,
+            )
+            .await
+            .expect("read history")
         }
 
         /// A pub/sub connection subscribed to the channel.

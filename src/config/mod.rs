@@ -225,6 +225,18 @@ impl Default for LimitsConfig {
 pub(crate) struct RedisConfig {
     /// `redis://host:port/db`; unset runs embedded (one node, nothing else needed).
     pub(crate) url: Option<String>,
+    /// A Redis Cluster instead, by some of its nodes (`redis://host:port` each; the others are
+    /// found from them). Not together with `url`.
+    pub(crate) cluster_urls: Vec<String>,
+}
+
+/// Where a clustered node's Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RedisTarget {
+    /// One Redis (`redis.url`).
+    Single(String),
+    /// A Redis Cluster, by its seed nodes (`redis.cluster_urls`).
+    Cluster(Vec<String>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -397,12 +409,24 @@ const LIST_KEYS: &[&str] = &[
     "origins.allowed",
     "auth.client_publish",
     "api.publish_keys",
+    "redis.cluster_urls",
 ];
 
 impl Settings {
     /// Whether events go through Redis (many pods) rather than in process.
     pub fn clustered(&self) -> bool {
-        self.redis.url.is_some()
+        self.redis_target().is_some()
+    }
+
+    /// The Redis of a clustered node; `None` when embedded.
+    pub(crate) fn redis_target(&self) -> Option<RedisTarget> {
+        match &self.redis.url {
+            Some(url) => Some(RedisTarget::Single(url.clone())),
+            None if !self.redis.cluster_urls.is_empty() => {
+                Some(RedisTarget::Cluster(self.redis.cluster_urls.clone()))
+            }
+            None => None,
+        }
     }
 
     pub(crate) fn history_enabled(&self) -> bool {
@@ -804,6 +828,19 @@ impl Settings {
                 ));
             }
         }
+        if self.redis.url.is_some() && !self.redis.cluster_urls.is_empty() {
+            errors.push(
+                "redis.url and redis.cluster_urls are both set: give one Redis (url) or the seed nodes of a Redis Cluster (cluster_urls), not both".into(),
+            );
+        }
+        for url in &self.redis.cluster_urls {
+            if redis::parse_redis_url(url).is_none() {
+                errors.push(format!(
+                    "redis.cluster_urls: {:?} is not a redis:// URL",
+                    redact_url(url)
+                ));
+            }
+        }
         if self.history.max_len == 0 {
             errors.push("history.max_len must be at least 1".into());
         }
@@ -845,6 +882,9 @@ impl Settings {
         }
         if let Some(url) = &copy.redis.url {
             copy.redis.url = Some(redact_url(url));
+        }
+        for url in &mut copy.redis.cluster_urls {
+            *url = redact_url(url);
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }

@@ -63,11 +63,15 @@ pub async fn bind(loaded: Loaded) -> Result<Bound, StartError> {
     let node = web::Data::new(node);
     let key = node.cookie_key.clone();
     let auth = node.settings.auth.clone();
-    let (server, addrs) = match redis_url {
-        None => http_server(node.clone(), move || {
+    let (server, addrs) = match (redis_url, node.sessions.cluster_store()) {
+        // A Redis Cluster: actix-session's Redis store speaks to one Redis only.
+        (None, Some(store)) => http_server(node.clone(), move || {
+            http::auth::session_middleware(store.clone(), &auth, &key)
+        })?,
+        (None, None) => http_server(node.clone(), move || {
             http::auth::session_middleware(CookieSessionStore::default(), &auth, &key)
         })?,
-        Some(url) => {
+        (Some(url), _) => {
             let store = RedisSessionStore::builder(url)
                 .cache_keygen(session_cache_key)
                 .build()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::{AsyncCommands, Script, Value as RedisValue};
 
-use super::redis::{timed, CommandError, RedisCommands};
+use super::redis::{timed, CommandError, KeyScheme, RedisCommands};
 use crate::config::CapPolicy;
 use crate::core::ids::unix_ms;
 
@@ -194,8 +194,34 @@ impl RedisCaps {
         }
     }
 
-    fn key(user_key: &str) -> String {
-        format!("sb:caps:{user_key}")
+    fn key(&self, user_key: &str) -> String {
+        self.commands.keys().caps(user_key)
+    }
+
+    /// One pipeline per slot the commands of `slots` touch, built by `add` per slot: a Redis
+    /// Cluster refuses a pipeline across slots, and the org is the hash tag of a cap key. On
+    /// one Redis it is one pipeline. Sent at once; the first error is returned.
+    async fn per_slot(
+        &self,
+        slots: &[(String, String)],
+        add: impl Fn(&mut redis::Pipeline, &str, &str),
+    ) -> Result<(), CommandError> {
+        let mut pipelines: HashMap<&str, redis::Pipeline> = HashMap::new();
+        for (user_key, slot) in slots {
+            let group = match self.commands.keys() {
+                KeyScheme::Plain => "",
+                KeyScheme::OrgTagged => user_key.split_once('/').map_or("", |(org, _)| org),
+            };
+            add(pipelines.entry(group).or_default(), user_key, slot);
+        }
+        let sent = pipelines.into_values().map(|pipe| {
+            let mut conn = self.commands.manager();
+            async move { timed(pipe.query_async::<()>(&mut conn)).await }
+        });
+        futures_util::future::join_all(sent)
+            .await
+            .into_iter()
+            .collect()
     }
 
     pub(crate) async fn acquire(
@@ -209,7 +235,7 @@ impl RedisCaps {
             CapPolicy::RejectNew => "reject_new",
             CapPolicy::EvictOldest => "evict_oldest",
         };
-        let key = Self::key(user_key);
+        let key = self.key(user_key);
         let evicted_key = format!("{key}:evicted:{slot}");
         let now = unix_ms();
         let answer: Vec<RedisValue> = self
@@ -240,7 +266,7 @@ impl RedisCaps {
     }
 
     pub(crate) async fn release(&self, user_key: &str, slot: &str) {
-        let key = Self::key(user_key);
+        let key = self.key(user_key);
         let released = self
             .commands
             .run_idempotent(|mut conn| {
@@ -261,9 +287,8 @@ impl RedisCaps {
             return;
         }
         let expiry = unix_ms() + self.lease.as_millis() as u64;
-        let mut pipe = redis::pipe();
-        for (user_key, slot) in slots {
-            let key = Self::key(user_key);
+        let refreshed = self.per_slot(slots, |pipe, user_key, slot| {
+            let key = self.key(user_key);
             pipe.cmd("ZADD")
                 .arg(&key)
                 .arg(expiry)
@@ -273,9 +298,8 @@ impl RedisCaps {
                 .arg(&key)
                 .arg(self.lease.as_millis() as u64 * 2)
                 .ignore();
-        }
-        let mut conn = self.commands.manager();
-        if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
+        });
+        if let Err(e) = refreshed.await {
             log::warn!("cannot refresh {} cap lease(s): {e}", slots.len());
         }
     }
@@ -285,12 +309,10 @@ impl RedisCaps {
         if slots.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
-        for (user_key, slot) in slots {
-            pipe.cmd("ZREM").arg(Self::key(user_key)).arg(slot).ignore();
-        }
-        let mut conn = self.commands.manager();
-        if let Err(e) = timed(pipe.query_async::<()>(&mut conn)).await {
+        let released = self.per_slot(slots, |pipe, user_key, slot| {
+            pipe.cmd("ZREM").arg(self.key(user_key)).arg(slot).ignore();
+        });
+        if let Err(e) = released.await {
             log::warn!(
                 "cannot release {} cap slot(s) (their leases will expire): {e}",
                 slots.len()
@@ -360,7 +382,7 @@ mod tests {
     /// The slots Redis holds for `user_key`, oldest first.
     fn slots_of(redis: &TestRedis, user_key: &str) -> Vec<String> {
         redis::cmd("ZRANGE")
-            .arg(RedisCaps::key(user_key))
+            .arg(KeyScheme::Plain.caps(user_key))
             .arg(0)
             .arg(-1)
             .query(&mut redis.conn())
@@ -447,7 +469,7 @@ mod tests {
         let (redis, caps) = redis_caps().await;
         let expired_at = unix_ms() - 1_000;
         redis::cmd("ZADD")
-            .arg(RedisCaps::key("42/u"))
+            .arg(KeyScheme::Plain.caps("42/u"))
             .arg(expired_at)
             .arg("1|dead")
             .exec(&mut redis.conn())

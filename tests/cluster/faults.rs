@@ -23,6 +23,7 @@ use crate::client::{event_id, first_difference, http_at, open_welcomed, post_jso
 use crate::common::*;
 use crate::follow::{follow, FollowLog, Shared};
 use crate::infra::{kill, start_pod_on, start_pods, Redis, WedgeProxy};
+use crate::on_redis_cluster::{start_cluster_pods, CLUSTER_CHANNEL};
 use crate::{wait_ready, wait_redis_unavailable, wait_until, CHANNEL, ORG, TOPIC};
 
 /// Every test here opens its sockets from one address (and nginx forwards them all as
@@ -328,6 +329,38 @@ async fn redis_killed_under_steady_publishing_loses_no_accepted_event() {
     tally.print(
         "Redis SIGKILL + restart",
         "40 sockets on 2 pods, one publish per 10 ms",
+    );
+}
+
+/// On a Redis Cluster, the master owning the topic's slot SIGKILLed while a publisher publishes every 10 ms to 20 sockets on two pods: its replica takes over; meanwhile publishes are answered 202 or 503, never anything else; both pods are ready again after, accept publishes, and every accepted event reaches every socket once, in order, the sockets never closed.
+#[actix_web::test]
+async fn redis_cluster_master_killed_under_traffic_fails_over_and_loses_no_accepted_event() {
+    let mut cluster = RedisCluster::start();
+    let pods = start_cluster_pods(&cluster, 2, OPEN_HANDSHAKES);
+    let deadline = Instant::now() + Duration::from_secs(50);
+    let mut fleet = Fleet::default();
+    for (i, cookie) in logins(&pods[0].base_url(), "f", 20)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        fleet.add(vec![pods[i % pods.len()].addr()], cookie, deadline);
+    }
+    fleet.wait_subscribed(20, T).await;
+    let mut publisher = Publisher::start(&pods[0].base_url(), ORG, TOPIC, PUBLISH_EVERY);
+    publisher.wait_count(30, T).await;
+
+    let dead = cluster.kill_master_of(CLUSTER_CHANNEL);
+    cluster.wait_failover(CLUSTER_CHANNEL, dead);
+    let published = publish_once_ready_again(&pods, &mut publisher).await;
+    assert_refusals_are_503(&publisher, "Redis Cluster failover");
+
+    let logs = fleet.finish(&published).await;
+    assert_no_socket_lost(&logs, "Redis Cluster master killed");
+    let tally = check_delivery(&logs, &publisher, &published);
+    tally.print(
+        "Redis Cluster master SIGKILL + failover",
+        "20 sockets on 2 pods, one publish per 10 ms",
     );
 }
 

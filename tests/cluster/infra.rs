@@ -253,7 +253,7 @@ pub fn start_pod_on(redis_url: &str, port: u16, env: &[(&str, &str)]) -> Hub {
 }
 
 /// Wait until a listening pod answers `/readyz` with 200.
-fn wait_pod_ready(pod: &Hub) {
+pub fn wait_pod_ready(pod: &Hub) {
     let deadline = Instant::now() + READY_TIMEOUT;
     while blocking_get_status(pod.addr(), "/readyz") != Some(200) {
         assert!(

@@ -19,6 +19,7 @@ mod client;
 mod faults;
 mod follow;
 mod infra;
+mod on_redis_cluster;
 
 use std::time::Duration;
 
@@ -526,6 +527,21 @@ async fn sse_welcome_waits_for_redis_to_confirm_the_subscription() {
 // sessions and caps across pods
 // ---------------------------------------------------------------------------------------------
 
+/// Log out through `pod` and check that every socket of the session (`sockets`, on pods
+/// `first`, `first + 1`, ...) closes with 4401 `logged out`.
+async fn logout_closes(pod: &Hub, cookie: &str, sockets: &mut [Ws], first: usize) {
+    let resp = http(pod, "DELETE", "/auth/session", &[("cookie", cookie)], None).await;
+    assert_eq!(resp.status, 204, "logout: {resp}");
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        assert_close(
+            ws.expect_close(T).await,
+            4401,
+            "unauthenticated: logged out",
+            &format!("socket on pod {} after logout on {}", i + first, pod.name()),
+        );
+    }
+}
+
 /// Logged in through pod A, sockets on pods B and C; DELETE /auth/session on A closes both with 4401 and the cookie is refused afterwards.
 #[actix_web::test]
 async fn logout_on_one_pod_closes_sockets_on_every_pod() {
@@ -555,23 +571,7 @@ async fn logout_on_one_pod_closes_sockets_on_every_pod() {
         sockets.push(ws);
     }
 
-    let resp = http(
-        &pods[0],
-        "DELETE",
-        "/auth/session",
-        &[("cookie", &cookie)],
-        None,
-    )
-    .await;
-    assert_eq!(resp.status, 204, "logout: {resp}");
-    for (i, ws) in sockets.iter_mut().enumerate() {
-        assert_close(
-            ws.expect_close(T).await,
-            4401,
-            "unauthenticated: logged out",
-            &format!("socket on pod {} after logout on pod 0", i + 1),
-        );
-    }
+    logout_closes(&pods[0], &cookie, &mut sockets, 1).await;
     let mut again = ws_open(&pods[2], Some(ORIGIN), Some(&cookie)).await;
     assert_close(
         again.expect_only_close(T).await,

@@ -24,6 +24,7 @@
 //! - `raw_ws`: a hand-spoken WebSocket that never answers pings (`RawWs`).
 //! - `sse`: the Server-Sent Events client (`open_sse`, `SseClient`).
 //! - `checks`: close-frame and event-id checks (`assert_close`, `parse_event_id`).
+//! - `redis_cluster`: a real 3+3 Redis Cluster on free ports, with failover (`RedisCluster`).
 //!
 //! This file holds the settings every test hub shares; everything is re-exported here, so a
 //! test names any of it as `common::name`.
@@ -37,14 +38,15 @@ mod nginx;
 mod process;
 mod publish;
 mod raw_ws;
+mod redis_cluster;
 mod sse;
 mod ws;
 
 // Each test crate uses only part of the harness, so some of these re-exports go unused in it.
 #[allow(unused_imports)]
 pub use self::{
-    auth::*, checks::*, http::*, metrics::*, nginx::*, process::*, publish::*, raw_ws::*, sse::*,
-    ws::*,
+    auth::*, checks::*, http::*, metrics::*, nginx::*, process::*, publish::*, raw_ws::*,
+    redis_cluster::*, sse::*, ws::*,
 };
 
 use std::time::Duration;
