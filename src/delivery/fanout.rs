@@ -44,8 +44,10 @@ use crate::delivery::writer::{Offer, Socket};
 /// per socket per pass (up to this many frames in it).
 const MAX_PASS: usize = 32;
 /// Events a worker's queue holds at most. A worker keeping up has a pass or two waiting
-/// ([`MAX_PASS`] events each); this takes a burst of thousands of events published at once.
-pub(crate) const MAX_QUEUED: usize = 8192;
+/// ([`MAX_PASS`] events each); this takes a burst of thousands of events published at once,
+/// and what a clustered pod delivers at once when it catches a channel up after a Redis
+/// outage (up to 10,000 held live events after the replay of the default 1,000 kept).
+pub(crate) const MAX_QUEUED: usize = 16_384;
 /// Bytes of frames a worker's queue holds at most (large events reach this before the count).
 pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
 
