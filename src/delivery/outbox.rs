@@ -176,13 +176,7 @@ impl Queue {
     fn conflate(&mut self) -> usize {
         let Some(index) = &mut self.index else {
             // The first time this queue runs over: index what it holds, once.
-            let mut index = ConflationIndex::default();
-            for (slot, event) in self.slots.iter().enumerate() {
-                if let Some(event) = event {
-                    index.note(slot, event);
-                }
-            }
-            self.index = Some(index);
+            self.index_slots();
             return self.conflate();
         };
         let dropped = index.superseded.len();
@@ -201,6 +195,11 @@ impl Queue {
     /// re-index the events that stay, none of which is superseded.
     fn sweep_holes(&mut self) {
         self.slots.retain(Option::is_some);
+        self.index_slots();
+    }
+
+    /// Index every queued event from scratch.
+    fn index_slots(&mut self) {
         let mut index = ConflationIndex::default();
         for (slot, event) in self.slots.iter().enumerate() {
             if let Some(event) = event {
