@@ -69,7 +69,7 @@ impl Node {
     /// clustered) never stalls an HTTP worker, and the stores that go with it. Must run
     /// inside an actix `System`. Clustered, this waits until Redis answers.
     pub(crate) async fn start(settings: Settings, compiled: Compiled) -> Result<Self, NodeError> {
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(settings.shutdown.reconnect_spread_ms));
         let health = Arc::new(BrokerHealth::default());
         let broker_thread = Arbiter::new();
         let limits = &settings.limits;

@@ -3,14 +3,15 @@
 //! the event to the [`Registry`]. One node only; nothing leaves the process. The state lives
 //! in an [`EventLog`] that a publisher takes on its own thread (an HTTP publish costs no hop
 //! to another thread and back); the [`MemoryBroker`] actor answers the broker messages from
-//! the same log and forgets idle channels.
+//! the same log and forgets idle channels. Each channel has a lock of its own, so publishes
+//! to different channels never wait for each other.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::{BrokerError, FetchHistory, Interest, Replay};
 use crate::core::event::{build_event, Event, PublishBody, PublishRequest};
@@ -31,21 +32,20 @@ pub(crate) struct HistoryLimits {
     pub(crate) keep_client_events: bool,
 }
 
-/// Every channel's last id and retained events. One lock orders them: an event is numbered,
-/// logged and handed to the registry under it, so ids rise in the order sockets receive
-/// them, and a replay sees either all of an event's effects or none.
+/// Every channel's last id and retained events. Each channel's own lock orders its events:
+/// an event is numbered, logged and handed to the registry under it, so ids rise in the
+/// order sockets receive them, and a replay sees either all of an event's effects or none.
+/// Ordering is only ever promised per channel, so channels do not share a lock: the map of
+/// channels is only written when a channel appears or is forgotten.
 pub(crate) struct EventLog {
     registry: Arc<Registry>,
     history: Option<HistoryLimits>,
-    channels: Mutex<Channels>,
-}
-
-#[derive(Default)]
-struct Channels {
-    map: HashMap<ChannelKey, ChannelState>,
+    channels: RwLock<HashMap<ChannelKey, Arc<Mutex<ChannelState>>>>,
     /// Per org, how many of its channels keep history (from their first kept event until
-    /// they are forgotten as idle, as Redis keeps a stream until it expires).
-    kept: HashMap<OrgId, usize>,
+    /// they are forgotten as idle, as Redis keeps a stream until it expires). Taken only when
+    /// a channel starts keeping history (under the channel's lock) and while idle channels
+    /// are forgotten (which locks only channels nobody else holds, so never waits).
+    kept: Mutex<HashMap<OrgId, usize>>,
 }
 
 #[derive(Default)]
@@ -82,17 +82,29 @@ impl EventLog {
         Self {
             registry,
             history,
-            channels: Mutex::default(),
+            channels: RwLock::default(),
+            kept: Mutex::default(),
         }
+    }
+
+    /// The state of `channel`, created on its first event.
+    fn channel(&self, channel: &ChannelKey) -> Arc<Mutex<ChannelState>> {
+        if let Some(state) = self.channels.read().get(channel) {
+            return state.clone();
+        }
+        self.channels
+            .write()
+            .entry(channel.clone())
+            .or_default()
+            .clone()
     }
 
     /// Number, log and deliver one event; embedded publishing cannot fail.
     pub(crate) fn publish(&self, request: &PublishRequest) -> EventId {
         let now = Instant::now();
         let channel = request.channel();
-        let mut channels = self.channels.lock();
-        let Channels { map, kept } = &mut *channels;
-        let state = map.entry(channel.clone()).or_default();
+        let state = self.channel(&channel);
+        let mut state = state.lock();
         let id = EventId::next_after(state.last_id, unix_ms());
         state.last_id = id;
         state.first_id.get_or_insert(id);
@@ -104,8 +116,14 @@ impl EventLog {
             .history
             .filter(|h| request.sender.is_none() || h.keep_client_events);
         if let (Some(limits), true) = (history, keep) {
-            let org_topics = kept.entry(request.org.clone()).or_default();
-            if state.kept_for.is_none() && *org_topics >= limits.max_topics_per_org {
+            let mut kept = state.kept_for.is_none().then(|| self.kept.lock());
+            let org_topics = kept
+                .as_mut()
+                .map(|kept| kept.entry(request.org.clone()).or_default());
+            if org_topics
+                .as_ref()
+                .is_some_and(|n| **n >= limits.max_topics_per_org)
+            {
                 log::warn!(
                     "{}: org {} already keeps history on {} topics (history.max_topics_per_org); event delivered live but not kept",
                     event.channel,
@@ -113,7 +131,7 @@ impl EventLog {
                     limits.max_topics_per_org
                 );
             } else {
-                if state.kept_for.is_none() {
+                if let Some(org_topics) = org_topics {
                     *org_topics += 1;
                     state.kept_for = Some(request.org.clone());
                 }
@@ -128,10 +146,13 @@ impl EventLog {
     /// The retained events of `channel` after `since`, at most `max_bytes` of them (and at
     /// most `history.replay_max_bytes`).
     pub(crate) fn replay(&self, channel: &ChannelKey, since: EventId, max_bytes: usize) -> Replay {
-        let mut channels = self.channels.lock();
-        let (Some(limits), Some(state)) = (self.history, channels.map.get_mut(channel)) else {
+        let Some(limits) = self.history else {
             return Replay::default();
         };
+        let Some(state) = self.channels.read().get(channel).cloned() else {
+            return Replay::default();
+        };
+        let mut state = state.lock();
         state.trim(limits, Instant::now());
         let reaches_back = state.first_id.is_some_and(|first| since >= first)
             && state.last_trimmed.is_none_or(|trimmed| since >= trimmed)
@@ -162,9 +183,15 @@ impl EventLog {
     fn forget_idle(&self) {
         let now = Instant::now();
         let ttl = self.history.map(|h| h.ttl).unwrap_or(Duration::ZERO);
-        let mut channels = self.channels.lock();
-        let Channels { map, kept } = &mut *channels;
+        let mut map = self.channels.write();
+        let mut kept = self.kept.lock();
         map.retain(|_, state| {
+            // Someone took the channel before this write lock and is about to publish or
+            // replay on it: keep it, or its event would land in a state no longer listed.
+            if Arc::strong_count(state) > 1 {
+                return true;
+            }
+            let mut state = state.lock();
             if let Some(limits) = self.history {
                 state.trim(limits, now);
             }
@@ -343,16 +370,8 @@ mod tests {
         let long_ago = Instant::now()
             .checked_sub(TTL + Duration::from_secs(1))
             .expect("the monotonic clock reaches back past the TTL");
-        for event in log
-            .channels
-            .lock()
-            .map
-            .get_mut(&channel())
-            .unwrap()
-            .log
-            .iter_mut()
-            .take(2)
-        {
+        let state = log.channels.read().get(&channel()).unwrap().clone();
+        for event in state.lock().log.iter_mut().take(2) {
             *event = Arc::new(Event {
                 channel: event.channel.clone(),
                 id: event.id,

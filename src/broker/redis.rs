@@ -23,6 +23,7 @@
 //! canary then proves the subscription path through the shard that owns this pod's canary
 //! channel; the other shards are watched by their connections (a lost one is noticed at once).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,13 +36,16 @@ use redis::aio::PubSubSink;
 use redis::cluster_async::ClusterConnection;
 use redis::{ProtocolVersion, PushInfo, PushKind, Script, Value as RedisValue};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::{BrokerError, BrokerHealth, FetchHistory, Interest, Replay};
 use crate::config::RedisTarget;
 use crate::core::close::{AuthFailure, Close};
-use crate::core::event::{build_event, Event, EventSender, PublishBody, PublishRequest};
+use crate::core::event::{
+    build_event, build_raw_event, Event, EventSender, PublishBody, PublishRequest,
+};
 use crate::core::ids::{node_id, unix_ms, ChannelKey, EventId, InvalidId};
 use crate::core::metrics::metrics;
 use crate::core::wire::validate_event_name;
@@ -59,18 +63,42 @@ const CANARY_LATE: Duration = Duration::from_secs(3);
 /// First byte of a binary (voice) message on an event channel; JSON messages start with `{`.
 const BINARY_MARK: u8 = 0;
 
-/// The message on an event channel, and the `m` field of a history entry.
-#[derive(Debug, Serialize, Deserialize)]
-struct WireEvent {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    id: Option<String>,
+/// The message on an event channel, and the `m` field of a history entry, as read: `data`
+/// is checked JSON, kept as its text for the frame (one parse, no tree).
+#[derive(Debug, Deserialize)]
+struct WireEvent<'a> {
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: &'a RawValue,
     #[serde(default)]
-    event: Option<String>,
-    data: Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     conn_id: Option<String>,
+}
+
+/// The same message as this hub publishes it (Redis gives the id), written from the
+/// request's own data, not a copy of it.
+#[derive(Debug, Serialize)]
+struct WireEventOut<'a> {
+    event: &'a str,
+    data: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conn_id: Option<&'a str>,
+}
+
+/// A message from Redis that passed [`decode_message`].
+#[derive(Debug)]
+struct Message<'a> {
+    /// As given (the hub adds one only when absent).
+    id: Option<EventId>,
+    event: Cow<'a, str>,
+    data: &'a RawValue,
+    sender: Option<EventSender>,
 }
 
 /// How far ahead of this pod's clock an id from Redis may be (clocks of pods and Redis
@@ -95,34 +123,32 @@ enum BadMessage {
 /// A JSON message from an event channel or a history entry's `m`: its id when it has one
 /// (kept as given; the hub adds one only when absent), the event, and its sender. `now_ms`:
 /// this pod's clock, which a given id may not run ahead of by more than [`MAX_ID_AHEAD_MS`].
-fn decode_message(
-    payload: &[u8],
-    now_ms: u64,
-) -> Result<(Option<EventId>, PublishBody, Option<EventSender>), BadMessage> {
+fn decode_message(payload: &[u8], now_ms: u64) -> Result<Message<'_>, BadMessage> {
     let wire: WireEvent = serde_json::from_slice(payload)?;
     let id = match wire.id {
         None => None,
         Some(raw) => {
-            let id = EventId::parse(&raw).ok_or(BadMessage::Id(raw))?;
+            let id = EventId::parse(&raw).ok_or_else(|| BadMessage::Id(raw.into_owned()))?;
             if id.ms > now_ms.saturating_add(MAX_ID_AHEAD_MS) {
                 return Err(BadMessage::IdAhead(id));
             }
             Some(id)
         }
     };
-    let event = wire.event.unwrap_or_else(|| "message".into());
+    let event = wire.event.unwrap_or(Cow::Borrowed("message"));
     if let Err(e) = validate_event_name(&event) {
-        return Err(BadMessage::Name(event, e));
+        return Err(BadMessage::Name(event.into_owned(), e));
     }
     let sender = match (wire.user, wire.conn_id) {
         (Some(user), Some(conn_id)) => Some(EventSender { user, conn_id }),
         _ => None,
     };
-    let body = PublishBody::Json {
+    Ok(Message {
+        id,
         event,
         data: wire.data,
-    };
-    Ok((id, body, sender))
+        sender,
+    })
 }
 
 /// Orders on [`CONTROL_CHANNEL`].
@@ -636,22 +662,19 @@ impl RedisBroker {
         let received_at = Instant::now();
         // Whether Redis gave the id (every publish through the hub has one).
         let mut from_redis = false;
-        let (id, body, sender) = if payload.first() == Some(&BINARY_MARK) {
+        let (event, from_client) = if payload.first() == Some(&BINARY_MARK) {
             let id = self.next_local_id(&channel);
-            (
-                id,
-                PublishBody::Binary(Bytes::copy_from_slice(&payload[1..])),
-                None,
-            )
+            let body = PublishBody::Binary(Bytes::copy_from_slice(&payload[1..]));
+            (build_event(channel, id, &body, None, received_at), false)
         } else {
-            let (id, body, sender) = match decode_message(payload, unix_ms()) {
+            let message = match decode_message(payload, unix_ms()) {
                 Ok(message) => message,
                 Err(e) => {
                     log::warn!("ignoring message on {channel}: {e}");
                     return;
                 }
             };
-            let id = match id {
+            let id = match message.id {
                 Some(id) => {
                     let last = self.last_ids.entry(channel.clone()).or_default();
                     *last = (*last).max(id);
@@ -660,13 +683,22 @@ impl RedisBroker {
                 }
                 None => self.next_local_id(&channel),
             };
-            (id, body, sender)
+            let sender = message.sender.as_ref();
+            let event = build_raw_event(
+                channel,
+                id,
+                &message.event,
+                message.data,
+                sender,
+                received_at,
+            );
+            (event, sender.is_some())
         };
+        let id = event.id;
         metrics().events_received.inc();
         let kept = self
             .history
-            .is_some_and(|h| sender.is_none() || h.keep_client_events);
-        let event = build_event(channel, id, &body, sender.as_ref(), received_at);
+            .is_some_and(|h| !from_client || h.keep_client_events);
         if let Some(held) = self.catching_up.get_mut(&event.channel) {
             if held.len() < MAX_HELD {
                 held.push(event);
@@ -1051,12 +1083,11 @@ impl RedisPublisher {
         let message = match &request.body {
             PublishBody::Json { event, data } => {
                 let sender = request.sender.as_ref();
-                serde_json::to_string(&WireEvent {
-                    id: None,
-                    event: Some(event.clone()),
-                    data: data.clone(),
-                    user: sender.map(|s| s.user.clone()),
-                    conn_id: sender.map(|s| s.conn_id.clone()),
+                serde_json::to_string(&WireEventOut {
+                    event,
+                    data,
+                    user: sender.map(|s| s.user.as_str()),
+                    conn_id: sender.map(|s| s.conn_id.as_str()),
                 })
                 // unwrap: a JSON value and plain strings always serialise.
                 .unwrap()
@@ -1297,7 +1328,7 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
             let id = EventId::parse(&id).filter(|&id| id > newest)?;
             let (_, raw) = fields.into_iter().find(|(k, _)| k == "m")?;
             // The entry's id is the event's: an `id` inside `m` is not looked at.
-            let (_, body, sender) = match decode_message(&raw, u64::MAX) {
+            let message = match decode_message(&raw, u64::MAX) {
                 Ok(message) => {
                     newest = id;
                     message
@@ -1307,11 +1338,12 @@ fn decode_history(channel: &ChannelKey, since: EventId, answer: &[RedisValue]) -
                     return None;
                 }
             };
-            Some(build_event(
+            Some(build_raw_event(
                 channel.clone(),
                 id,
-                &body,
-                sender.as_ref(),
+                &message.event,
+                message.data,
+                message.sender.as_ref(),
                 now,
             ))
         })
@@ -1582,13 +1614,13 @@ mod tests {
     #[test]
     fn messages_from_redis_are_validated() {
         let now = 1_700_000_000_000;
-        let decode = |text: &str| decode_message(text.as_bytes(), now);
-        let (given, _, _) = decode(r#"{"id":"1699999999000-3","event":"e","data":1}"#)
+        let decode = |text: &'static str| decode_message(text.as_bytes(), now);
+        let given = decode(r#"{"id":"1699999999000-3","event":"e","data":1}"#)
             .expect("a given id in the past");
-        assert_eq!(given, Some(id("1699999999000-3")));
-        let (absent, body, _) = decode(r#"{"data":1}"#).expect("no id");
-        assert_eq!(absent, None);
-        assert!(matches!(body, PublishBody::Json { ref event, .. } if event == "message"));
+        assert_eq!(given.id, Some(id("1699999999000-3")));
+        let absent = decode(r#"{"data":1}"#).expect("no id");
+        assert_eq!(absent.id, None);
+        assert_eq!(absent.event, "message");
         assert!(decode(r#"{"id":"1700000030000-0","data":1}"#).is_ok());
 
         let forged = decode("{\"event\":\"x\\ndata: forged\",\"data\":1}").unwrap_err();

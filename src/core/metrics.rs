@@ -28,6 +28,11 @@ pub(crate) struct Metrics {
     pub(crate) conflated: IntCounter,
     pub(crate) slow_consumer_disconnects: IntCounter,
     pub(crate) heartbeat_timeouts: IntCounter,
+    /// Events a worker thread's fan-out queue had no room for (per worker that missed one).
+    pub(crate) fanout_lagged: IntCounter,
+    /// Sockets asked to reconnect and resume because their worker missed their channel's
+    /// events.
+    pub(crate) fanout_resyncs: IntCounter,
     /// Sockets in this pod's registry (WebSocket and SSE sessions it delivers to).
     pub(crate) registry_sessions: IntGauge,
     /// Channels with at least one subscriber on this pod.
@@ -98,6 +103,14 @@ impl Metrics {
             heartbeat_timeouts: counter(
                 "heartbeat_timeouts_total",
                 "Sockets closed because nothing arrived within the heartbeat timeout",
+            ),
+            fanout_lagged: counter(
+                "fanout_lagged_total",
+                "Events a worker's fan-out queue was too full to take",
+            ),
+            fanout_resyncs: counter(
+                "fanout_resyncs_total",
+                "Sockets asked to reconnect and resume because their worker's fan-out queue missed events of their channel",
             ),
             registry_sessions: gauge(
                 "registry_sessions",

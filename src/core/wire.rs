@@ -121,21 +121,23 @@ pub(crate) struct Sender<'a> {
     pub(crate) conn_id: &'a str,
 }
 
-/// The one encoding of an event frame, shared by every socket that receives it.
-pub(crate) fn encode_event(
+/// The one encoding of an event frame, shared by every socket that receives it. `data` is a
+/// [`Value`], or the checked text of one as it arrived (a [`serde_json::value::RawValue`],
+/// written as it is).
+pub(crate) fn encode_event<D: Serialize + ?Sized>(
     topic: &str,
     id: EventId,
     event: &str,
-    data: &Value,
+    data: &D,
     sender: Option<Sender<'_>>,
 ) -> String {
     #[derive(Serialize)]
-    struct EventFrame<'a> {
+    struct EventFrame<'a, D: ?Sized> {
         r#type: &'static str,
         topic: &'a str,
         id: String,
         event: &'a str,
-        data: &'a Value,
+        data: &'a D,
         #[serde(skip_serializing_if = "Option::is_none")]
         user: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,7 +152,7 @@ pub(crate) fn encode_event(
         user: sender.as_ref().map(|s| s.user),
         conn_id: sender.as_ref().map(|s| s.conn_id),
     };
-    // unwrap: serde_json::Value and &str always serialise.
+    // unwrap: serde_json::Value, RawValue and &str always serialise.
     serde_json::to_string(&frame).unwrap()
 }
 

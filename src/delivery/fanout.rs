@@ -8,14 +8,28 @@
 //! as before. Both worker threads share a topic's work, and a delivery to an idle socket is
 //! a `send()` with no task wake-up, no lock shared with another thread and no mailbox.
 //!
+//! A worker's queue is bounded ([`MAX_QUEUED`] events, [`MAX_QUEUED_BYTES`] of frames): a
+//! worker thread that falls that far behind must not grow the hub without bound. An event
+//! that does not fit is not dropped silently: the worker is told, in order, after the
+//! channel's events it did queue, and asks its subscribers of that channel to reconnect and
+//! resume with `since` (the drain's `reconnect` and 1012, spread over
+//! `shutdown.reconnect_spread_ms`), so each one resumes from the last event it received; until
+//! the worker has told them, the channel's later events skip that worker, so nobody receives
+//! an event from after the gap. Both are counted (`switchboard_fanout_lagged_total`,
+//! `switchboard_fanout_resyncs_total`). A socket that is slow itself never causes this: its
+//! own outbox takes its backlog (conflation or the slow-consumer close).
+//!
 //! [`Outbox`]: crate::delivery::outbox::Outbox
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use parking_lot::Mutex;
+use rand::Rng;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::core::close::Close;
@@ -29,6 +43,14 @@ use crate::delivery::writer::{Offer, Socket};
 /// Events taken from the worker's queue per pass at most: a burst is written with one write
 /// per socket per pass (up to this many frames in it).
 const MAX_PASS: usize = 32;
+/// Events a worker's queue holds at most. A worker keeping up has a pass or two waiting
+/// ([`MAX_PASS`] events each); this takes a burst of thousands of events published at once,
+/// and what a clustered pod delivers at once when it catches a channel up after a Redis
+/// outage (up to 10,000 held live events after the replay of the default 1,000 kept).
+pub(crate) const MAX_QUEUED: usize = 16_384;
+/// Bytes of frames a worker's queue holds at most (large events reach this before the count).
+pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
+
 /// Offers, or socket writes, between two yields to the worker's other tasks: a pass over a
 /// big topic takes milliseconds, and publishes, handshakes and heartbeats on this worker
 /// must not wait for all of it.
@@ -41,12 +63,90 @@ pub(crate) struct Subscriber {
     pub(crate) binary: bool,
     /// The WebSocket's output, for direct writes; `None` for SSE streams.
     pub(crate) socket: Option<Rc<Socket>>,
+    /// Asked to reconnect because this worker missed events of the channel: it gets none
+    /// of the channel's later events (they would come after the gap it resumes from).
+    pub(crate) cut: bool,
+}
+
+/// What a worker's queue carries.
+pub(crate) enum Work {
+    Event(Arc<Event>),
+    /// The queue had no room for an event of this channel: ask its subscribers to resync.
+    Missed(ChannelKey),
+}
+
+/// The way into one worker's fan-out, from any thread: bounded by what it holds.
+pub(crate) struct WorkerQueue {
+    sender: UnboundedSender<Work>,
+    max_events: usize,
+    /// Events and frame bytes queued and not yet taken by the worker.
+    queued: AtomicUsize,
+    queued_bytes: AtomicUsize,
+    /// Channels whose events this worker missed and whose subscribers it has not told yet;
+    /// their events skip the worker until then. `missing` counts them, so a queue with none
+    /// (the usual case) costs no lock per event.
+    missed: Mutex<HashSet<ChannelKey>>,
+    missing: AtomicUsize,
+}
+
+impl WorkerQueue {
+    fn new(sender: UnboundedSender<Work>, max_events: usize) -> Self {
+        Self {
+            sender,
+            max_events,
+            queued: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            missed: Mutex::default(),
+            missing: AtomicUsize::new(0),
+        }
+    }
+
+    /// Queue an event for this worker, or tell the worker it missed its channel. One
+    /// channel's events come from one thread at a time (the broker numbers them under the
+    /// channel's lock), so a channel's marker always follows its queued events.
+    pub(crate) fn push(&self, event: &Arc<Event>) {
+        if self.missing.load(Ordering::Acquire) > 0 && self.missed.lock().contains(&event.channel) {
+            metrics().fanout_lagged.inc();
+            return;
+        }
+        let bytes = event.ws_frame.len();
+        let events = self.queued.fetch_add(1, Ordering::AcqRel);
+        let held = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if events >= self.max_events || (events > 0 && held + bytes > MAX_QUEUED_BYTES) {
+            self.taken(1, bytes);
+            metrics().fanout_lagged.inc();
+            let mut missed = self.missed.lock();
+            if missed.insert(event.channel.clone()) {
+                self.missing.fetch_add(1, Ordering::AcqRel);
+                // A worker's queue closes only when its thread ends, at shutdown.
+                let _ = self.sender.send(Work::Missed(event.channel.clone()));
+            }
+            return;
+        }
+        let _ = self.sender.send(Work::Event(event.clone()));
+    }
+
+    /// The worker took `events` events of `bytes` bytes off the queue.
+    fn taken(&self, events: usize, bytes: usize) {
+        self.queued.fetch_sub(events, Ordering::AcqRel);
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// The worker told the channel's subscribers; its later events may come again.
+    fn told(&self, channel: &ChannelKey) {
+        if self.missed.lock().remove(channel) {
+            self.missing.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// This worker's share of the node's subscriptions.
 pub(crate) struct WorkerFanout {
     /// The worker's index in the registry's list of worker queues.
     pub(crate) index: usize,
+    queue: Arc<WorkerQueue>,
+    /// Reconnects asked of a channel's subscribers are spread over this many ms.
+    resync_spread_ms: u64,
     /// A pass holds a channel's list while it yields; a change meanwhile copies the list, so
     /// the pass walks the subscribers as they were when the event came.
     channels: RefCell<HashMap<ChannelKey, Rc<Vec<Subscriber>>>>,
@@ -67,30 +167,48 @@ pub(crate) fn existing(registry: usize) -> Option<Rc<WorkerFanout>> {
     })
 }
 
+/// How a registry's workers are bounded and how they ask for resyncs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerBounds {
+    /// Events a worker's queue holds at most ([`MAX_QUEUED`]).
+    pub(crate) max_queued: usize,
+    /// `shutdown.reconnect_spread_ms`.
+    pub(crate) resync_spread_ms: u64,
+}
+
 /// This thread's fan-out for registry `registry`, started on first use: `enlist` records the
 /// worker's queue with the registry and answers its index. Must run on a worker thread (it
 /// spawns the task that drains the queue there).
 pub(crate) fn current(
     registry: usize,
-    enlist: impl FnOnce(UnboundedSender<Arc<Event>>) -> usize,
+    bounds: WorkerBounds,
+    enlist: impl FnOnce(Arc<WorkerQueue>) -> usize,
 ) -> Rc<WorkerFanout> {
     if let Some(worker) = existing(registry) {
         return worker;
     }
-    let (queue, events) = unbounded_channel();
+    let (sender, work) = unbounded_channel();
+    let queue = Arc::new(WorkerQueue::new(sender, bounds.max_queued));
     let worker = Rc::new(WorkerFanout {
-        index: enlist(queue),
+        index: enlist(queue.clone()),
+        queue,
+        resync_spread_ms: bounds.resync_spread_ms,
         channels: RefCell::default(),
     });
     WORKERS.with_borrow_mut(|workers| workers.push((registry, worker.clone())));
-    tokio::task::spawn_local(run(events, worker.clone()));
+    tokio::task::spawn_local(run(work, worker.clone()));
     worker
 }
 
-async fn run(mut events: UnboundedReceiver<Arc<Event>>, worker: Rc<WorkerFanout>) {
+async fn run(mut work: UnboundedReceiver<Work>, worker: Rc<WorkerFanout>) {
     let mut pass = Vec::with_capacity(MAX_PASS);
     let mut flush = Vec::new();
-    while events.recv_many(&mut pass, MAX_PASS).await > 0 {
+    while work.recv_many(&mut pass, MAX_PASS).await > 0 {
+        let (events, bytes) = pass.iter().fold((0, 0), |(n, b), work| match work {
+            Work::Event(event) => (n + 1, b + event.ws_frame.len()),
+            Work::Missed(_) => (n, b),
+        });
+        worker.queue.taken(events, bytes);
         worker.fan_out(&pass, &mut flush).await;
         pass.clear();
     }
@@ -104,7 +222,10 @@ impl WorkerFanout {
         let conn = subscriber.link.conn;
         match subscribers.iter_mut().find(|s| s.link.conn == conn) {
             Some(existing) => {
+                // A socket already asked to resync stays cut off: it is on its way out.
+                let cut = existing.cut;
                 *existing = subscriber;
+                existing.cut |= cut;
                 false
             }
             None => {
@@ -130,21 +251,53 @@ impl WorkerFanout {
         true
     }
 
+    /// Ask this worker's subscribers of `channel` to reconnect and resume: the worker missed
+    /// some of its events. Returns how many.
+    fn resync(&self, channel: &ChannelKey) -> usize {
+        let mut channels = self.channels.borrow_mut();
+        let mut told = 0;
+        if let Some(subscribers) = channels.get_mut(channel) {
+            let mut rng = rand::rng();
+            for subscriber in Rc::make_mut(subscribers).iter_mut().filter(|s| !s.cut) {
+                subscriber.cut = true;
+                subscriber.link.control.do_send(Control::Drain {
+                    after_ms: rng.random_range(0..=self.resync_spread_ms),
+                });
+                told += 1;
+            }
+        }
+        self.queue.told(channel);
+        told
+    }
+
     /// Deliver a pass of events to this worker's subscribers, in order per socket, then write
     /// every socket that took some (once each). Yields every [`SLICE`] offers or writes.
-    async fn fan_out(&self, pass: &[Arc<Event>], flush: &mut Vec<Rc<Socket>>) {
+    async fn fan_out(&self, pass: &[Work], flush: &mut Vec<Rc<Socket>>) {
         let latency = metrics().delivery_seconds.local();
         let mut written = 0u64;
         let mut since_yield = 0;
         let now = Instant::now();
-        for event in pass {
+        for work in pass {
+            let event = match work {
+                Work::Event(event) => event,
+                Work::Missed(channel) => {
+                    let told = self.resync(channel);
+                    metrics().fanout_resyncs.inc_by(told as u64);
+                    log::warn!(
+                        "{channel}: a worker's fan-out queue was full ({} events or {} bytes); asked its {told} socket(s) of the channel to reconnect and resume",
+                        self.queue.max_events,
+                        MAX_QUEUED_BYTES
+                    );
+                    continue;
+                }
+            };
             let Some(subscribers) = self.channels.borrow().get(&event.channel).cloned() else {
                 continue;
             };
             let binary = matches!(event.payload, Payload::Binary(_));
             let waited = now.duration_since(event.received_at).as_secs_f64();
             for subscriber in subscribers.iter() {
-                if binary && !subscriber.binary {
+                if subscriber.cut || (binary && !subscriber.binary) {
                     continue;
                 }
                 since_yield += 1;
@@ -374,6 +527,45 @@ mod tests {
             slow.mailbox.recv().await,
             Some(Got::Control(Control::Close(Close::SlowConsumer)))
         ));
+    }
+
+    /// A worker whose queue is full misses events: its sockets of that channel get every
+    /// event it did queue, then are asked to reconnect and resume (counted), and get nothing
+    /// from after the gap; a socket subscribing afterwards gets the later events.
+    #[actix_web::test]
+    async fn a_full_worker_queue_asks_its_sockets_to_resync() {
+        let registry = Registry::with_bounds(WorkerBounds {
+            max_queued: 4,
+            resync_spread_ms: 0,
+        });
+        let calls = channel("calls");
+        let mut reader = plain(&registry, &calls).await;
+        let (lagged, resyncs) = (
+            metrics().fanout_lagged.get(),
+            metrics().fanout_resyncs.get(),
+        );
+        // Delivered without yielding: the worker takes none of them before the last.
+        let events: Vec<_> = (1..=6).map(|n| event(&calls, n, None)).collect();
+        for e in &events {
+            registry.deliver(e);
+        }
+        reader
+            .peer
+            .expect(&frames(&events[..4].iter().collect::<Vec<_>>()))
+            .await;
+        assert!(matches!(
+            reader.mailbox.recv().await,
+            Some(Got::Control(Control::Drain { after_ms: 0 }))
+        ));
+        assert!(metrics().fanout_lagged.get() >= lagged + 2);
+        assert!(metrics().fanout_resyncs.get() > resyncs);
+
+        let mut newcomer = plain(&registry, &calls).await;
+        let later = event(&calls, 7, None);
+        registry.deliver(&later);
+        newcomer.peer.expect(&later.ws_frame).await;
+        drop(reader.session);
+        assert!(reader.peer.read_to_end().await.is_empty());
     }
 
     /// Wait until this worker's fan-out has passed every event delivered so far: it takes

@@ -9,17 +9,15 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use actix::prelude::*;
-use parking_lot::{Mutex, RwLock};
-use rand::Rng;
-use tokio::sync::mpsc::UnboundedSender;
-
-use super::fanout::{self, Subscriber};
+use super::fanout::{self, Subscriber, WorkerBounds, WorkerQueue, MAX_QUEUED};
 use super::outbox::Outbox;
 use super::writer::Socket;
 use crate::core::close::{AuthFailure, Close};
 use crate::core::event::Event;
 use crate::core::ids::{ChannelKey, ConnId};
+use actix::prelude::*;
+use parking_lot::{Mutex, RwLock};
+use rand::Rng;
 
 /// Wake a session: its outbox has frames. At most one is in flight per session.
 #[derive(Message)]
@@ -77,7 +75,8 @@ pub(crate) struct Registry {
     /// Per channel, how many subscribers each worker has (indexed like `workers`).
     channels: RwLock<HashMap<ChannelKey, Vec<u32>>>,
     /// Each worker's event queue, in the order the workers enlisted.
-    workers: RwLock<Vec<UnboundedSender<Arc<Event>>>>,
+    workers: RwLock<Vec<Arc<WorkerQueue>>>,
+    bounds: WorkerBounds,
     sessions: Mutex<HashMap<ConnId, SessionEntry>>,
     /// Per channel, the control mailbox of each local subscriber: the sockets to tell when
     /// this node missed events of the channel ([`Self::resync_channel`]).
@@ -86,18 +85,32 @@ pub(crate) struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
+        Self::new(5_000)
+    }
+}
+
+impl Registry {
+    /// A registry whose workers, when they miss events, spread the reconnects they ask for
+    /// over `resync_spread_ms` (`shutdown.reconnect_spread_ms`).
+    pub(crate) fn new(resync_spread_ms: u64) -> Self {
+        Self::with_bounds(WorkerBounds {
+            max_queued: MAX_QUEUED,
+            resync_spread_ms,
+        })
+    }
+
+    pub(crate) fn with_bounds(bounds: WorkerBounds) -> Self {
         static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             channels: RwLock::default(),
             workers: RwLock::default(),
+            bounds,
             sessions: Mutex::default(),
             members: Mutex::default(),
         }
     }
-}
 
-impl Registry {
     pub(crate) fn register(
         &self,
         link: Arc<SessionLink>,
@@ -141,7 +154,7 @@ impl Registry {
         binary: bool,
         socket: Option<Rc<Socket>>,
     ) -> bool {
-        let worker = fanout::current(self.id, |queue| {
+        let worker = fanout::current(self.id, self.bounds, |queue| {
             let mut workers = self.workers.write();
             workers.push(queue);
             workers.len() - 1
@@ -150,6 +163,7 @@ impl Registry {
             link: link.clone(),
             binary,
             socket,
+            cut: false,
         };
         if !worker.add(channel, subscriber) {
             return false;
@@ -203,7 +217,7 @@ impl Registry {
     }
 
     /// Hand an event to every worker with a subscriber of its channel (callable from any
-    /// thread); each worker delivers it to its own sockets.
+    /// thread, one thread at a time per channel); each worker delivers it to its own sockets.
     pub(crate) fn deliver(&self, event: &Arc<Event>) {
         let map = self.channels.read();
         let Some(counts) = map.get(&event.channel) else {
@@ -211,8 +225,7 @@ impl Registry {
         };
         let workers = self.workers.read();
         for (queue, _) in workers.iter().zip(counts).filter(|(_, &n)| n > 0) {
-            // A worker's queue closes only when its thread ends, at shutdown.
-            let _ = queue.send(event.clone());
+            queue.push(event);
         }
     }
 
