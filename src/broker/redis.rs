@@ -45,7 +45,7 @@ pub(crate) const CONTROL_CHANNEL: &str = "sbx:control";
 const CANARY_EVERY: Duration = Duration::from_secs(1);
 const CANARY_LATE: Duration = Duration::from_secs(3);
 /// First byte of a binary (voice) message on an event channel; JSON messages start with `{`.
-const BINARY_MARK: u8 = 0;
+pub(crate) const BINARY_MARK: u8 = 0;
 
 /// The message on an event channel, and the `m` field of a history entry.
 #[derive(Debug, Serialize, Deserialize)]

@@ -467,6 +467,19 @@ impl WsSession {
         if !self.within_budget(ctx, true) {
             return;
         }
+        // Browser events are bounded by `limits.client_event_bytes`, binary ones included
+        // (SPEC section 7): the frame limit alone would let one page relay 64 KiB frames.
+        let limit = self.node.settings.limits.client_event_bytes;
+        if bytes.len() > limit {
+            return Self::reply_error(
+                ctx,
+                ErrorCode::BadRequest,
+                format!(
+                    "binary frame of {} bytes; client events may hold at most {limit}",
+                    bytes.len()
+                ),
+            );
+        }
         if let Some(request) = self.request(topic, PublishBody::Binary(bytes)) {
             self.node.broker.publish_detached(request);
         }
