@@ -67,6 +67,9 @@ enum Command {
         /// The org whose sessions an embedded echo answers.
         #[arg(long, default_value = "demo")]
         org: String,
+        /// The Origin its WebSockets present (embedded); default: --url.
+        #[arg(long)]
+        origin: Option<String>,
     },
 }
 
@@ -92,7 +95,9 @@ fn main() -> ExitCode {
             agents,
             duration: duration_s.map(Duration::from_secs),
         }),
-        Command::VoiceEcho { url, org } => voice_echo(&cli.config, EchoOptions { url, org }),
+        Command::VoiceEcho { url, org, origin } => {
+            voice_echo(&cli.config, EchoOptions { url, org, origin })
+        }
     }
 }
 

@@ -55,6 +55,9 @@ pub struct EchoOptions {
     pub url: Option<String>,
     /// The org whose sessions an embedded echo answers.
     pub org: String,
+    /// The Origin its WebSockets present (embedded); None: the hub's own URL, which a
+    /// development configuration admits. Elsewhere, an entry of `origins.allowed`.
+    pub origin: Option<String>,
 }
 
 /// Why the echo cannot start or lost its connection.
@@ -159,6 +162,7 @@ fn out_topic(inbound: &str) -> Option<Topic> {
 /// What the embedded echo needs to speak to the hub.
 struct HubApi {
     base: String,
+    origin: String,
     org: OrgId,
     jwt_secret: String,
     issuer: Option<String>,
@@ -182,8 +186,10 @@ impl HubApi {
         let base = options
             .url
             .unwrap_or_else(|| format!("http://{}:{}", settings.server.bind, settings.server.port));
+        let base = base.trim_end_matches('/').to_string();
         Ok(Rc::new(Self {
-            base: base.trim_end_matches('/').to_string(),
+            origin: options.origin.unwrap_or_else(|| base.clone()),
+            base,
             org,
             jwt_secret,
             issuer: settings.auth.jwt_issuer.clone(),
@@ -202,8 +208,7 @@ impl HubApi {
         let connected = self
             .http
             .ws(&url)
-            // The hub's own origin: the one a page served by this hub has.
-            .origin(self.base.as_str())
+            .origin(self.origin.as_str())
             .header("Cookie", cookie)
             .max_frame_size(self.max_frame_bytes)
             .connect()
