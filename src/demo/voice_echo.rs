@@ -264,12 +264,16 @@ impl HubApi {
 
     /// Send one frame back to the page: a binary publish to its `out` topic.
     async fn publish_binary(&self, topic: &Topic, frame: bytes::Bytes) -> Result<(), EchoError> {
-        let endpoint = format!("{}/api/publish", self.base);
+        // Org ids and topics are validated to characters a query carries as they are.
+        let endpoint = format!(
+            "{}/api/publish?org={}&topic={}",
+            self.base,
+            self.org.as_str(),
+            topic.as_str()
+        );
         let mut response = self
             .http
             .post(&endpoint)
-            .query(&[("org", self.org.as_str()), ("topic", topic.as_str())])
-            .map_err(|e| EchoError::Closed(format!("query: {e}")))?
             .bearer_auth(&self.publish_key)
             .content_type("application/octet-stream")
             .send_body(frame)
