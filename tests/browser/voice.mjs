@@ -32,7 +32,7 @@ const ORG = 'demo';
 const USER = 'tester-1';
 const STEP_MS = 5000;     // bound on each wait for something the page should show promptly
 const ECHO_MS = 15000;    // bound on the first second of audio coming back
-const FILL_MS = 6000;     // screenshot: how long the chart fills before the picture
+const FILL_MS = 9000;     // screenshot: how long the chart fills before the picture
 const OVERALL_MS = 60000;
 
 const [base, scenario, outArg] = process.argv.slice(2);
