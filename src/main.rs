@@ -1,5 +1,6 @@
 //! The `switchboard` command: parses arguments, loads and validates configuration, sets up
-//! logging, and hands over to the library (`server`, `policy::origin`, `demo::run`).
+//! logging, and hands over to the library (`server`, `policy::origin`, `demo::run`,
+//! `demo::voice_echo`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use switchboard::config::{Loaded, Settings};
 use switchboard::demo::run::{self as simulate, RemoteOptions};
+use switchboard::demo::voice_echo::{self, EchoOptions};
 use switchboard::policy::origin::Day;
 
 #[derive(Parser)]
@@ -54,6 +56,21 @@ enum Command {
         #[arg(long)]
         duration_s: Option<u64>,
     },
+    /// Answer the voice test page (/voice-test): send every audio frame streamed to
+    /// voice:<id>:in back to voice:<id>:out. Clustered (redis.url): straight from Redis, every
+    /// org. Embedded: through the hub at --url, for the sessions of --org announced on
+    /// voice:lobby:in, logged in with auth.jwt_secret and publishing with api.publish_keys.
+    VoiceEcho {
+        /// Base URL of the hub (embedded); default http://<server.bind>:<server.port>.
+        #[arg(long)]
+        url: Option<String>,
+        /// The org whose sessions an embedded echo answers.
+        #[arg(long, default_value = "demo")]
+        org: String,
+        /// The Origin its WebSockets present (embedded); default: --url.
+        #[arg(long)]
+        origin: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +95,9 @@ fn main() -> ExitCode {
             agents,
             duration: duration_s.map(Duration::from_secs),
         }),
+        Command::VoiceEcho { url, org, origin } => {
+            voice_echo(&cli.config, EchoOptions { url, org, origin })
+        }
     }
 }
 
@@ -163,6 +183,21 @@ fn simulate(options: RemoteOptions) -> ExitCode {
         }
         Err(e) => {
             eprintln!("simulate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn voice_echo(dir: &std::path::Path, options: EchoOptions) -> ExitCode {
+    let loaded = match load(dir) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let system = actix_web::rt::System::new();
+    match system.block_on(voice_echo::run(&loaded.settings, options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("voice-echo: {e}");
             ExitCode::FAILURE
         }
     }

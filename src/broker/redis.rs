@@ -61,7 +61,7 @@ pub(crate) const CONTROL_CHANNEL: &str = "sbx:control";
 const CANARY_EVERY: Duration = Duration::from_secs(1);
 const CANARY_LATE: Duration = Duration::from_secs(3);
 /// First byte of a binary (voice) message on an event channel; JSON messages start with `{`.
-const BINARY_MARK: u8 = 0;
+pub(crate) const BINARY_MARK: u8 = 0;
 
 /// The message on an event channel, and the `m` field of a history entry, as read: `data`
 /// is checked JSON, kept as its text for the frame (one parse, no tree).

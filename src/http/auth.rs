@@ -164,6 +164,20 @@ mod hs256 {
     }
 }
 
+/// Sign an HS256 token with `secret`: for a service that shares `auth.jwt_secret` with the
+/// hub and logs in through `POST /auth/session` like any user (`switchboard voice-echo`).
+pub(crate) fn sign_jwt(
+    claims: &serde_json::Value,
+    secret: &str,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    hs256::install();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
+
 /// Why a token is refused; the text is the `reason` given to the caller.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TokenRefused {

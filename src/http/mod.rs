@@ -1,5 +1,5 @@
 //! The HTTP routes: publishing ([`publish`]), login and logout ([`auth`]), health, metrics
-//! and the static dashboard ([`status`]), with one origin policy behind CORS and the guard of
+//! and the static pages ([`status`]), with one origin policy behind CORS and the guard of
 //! `/api` and `/auth` (the same policy the WebSocket handshake applies: one allowlist, never
 //! two). The streaming endpoints `/ws` and `/sse` belong to [`crate::transport`]. Every
 //! answer carries [`security_headers`].
@@ -24,6 +24,7 @@ use crate::transport;
 /// handshake with the raw connection); `/ws` answers only requests that lack the upgrade.
 pub(crate) fn routes(cfg: &mut web::ServiceConfig, node: &web::Data<Node>) {
     cfg.route("/", web::get().to(status::index))
+        .route("/voice-test", web::get().to(status::voice_test))
         .route("/client.js", web::get().to(status::client_js))
         .route("/client.mjs", web::get().to(status::client_mjs))
         .route("/client.d.ts", web::get().to(status::client_dts))

@@ -2,7 +2,9 @@
 //! before the body is read (an address that keeps presenting wrong keys is held back with
 //! 429), the body must arrive within `api.body_timeout_ms` and [`MAX_BODY_BYTES`], every field is
 //! validated, and 202 comes only once the broker has taken the event; anything else is a 4xx
-//! naming the problem or a 503.
+//! naming the problem or a 503. A body sent as `application/octet-stream` is a binary event
+//! (`?org=..&topic=..` in the query): delivered as a binary frame to `binary:true`
+//! subscribers, live only like every binary event (the voice echo answers this way).
 
 use std::time::{Duration, Instant};
 
@@ -114,6 +116,54 @@ pub(crate) fn parse_publish(body: &[u8]) -> Result<PublishRequest, BadField> {
     })
 }
 
+/// Where a binary publish goes: the query of `POST /api/publish?org=..&topic=..`.
+#[derive(serde::Deserialize)]
+struct BinaryTarget {
+    org: String,
+    topic: String,
+}
+
+/// Whether the body is a binary event rather than the JSON envelope.
+fn is_binary(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().starts_with("application/octet-stream"))
+}
+
+/// Validate a binary publish (the target from the query, the body as it is) into a request.
+/// The body becomes one WebSocket frame for every subscriber, so it is held to the frame
+/// size clients are held to (`limits.max_frame_bytes`).
+fn parse_binary_publish(
+    query: &str,
+    body: web::BytesMut,
+    max_bytes: usize,
+) -> Result<PublishRequest, BadField> {
+    let target = web::Query::<BinaryTarget>::from_query(query).map_err(|e| {
+        bad_field(
+            "query",
+            format!("a binary publish names ?org=..&topic=.. in the query: {e}"),
+        )
+    })?;
+    let org = OrgId::parse(&target.org).map_err(|e| bad_field("org", e))?;
+    let topic = Topic::parse(&target.topic).map_err(|e| bad_field("topic", e))?;
+    if body.len() > max_bytes {
+        return Err(bad_field(
+            "body",
+            format!(
+                "a binary event is at most {max_bytes} bytes (limits.max_frame_bytes); got {}",
+                body.len()
+            ),
+        ));
+    }
+    Ok(PublishRequest {
+        org,
+        topic,
+        body: PublishBody::Binary(body.freeze()),
+        sender: None,
+    })
+}
+
 /// Why a publish body could not be read.
 #[derive(Debug, thiserror::Error)]
 enum BodyError {
@@ -181,7 +231,16 @@ pub(crate) async fn publish(
         Ok(body) => body,
         Err(e) => return e.response(),
     };
-    let request = match parse_publish(&body) {
+    let parsed = if is_binary(&req) {
+        parse_binary_publish(
+            req.query_string(),
+            body,
+            node.settings.limits.max_frame_bytes,
+        )
+    } else {
+        parse_publish(&body)
+    };
+    let request = match parsed {
         Ok(r) => r,
         Err(bad) => return bad.response(),
     };
@@ -282,6 +341,20 @@ mod tests {
         assert!(!key_matches(b"s3cret-key", b"s3cret-key!"));
         assert!(!key_matches(b"s3cret-key", b""));
         assert!(!key_matches(b"", b"s3cret-key"));
+    }
+
+    /// A binary publish takes its target from the query and its bytes as they are; a missing
+    /// target, a bad topic or a body over the frame limit names the field at fault.
+    #[test]
+    fn binary_publish() {
+        let body = |b: &[u8]| web::BytesMut::from(b);
+        let r = parse_binary_publish("org=demo&topic=voice:a:out", body(b"\x00\x01"), 8).unwrap();
+        assert_eq!((r.org.as_str(), r.topic.as_str()), ("demo", "voice:a:out"));
+        assert!(matches!(r.body, PublishBody::Binary(ref b) if &b[..] == b"\x00\x01"));
+        let field = |q: &str, b: &[u8]| parse_binary_publish(q, body(b), 8).unwrap_err().field;
+        assert_eq!(field("org=demo", b""), "query");
+        assert_eq!(field("org=demo&topic=Bad!", b""), "topic");
+        assert_eq!(field("org=demo&topic=voice:a:out", &[0; 9]), "body");
     }
 
     /// A good body parses, with a numeric org accepted and the default event name.

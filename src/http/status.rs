@@ -1,8 +1,9 @@
-//! Health, readiness, metrics, and the static dashboard (`/`, and the browser client as
-//! `/client.js`, its ES module wrapper `/client.mjs` and its types `/client.d.ts`), compiled into
-//! the binary so `cargo run` needs no files beside it. The dashboard page carries its own
-//! Content-Security-Policy ([`DASHBOARD_CSP`]): its inline script and style are allowed by
-//! hash, nothing else runs, and it connects only to its own origin.
+//! Health, readiness, metrics, and the static pages: the dashboard (`/`), the voice test page
+//! (`/voice-test`), and the browser client as `/client.js`, its ES module wrapper
+//! `/client.mjs` and its types `/client.d.ts`, compiled into the binary so `cargo run` needs
+//! no files beside it. Each page carries its own Content-Security-Policy ([`DASHBOARD_CSP`],
+//! [`VOICE_CSP`]): its inline script and style are allowed by hash, nothing else runs, and it
+//! connects only to its own origin.
 
 use std::sync::atomic::Ordering;
 use std::sync::LazyLock;
@@ -17,6 +18,7 @@ use crate::core::metrics::metrics;
 use crate::node::Node;
 
 const INDEX_HTML: &str = include_str!("../../static/index.html");
+const VOICE_HTML: &str = include_str!("../../static/voice.html");
 const CLIENT_JS: &str = include_str!("../../static/client.js");
 const CLIENT_MJS: &str = include_str!("../../static/client.mjs");
 const CLIENT_DTS: &str = include_str!("../../static/client.d.ts");
@@ -26,14 +28,20 @@ const CLIENT_DTS: &str = include_str!("../../static/client.d.ts");
 /// and `wss:` of the page's host), never framed (clickjacking the Sign out button), no
 /// `<base>` rewriting. A hash instead of `'unsafe-inline'`, so an injected `<script>` does not
 /// run.
-pub(crate) static DASHBOARD_CSP: LazyLock<String> = LazyLock::new(|| {
+pub(crate) static DASHBOARD_CSP: LazyLock<String> = LazyLock::new(|| page_csp(INDEX_HTML));
+
+/// The voice test page's policy: the dashboard's, for its own inline blocks. The microphone
+/// needs no source (Web Audio plays the echo from memory, not from a URL).
+pub(crate) static VOICE_CSP: LazyLock<String> = LazyLock::new(|| page_csp(VOICE_HTML));
+
+fn page_csp(html: &str) -> String {
     format!(
         "default-src 'none'; script-src 'self' {}; style-src {}; connect-src 'self'; \
          img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
-        inline_hashes(INDEX_HTML, "script"),
-        inline_hashes(INDEX_HTML, "style"),
+        inline_hashes(html, "script"),
+        inline_hashes(html, "style"),
     )
-});
+}
 
 /// CSP sources (`'sha256-…'`, space-separated) for the inline `<tag>` blocks of `html`; a
 /// `<script src=…>` has no inline body and is skipped. The page is the compiled-in one, so a
@@ -66,6 +74,14 @@ pub(crate) async fn index() -> HttpResponse {
         .content_type("text/html; charset=utf-8")
         .insert_header((header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP.as_str()))
         .body(INDEX_HTML)
+}
+
+/// `/voice-test`: streams the microphone through the hub and plays back what the echo returns.
+pub(crate) async fn voice_test() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((header::CONTENT_SECURITY_POLICY, VOICE_CSP.as_str()))
+        .body(VOICE_HTML)
 }
 
 pub(crate) async fn client_js() -> HttpResponse {
@@ -146,5 +162,16 @@ mod tests {
         assert_eq!(style.matches("'sha256-").count(), 1, "{style}");
         assert!(!DASHBOARD_CSP.contains("unsafe"), "{}", *DASHBOARD_CSP);
         assert!(DASHBOARD_CSP.contains("frame-ancestors 'none'"));
+    }
+
+    /// The voice page's one inline script and one inline style are allowed by hash, and its
+    /// policy differs from the dashboard's only by those hashes.
+    #[test]
+    fn the_voice_policy_allows_its_inline_blocks_only() {
+        let script = inline_hashes(VOICE_HTML, "script");
+        assert_eq!(script.matches("'sha256-").count(), 1, "{script}");
+        assert!(VOICE_CSP.contains(&script));
+        assert!(!VOICE_CSP.contains("unsafe"), "{}", *VOICE_CSP);
+        assert_ne!(*VOICE_CSP, *DASHBOARD_CSP);
     }
 }

@@ -50,6 +50,10 @@ pub(crate) async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, ea
         // the stall timeout.
         max_backlog: (limits.client_msgs_burst as usize).saturating_mul(limits.max_frame_bytes),
     };
+    // The writer already gathers what is ready into one write; Nagle's algorithm would only
+    // hold a small frame back until the previous one is acknowledged (voice frames are 20 ms
+    // apart, and a delayed ACK costs up to 40 ms). Best effort: a socket that refuses it works.
+    let _ = io.set_nodelay(true);
     let (read, write) = io.into_split();
     let socket = Socket::new(write, Shared::default());
     let session = WsSession {
@@ -466,6 +470,19 @@ impl WsSession {
         };
         if !self.within_budget(ctx, true) {
             return;
+        }
+        // Browser events are bounded by `limits.client_event_bytes`, binary ones included
+        // (SPEC section 7): the frame limit alone would let one page relay 64 KiB frames.
+        let limit = self.node.settings.limits.client_event_bytes;
+        if bytes.len() > limit {
+            return Self::reply_error(
+                ctx,
+                ErrorCode::BadRequest,
+                format!(
+                    "binary frame of {} bytes; client events may hold at most {limit}",
+                    bytes.len()
+                ),
+            );
         }
         if let Some(request) = self.request(topic, PublishBody::Binary(bytes)) {
             self.node.broker.publish_detached(request);

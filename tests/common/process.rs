@@ -1,7 +1,8 @@
 //! The hub as a child process: `Hub` starts `switchboard serve` with a clean test environment,
 //! waits for its `listening on` line, keeps (and echoes) everything it prints, signals it and
 //! waits for it to exit; `run_cli` runs a `switchboard` command that is expected to finish and
-//! returns what it printed; `wait_child` and `terminate` stop any helper process (nginx,
+//! returns what it printed; `Worker` runs another long-lived command beside the hubs
+//! (`voice-echo`); `wait_child` and `terminate` stop any helper process (nginx,
 //! redis-server, playwright) within a bound.
 
 use std::io::{BufRead, BufReader, Read};
@@ -298,6 +299,68 @@ impl Drop for Hub {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A long-running `switchboard` command beside the hubs (e.g. `voice-echo`), with the same
+/// clean environment and kept output as a [`Hub`]; killed on drop.
+pub struct Worker {
+    name: String,
+    child: Child,
+    logs: Arc<LogBuf>,
+}
+
+impl Worker {
+    /// Start `switchboard ARGS` with the test base environment plus `env`, and wait (20 s at
+    /// most, else panic with its output) for a line containing `ready`.
+    pub fn start(args: &[&str], env: &[(&str, &str)], ready: &str) -> Worker {
+        let name = format!("{}:{}", test_name(), args.first().unwrap_or(&"switchboard"));
+        let mut child = command(args, env).spawn().expect("spawn switchboard");
+        let logs = Arc::new(LogBuf::default());
+        pump(
+            child.stderr.take().expect("piped stderr"),
+            format!("{name} stderr"),
+            logs.clone(),
+            |_| {},
+        );
+        pump(
+            child.stdout.take().expect("piped stdout"),
+            format!("{name} stdout"),
+            logs.clone(),
+            |_| {},
+        );
+        let worker = Worker { name, child, logs };
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut lines = worker.logs.lines.lock().unwrap();
+        while !lines.iter().any(|l| l.contains(ready)) {
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "{} printed no line with {ready:?} within {START_TIMEOUT:?}; output:\n{}",
+                worker.name,
+                lines.join("\n")
+            );
+            lines = worker
+                .logs
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+        drop(lines);
+        worker
+    }
+
+    /// Everything it printed so far.
+    pub fn logs(&self) -> String {
+        self.logs.text()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
