@@ -12,7 +12,8 @@
 //!   says `origin not allowed: <origin>` (the 4403 reason), not a bare 1006, and in plain words
 //!   "This page's origin http://127.0.0.1:PORT is not allowed by the hub: open it as
 //!   http://localhost:PORT or ask the operator to add it.", announced, without showing the
-//!   allowlist; Tab reaches Reconnect with a visible focus ring.
+//!   allowlist, and no Reconnect button (a refusal is final); Tab reaches the page's controls
+//!   with a visible focus ring.
 //!
 //! - `dashboard_over_sse_behind_a_proxy_that_strips_upgrade`: the page opened through an nginx
 //!   whose `/ws` location does not pass `Upgrade`/`Connection` on (so every socket fails

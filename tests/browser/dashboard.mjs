@@ -180,6 +180,7 @@ async function scenarioLogin() {
   await waitText('#status-detail', /^unauthenticated: /, 'no session');
   await waitVisible('#login', 'no session');
   await waitVisible('#who', 'no session', false);
+  await waitVisible('#retry', 'no session: sign in, not retry', false);
   const notSignedIn = 'You are not signed in: sign in to see live calls.';
   await waitText('#status-help', notSignedIn, 'no session');
   await checkAnnounced(notSignedIn, 'no session');
@@ -306,6 +307,7 @@ async function scenarioLogin() {
   await waitText('#status-help', 'You signed out: sign in again to see live calls.', 'after sign-out');
   await checkAnnounced('You signed out', 'after sign-out');
   await waitVisible('#login', 'after sign-out');
+  await waitVisible('#retry', 'after sign-out: sign in, not retry', false);
   await waitVisible('#who', 'after sign-out', false);
 }
 
@@ -320,7 +322,8 @@ async function scenarioOrigin() {
   // Not a login problem: no login form, no retry countdown (a refusal is final).
   await waitVisible('#login', 'origin refused', false);
   await waitText('#status-retry', '', 'origin refused');
-  await waitVisible('#retry', 'origin refused');
+  // Final: nothing invites retrying (the fix is in the words below).
+  await waitVisible('#retry', 'origin refused', false);
   // In plain words, with the fix that is the person's: the page is on 127.0.0.1, and the
   // usual trap is localhost versus 127.0.0.1; the hub's allowlist itself is never shown.
   const alt = `${hub.protocol}//localhost:${hub.port}`;
@@ -332,19 +335,25 @@ async function scenarioOrigin() {
     const shown = await page.evaluate(() => document.documentElement.outerHTML + document.body.innerText);
     if (shown.includes(secret)) fail(`origin refused: the page reveals the hub's allowlist entry ${secret}`);
   }
-  // Keyboard: Tab reaches Reconnect, and its focus ring is visible.
-  let onRetry = false;
-  for (let i = 0; i < 15 && !onRetry; i++) {
+  // Keyboard: Tab reaches the page's controls (the raw frame log's toggle), with a visible
+  // focus ring, and never a Reconnect button.
+  let focused = '';
+  for (let i = 0; i < 15 && focused !== 'log-summary'; i++) {
     await page.keyboard.press('Tab');
-    onRetry = await page.evaluate(() => document.activeElement && document.activeElement.id === 'retry');
+    focused = await page.evaluate(() => {
+      const el = document.activeElement;
+      if (el && el.id === 'retry') return 'retry';
+      return el && el.closest('#log-panel') && el.tagName === 'SUMMARY' ? 'log-summary' : (el && (el.id || el.tagName));
+    });
+    if (focused === 'retry') fail('origin refused: Tab reached a Reconnect button after a final refusal');
   }
-  if (!onRetry) fail('origin refused: Tab never reached the Reconnect button');
+  if (focused !== 'log-summary') fail(`origin refused: Tab never reached the raw frame log (last focus ${focused})`);
   const ring = await page.evaluate(() => {
     const cs = getComputedStyle(document.activeElement);
     return { style: cs.outlineStyle, width: cs.outlineWidth };
   });
-  if (ring.style === 'none' || ring.width === '0px') fail(`origin refused: no visible focus ring on Reconnect (${JSON.stringify(ring)})`);
-  step(`keyboard: Tab reaches Reconnect, focus ring ${ring.style} ${ring.width}`);
+  if (ring.style === 'none' || ring.width === '0px') fail(`origin refused: no visible focus ring (${JSON.stringify(ring)})`);
+  step(`keyboard: Tab reaches the raw frame log, focus ring ${ring.style} ${ring.width}`);
   await screenshot('dashboard-origin');
 }
 
