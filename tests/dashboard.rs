@@ -12,12 +12,19 @@
 //!   says `origin not allowed: <origin>` (the 4403 reason), not a bare 1006, and in plain words
 //!   "This page's origin http://127.0.0.1:PORT is not allowed by the hub: open it as
 //!   http://localhost:PORT or ask the operator to add it.", announced, without showing the
-//!   allowlist; Tab reaches Reconnect with a visible focus ring.
+//!   allowlist, and no Reconnect button (a refusal is final); Tab reaches the page's controls
+//!   with a visible focus ring.
 //!
 //! - `dashboard_over_sse_behind_a_proxy_that_strips_upgrade`: the page opened through an nginx
 //!   whose `/ws` location does not pass `Upgrade`/`Connection` on (so every socket fails
 //!   before `open`) signs in, says it is connected over the fallback, and shows a call
 //!   published through `POST /api/publish`, all over `GET /sse`.
+//! - `dashboard_catches_up_after_its_pod_drains_and_restarts` / `..._is_killed_and_restarted`:
+//!   clustered (two pods sharing a real redis-server behind nginx from `config/nginx.conf`,
+//!   started by the cluster suite's harness), the pod holding the page's socket is SIGTERMed
+//!   (drain, as in every deploy) or SIGKILLed (a crash), then started again on its port. The
+//!   page says `reconnecting`; calls published while it is away reach it once it reconnects
+//!   (`since` = its last event, `recovered: true`), every event id once and in order.
 //!
 //! Needs `/usr/bin/chromium` (`apt-get install -y chromium`; `.ci/run` installs it) and
 //! `tests/browser/node_modules` (`npm ci --prefix tests/browser`; `scripts/test.sh` runs it).
@@ -25,14 +32,22 @@
 //! `target/tmp/dashboard-<scenario>/`.
 
 mod common;
+// The cluster suite's harness (redis-server, pods, nginx from config/nginx.conf), shared
+// rather than copied; this crate uses part of it.
+#[allow(dead_code)]
+#[path = "cluster/infra.rs"]
+mod infra;
 
-use std::io::{BufRead, BufReader, Read};
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{terminate, Hub, Nginx, PUBLISH_KEY, T};
+use infra::{kill, start_pod_on, start_pods, Redis};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// Backstop for one run of the browser script (which bounds itself at 60 s).
@@ -81,14 +96,19 @@ fn require_tools() {
     );
 }
 
-/// Collects a pipe's text on a thread.
+/// Collects a pipe's text on a thread; lines `ACTION <words>` also go to `actions` as
+/// `<words>`.
 fn collect<R: Read + Send + 'static>(
     pipe: R,
     into: Arc<Mutex<String>>,
+    actions: Option<mpsc::Sender<String>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
+            if let (Some(actions), Some(words)) = (&actions, line.strip_prefix("ACTION ")) {
+                let _ = actions.send(words.to_string());
+            }
             let mut all = into.lock().unwrap();
             all.push_str(&line);
             all.push('\n');
@@ -110,6 +130,23 @@ fn run_browser_with(hub: &Hub, scenario: &str, env: &[(&str, &str)]) -> PathBuf 
 /// [`run_browser_with`] opening the page at `base` (a proxy in front of `hub`) instead of
 /// the hub itself.
 fn run_browser_at(hub: &Hub, base: &str, scenario: &str, env: &[(&str, &str)]) -> PathBuf {
+    let logs = || format!("--- hub {} output ---\n{}", hub.name(), hub.logs());
+    run_browser_driving(base, scenario, env, &logs, &mut |action| {
+        panic!("scenario {scenario:?} asked for {action:?}, which this test does not do")
+    })
+}
+
+/// Run the browser script on the page at `base`. When the script prints `ACTION <words>`
+/// (it needs something done outside the browser, such as a pod stopped, before it goes on),
+/// `on_action` does it with those words and the script is told `DONE` on its stdin. On
+/// failure the panic shows the script's output and `logs()` (the hubs' output).
+fn run_browser_driving(
+    base: &str,
+    scenario: &str,
+    env: &[(&str, &str)],
+    logs: &dyn Fn() -> String,
+    on_action: &mut dyn FnMut(&str),
+) -> PathBuf {
     let _one_browser = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dashboard-{scenario}"));
     let _ = std::fs::remove_dir_all(&out_dir);
@@ -123,19 +160,35 @@ fn run_browser_at(hub: &Hub, base: &str, scenario: &str, env: &[(&str, &str)]) -
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("SB_PUBLISH_KEY", PUBLISH_KEY)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn node");
+    let mut stdin = child.stdin.take().expect("piped stdin");
     let output = Arc::new(Mutex::new(String::new()));
+    let (actions, asked) = mpsc::channel::<String>();
     let readers = [
-        collect(child.stdout.take().expect("piped stdout"), output.clone()),
-        collect(child.stderr.take().expect("piped stderr"), output.clone()),
+        collect(
+            child.stdout.take().expect("piped stdout"),
+            output.clone(),
+            Some(actions),
+        ),
+        collect(
+            child.stderr.take().expect("piped stderr"),
+            output.clone(),
+            None,
+        ),
     ];
 
     let deadline = Instant::now() + NODE_TIMEOUT;
     let status = loop {
+        if let Ok(action) = asked.recv_timeout(Duration::from_millis(50)) {
+            on_action(&action);
+            // A script that died meanwhile no longer reads: its exit status says why.
+            let _ = writeln!(stdin, "DONE").and_then(|()| stdin.flush());
+            continue;
+        }
         if let Ok(Some(status)) = child.try_wait() {
             break Some(status);
         }
@@ -143,7 +196,6 @@ fn run_browser_at(hub: &Hub, base: &str, scenario: &str, env: &[(&str, &str)]) -
             terminate(&mut child, Duration::from_secs(5));
             break None;
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
     // Let the reader threads take what is left in the pipes (bounded: a stray grandchild
     // could hold them open).
@@ -161,10 +213,8 @@ fn run_browser_at(hub: &Hub, base: &str, scenario: &str, env: &[(&str, &str)]) -
         };
         panic!(
             "browser scenario {scenario:?} failed: node tests/browser/dashboard.mjs {how}\n\
-             --- browser test output ---\n{text}\n--- hub {} output ---\n{}\n\
-             (screenshots in {})",
-            hub.name(),
-            hub.logs(),
+             --- browser test output ---\n{text}\n{}\n(screenshots in {})",
+            logs(),
             out_dir.display()
         );
     }
@@ -262,4 +312,87 @@ fn dashboard_over_sse_behind_a_proxy_that_strips_upgrade() {
     let hub = Hub::start(&[]);
     let nginx = nginx_stripping_upgrade(&hub);
     run_browser_at(&hub, &nginx.url(""), "sse", &[]);
+}
+
+/// How the pod under the page goes away in a restart scenario.
+#[derive(Clone, Copy)]
+enum PodStop {
+    /// SIGTERM: the pod drains (`reconnect{after_ms}`, then 1012) and exits 0, as every
+    /// rolling deploy does it.
+    Drain,
+    /// SIGKILL: the pod is gone without a word (a crash, the OOM killer, a lost node, or a
+    /// deploy whose drain outlived its grace period); the page sees its socket drop (1006).
+    Kill,
+}
+
+/// Two pods sharing a real redis-server behind nginx from `config/nginx.conf` (the cluster
+/// harness), the board opened through nginx. The script asks for `stop <pod>` (the pod
+/// holding the page's socket, which it finds from each pod's `/metrics`) and later
+/// `start <pod>` (a new pod on the same port, ready); `stop` answers only once the pod has
+/// exited.
+fn board_through_a_pod_restart(stop: PodStop, scenario: &str) {
+    require_tools();
+    let redis = Redis::start();
+    let pods = start_pods(&redis.url(), 2, &[]);
+    let addrs: Vec<SocketAddr> = pods.iter().map(Hub::addr).collect();
+    let nginx = Nginx::start(&addrs);
+    let pod_urls: Vec<String> = pods.iter().map(Hub::base_url).collect();
+    let pods = RefCell::new(pods);
+    let logs = || {
+        pods.borrow()
+            .iter()
+            .map(|pod| format!("--- pod {} output ---\n{}", pod.name(), pod.logs()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut on_action = |action: &str| {
+        let (verb, index) = action.split_once(' ').unwrap_or((action, ""));
+        let index: usize = index
+            .parse()
+            .unwrap_or_else(|_| panic!("the script asked for {action:?}: no pod index"));
+        let mut pods = pods.borrow_mut();
+        match verb {
+            "stop" => {
+                let pod = &mut pods[index];
+                match stop {
+                    PodStop::Drain => pod.sigterm(),
+                    PodStop::Kill => kill(pod.pid(), "KILL"),
+                }
+                let exit = pod.wait_exit(Duration::from_secs(15));
+                if let PodStop::Drain = stop {
+                    assert!(
+                        exit.success(),
+                        "drained pod {} exited with {exit}",
+                        pod.name()
+                    );
+                }
+            }
+            "start" => pods[index] = start_pod_on(&redis.url(), addrs[index].port(), &[]),
+            _ => panic!("the script asked for {action:?}, which this test does not do"),
+        }
+    };
+    run_browser_driving(
+        &nginx.url(""),
+        scenario,
+        &[("SB_PODS", &pod_urls.join(","))],
+        &logs,
+        &mut on_action,
+    );
+}
+
+/// A deploy under the board (clustered, two pods behind nginx): the pod holding the page's
+/// socket drains (SIGTERM) and exits; the page says "reconnecting"; calls published meanwhile
+/// and after the pod is back all appear once it reconnects (resumed with `since`), every
+/// event id once and in order, and live updates go on.
+#[test]
+fn dashboard_catches_up_after_its_pod_drains_and_restarts() {
+    board_through_a_pod_restart(PodStop::Drain, "restart-drain");
+}
+
+/// As in a deploy, but the pod under the page is SIGKILLed (a crash): the page's socket
+/// drops, it says "reconnecting", and once back it shows every call published meanwhile,
+/// every event id once and in order.
+#[test]
+fn dashboard_catches_up_after_its_pod_is_killed_and_restarted() {
+    board_through_a_pod_restart(PodStop::Kill, "restart-kill");
 }

@@ -15,6 +15,17 @@
 //           fails before `open`, the page falls back to GET /sse, signs in with the dev login,
 //           says it is connected over the fallback, and shows a call published through
 //           POST /api/publish.
+//   restart-drain, restart-kill
+//           <base> is nginx in front of two pods sharing Redis (SB_PODS: their own URLs). Signed
+//           in and live, the script asks the test (`ACTION stop <pod>`, answered `DONE` on stdin)
+//           to stop the pod that holds the page's socket: SIGTERM (it drains: reconnect{after_ms},
+//           1012, exit) or SIGKILL (the socket drops). The page must say `reconnecting`; calls
+//           published while the page is away, and after the pod is started again
+//           (`ACTION start <pod>`), must all reach it once it reconnects: it resumes with
+//           `since`, is told `recovered: true`, and receives every event id once, in order.
+//           So that "published while the page is away" holds by construction, the page's clock
+//           (Playwright's fake timers) is paused from just before the stop until the gap events
+//           are published: the page notices the close, but its reconnect timer cannot fire.
 //
 // Prints one line per step; on failure prints what went wrong (with the page's state, its
 // console and its raw frame log), takes a screenshot, and exits 1. Screenshots go to the out
@@ -27,6 +38,7 @@ import { chromium } from 'playwright-core';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 
 const CHROMIUM = '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -42,8 +54,9 @@ const OVERALL_MS = 60000;   // the whole script, browser start included
 const FALLBACK_MS = 15000;  // bound on the page giving up on WebSockets (a few failed tries with backoff)
 
 const [base, scenario, outArg] = process.argv.slice(2);
-if (!base || !['login', 'origin', 'sse'].includes(scenario)) {
-  console.error('usage: node dashboard.mjs <hub base url, e.g. http://127.0.0.1:8080> <login|origin|sse> [out dir]');
+const SCENARIOS = ['login', 'origin', 'sse', 'restart-drain', 'restart-kill'];
+if (!base || !SCENARIOS.includes(scenario)) {
+  console.error(`usage: node dashboard.mjs <hub base url, e.g. http://127.0.0.1:8080> <${SCENARIOS.join('|')}> [out dir]`);
   process.exit(2);
 }
 const hub = new URL(base);
@@ -167,6 +180,7 @@ async function scenarioLogin() {
   await waitText('#status-detail', /^unauthenticated: /, 'no session');
   await waitVisible('#login', 'no session');
   await waitVisible('#who', 'no session', false);
+  await waitVisible('#retry', 'no session: sign in, not retry', false);
   const notSignedIn = 'You are not signed in: sign in to see live calls.';
   await waitText('#status-help', notSignedIn, 'no session');
   await checkAnnounced(notSignedIn, 'no session');
@@ -293,6 +307,7 @@ async function scenarioLogin() {
   await waitText('#status-help', 'You signed out: sign in again to see live calls.', 'after sign-out');
   await checkAnnounced('You signed out', 'after sign-out');
   await waitVisible('#login', 'after sign-out');
+  await waitVisible('#retry', 'after sign-out: sign in, not retry', false);
   await waitVisible('#who', 'after sign-out', false);
 }
 
@@ -307,7 +322,8 @@ async function scenarioOrigin() {
   // Not a login problem: no login form, no retry countdown (a refusal is final).
   await waitVisible('#login', 'origin refused', false);
   await waitText('#status-retry', '', 'origin refused');
-  await waitVisible('#retry', 'origin refused');
+  // Final: nothing invites retrying (the fix is in the words below).
+  await waitVisible('#retry', 'origin refused', false);
   // In plain words, with the fix that is the person's: the page is on 127.0.0.1, and the
   // usual trap is localhost versus 127.0.0.1; the hub's allowlist itself is never shown.
   const alt = `${hub.protocol}//localhost:${hub.port}`;
@@ -319,19 +335,25 @@ async function scenarioOrigin() {
     const shown = await page.evaluate(() => document.documentElement.outerHTML + document.body.innerText);
     if (shown.includes(secret)) fail(`origin refused: the page reveals the hub's allowlist entry ${secret}`);
   }
-  // Keyboard: Tab reaches Reconnect, and its focus ring is visible.
-  let onRetry = false;
-  for (let i = 0; i < 15 && !onRetry; i++) {
+  // Keyboard: Tab reaches the page's controls (the raw frame log's toggle), with a visible
+  // focus ring, and never a Reconnect button.
+  let focused = '';
+  for (let i = 0; i < 15 && focused !== 'log-summary'; i++) {
     await page.keyboard.press('Tab');
-    onRetry = await page.evaluate(() => document.activeElement && document.activeElement.id === 'retry');
+    focused = await page.evaluate(() => {
+      const el = document.activeElement;
+      if (el && el.id === 'retry') return 'retry';
+      return el && el.closest('#log-panel') && el.tagName === 'SUMMARY' ? 'log-summary' : (el && (el.id || el.tagName));
+    });
+    if (focused === 'retry') fail('origin refused: Tab reached a Reconnect button after a final refusal');
   }
-  if (!onRetry) fail('origin refused: Tab never reached the Reconnect button');
+  if (focused !== 'log-summary') fail(`origin refused: Tab never reached the raw frame log (last focus ${focused})`);
   const ring = await page.evaluate(() => {
     const cs = getComputedStyle(document.activeElement);
     return { style: cs.outlineStyle, width: cs.outlineWidth };
   });
-  if (ring.style === 'none' || ring.width === '0px') fail(`origin refused: no visible focus ring on Reconnect (${JSON.stringify(ring)})`);
-  step(`keyboard: Tab reaches Reconnect, focus ring ${ring.style} ${ring.width}`);
+  if (ring.style === 'none' || ring.width === '0px') fail(`origin refused: no visible focus ring (${JSON.stringify(ring)})`);
+  step(`keyboard: Tab reaches the raw frame log, focus ring ${ring.style} ${ring.width}`);
   await screenshot('dashboard-origin');
 }
 
@@ -387,6 +409,144 @@ async function scenarioSse() {
   await screenshot('dashboard-sse');
 }
 
+// ---- scenarios restart-drain, restart-kill ------------------------------------------------------
+// The test process answers each `ACTION ...` line with `DONE` on our stdin once it is done.
+const stdinLines = [];
+let stdinWaiter = null;
+createInterface({ input: process.stdin }).on('line', (line) => {
+  if (stdinWaiter) { const w = stdinWaiter; stdinWaiter = null; w(line); } else stdinLines.push(line);
+});
+async function action(words) {
+  step(`asking the test to ${words}`);
+  console.log(`ACTION ${words}`);
+  const reply = stdinLines.length ? stdinLines.shift() : await new Promise((resolve) => { stdinWaiter = resolve; });
+  if (reply !== 'DONE') fail(`ACTION ${words}: the test answered ${JSON.stringify(reply)}`);
+  step(`done: ${words}`);
+}
+
+// The pod (index into SB_PODS) that holds the page's one socket, from each pod's own /metrics.
+async function podOfThePage(pods) {
+  const deadline = Date.now() + STEP_MS;
+  let seen = [];
+  while (Date.now() < deadline) {
+    seen = await Promise.all(pods.map(async (pod) => {
+      const text = await (await fetch(new URL('/metrics', pod))).text();
+      const line = text.split('\n').find((l) => l.startsWith('switchboard_connections '));
+      return line ? Number(line.split(' ')[1]) : 0;
+    }));
+    if (seen.filter((n) => n === 1).length === 1 && seen.reduce((a, b) => a + b, 0) === 1) return seen.indexOf(1);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  fail(`no single pod holds the page's socket: switchboard_connections per pod ${JSON.stringify(seen)}`);
+}
+
+async function scenarioRestart(kind) {
+  const pods = (process.env.SB_PODS || '').split(',').filter(Boolean);
+  if (pods.length !== 2) fail(`SB_PODS must name the two pods behind ${base}, got ${JSON.stringify(process.env.SB_PODS)}`);
+  // Fake timers that run in real time until paused (see the header).
+  await page.clock.install();
+  await page.goto(new URL('/', hub).href, { waitUntil: 'domcontentloaded' });
+  step(`opened ${page.url()} (nginx in front of ${pods.join(' and ')})`);
+  await waitText('#status', 'refused', 'no session');
+  await page.fill('#login-user', USER);
+  await page.fill('#login-org', ORG);
+  await page.click('#login-submit');
+  await waitText('#status', 'open', 'after login');
+  await waitText('#log', /\{"type":"subscribed","topic":"calls"\}/, 'subscription confirmed');
+
+  // Everything the page receives and sends from now on, and every word its status pill shows.
+  await page.evaluate(() => {
+    const seen = window.__seen = { events: [], frames: [], statuses: [] };
+    const sb = window.sb;
+    const onEvent = sb.onEvent, onFrame = sb.onFrame;
+    sb.onEvent = (e) => { seen.events.push({ id: e.id, call_id: e.data && e.data.call_id, status: e.data && e.data.status }); onEvent(e); };
+    sb.onFrame = (dir, f) => { seen.frames.push([dir, f]); onFrame(dir, f); };
+    const pill = document.getElementById('status');
+    new MutationObserver(() => seen.statuses.push(pill.textContent)).observe(pill, { childList: true, characterData: true, subtree: true });
+  });
+
+  const run = `${kind}-${process.pid}-${Date.now()}`;
+  const published = []; // {id, call_id, status}, in publishing order
+  const call = (id, status) => ({
+    call_id: `${run}-${id}`, direction: 'inbound', from: '+15550100', to: '+15550199',
+    agent_id: status === 'queued' ? null : USER, started_at: new Date().toISOString(),
+    ended_at: status === 'ended' ? new Date().toISOString() : null,
+    ended_reason: status === 'ended' ? 'customer-ended-call' : null, status,
+  });
+  async function publishCall(id, status, when) {
+    const data = call(id, status);
+    const eventId = await publish(data);
+    published.push({ id: eventId, call_id: data.call_id, status });
+    step(`published ${data.call_id} ${status} (event ${eventId}) ${when}`);
+  }
+  const row = (id) => `#calls tr[data-call-id="${run}-${id}"] td.status`;
+
+  // Live before the restart.
+  await publishCall('a', 'queued', 'live');
+  await publishCall('a', 'ringing', 'live');
+  await waitText(row('a'), 'ringing', 'live before the restart');
+  const lastBefore = published.at(-1).id;
+
+  const victim = await podOfThePage(pods);
+  step(`the page's socket is on pod ${victim} (${pods[victim]})`);
+  // Pause the page's timers: from here it can notice the close but not reconnect.
+  const pageNow = await page.evaluate(() => Date.now());
+  await page.clock.pauseAt(pageNow + 1000);
+  await action(`stop ${victim}`);
+  await waitText('#status', 'reconnecting', `pod ${victim} ${kind === 'drain' ? 'drained' : 'killed'}`);
+  await waitVisible('#retry', 'reconnecting', false);
+  const closes = await page.evaluate(() => window.__seen.frames.filter(([d]) => d === 'in').map(([, f]) => f.type));
+  if (kind === 'drain' && !closes.includes('reconnect')) {
+    fail(`drained: the page never got {"type":"reconnect"}; frames in: ${JSON.stringify(closes)}`);
+  }
+  await screenshot(`dashboard-${scenario}-reconnecting`);
+
+  // Published while the page is away: through nginx, to the pod still up, then to both.
+  await publishCall('a', 'in-progress', 'while the page is away');
+  await publishCall('b', 'queued', 'while the page is away');
+  await action(`start ${victim}`);
+  await publishCall('b', 'ringing', 'while the page is away, its pod back');
+  const shownWhileAway = await page.evaluate((ids) => window.__seen.events.filter((e) => ids.includes(e.id)).length,
+    published.slice(-3).map((p) => p.id));
+  if (shownWhileAway) fail(`the page received ${shownWhileAway} event(s) while it was supposed to be disconnected`);
+
+  // Let the page's time run again: it reconnects and catches up.
+  await page.clock.resume();
+  step('page clock resumed');
+  await waitText('#status', 'open', 'reconnected', FALLBACK_MS);
+  await waitText(row('a'), 'in-progress', 'caught up');
+  await waitText(row('b'), 'ringing', 'caught up');
+  // Live after the restart.
+  await publishCall('a', 'ended', 'live after the restart');
+  await publishCall('b', 'in-progress', 'live after the restart');
+  await waitText(row('a'), 'ended', 'live after the restart');
+  await waitText(row('b'), 'in-progress', 'live after the restart');
+
+  const seen = await page.evaluate(() => window.__seen);
+  // It resumed where it was: `since` = the last event it had, and history reached back.
+  const resubscribe = seen.frames.find(([d, f]) => d === 'out' && f.type === 'subscribe' && f.topic === 'calls');
+  if (!resubscribe || resubscribe[1].since !== lastBefore) {
+    fail(`after reconnecting the page subscribed with ${JSON.stringify(resubscribe && resubscribe[1])}, want since ${lastBefore}`);
+  }
+  const subscribed = seen.frames.find(([d, f]) => d === 'in' && f.type === 'subscribed' && f.topic === 'calls');
+  if (!subscribed || subscribed[1].recovered !== true) {
+    fail(`after reconnecting the hub answered ${JSON.stringify(subscribed && subscribed[1])}, want recovered: true`);
+  }
+  // Every event published (before, during and after the restart), once and in order, with
+  // its call and state.
+  const want = published;
+  const got = seen.events.filter((e) => e.call_id && e.call_id.startsWith(run));
+  const fmt = (l) => l.map((e) => `${e.id} ${e.call_id.slice(run.length + 1)}=${e.status}`).join(', ');
+  if (JSON.stringify(got) !== JSON.stringify(want)) {
+    fail(`events received:\n    ${fmt(got)}\n  want (as published):\n    ${fmt(want)}`);
+  }
+  step(`every event arrived once, in order: ${fmt(got)}`);
+  const words = seen.statuses.filter((w, i, all) => i === 0 || all[i - 1] !== w);
+  if (!words.includes('reconnecting') || words.at(-1) !== 'open') fail(`status pill went ${JSON.stringify(words)}`);
+  step(`status pill went ${words.join(' -> ')}`);
+  await screenshot(`dashboard-${scenario}`);
+}
+
 // ---- run ---------------------------------------------------------------------------------------
 const overall = setTimeout(() => {
   console.error(`FAIL dashboard ${scenario}: the whole run took longer than ${OVERALL_MS} ms`);
@@ -409,6 +569,7 @@ try {
 
   if (scenario === 'login') await scenarioLogin();
   else if (scenario === 'sse') await scenarioSse();
+  else if (scenario.startsWith('restart-')) await scenarioRestart(scenario.slice('restart-'.length));
   else await scenarioOrigin();
 
   if (pageErrors.length) fail(`uncaught errors in the page:\n  ${pageErrors.join('\n  ')}`);
