@@ -8,7 +8,9 @@
 #   --perf    profile the hub with `perf record -e cpu-clock` (flat: release builds keep no frame
 #             pointers; BENCH_PERF_CALLGRAPH=dwarf adds call stacks, large) for the whole run and
 #             save the top of `perf report` next to the JSON
-#   anything else is passed to switchboard-bench, e.g. --connections 500 --duration-s 5
+#   anything else is passed to switchboard-bench, e.g. --connections 500 --duration-s 5, or
+#   --peers uws,ws (fanout: uWebSockets.js and Node ws peers beside the floor; their npm
+#   packages are installed from bench/peers/package-lock.json first)
 #   (see `target/release/switchboard-bench --help`).
 #
 # Environment: BENCH_NO_BUILD=1 skips `cargo build --release`; BENCH_HUB_BIN=path runs another
@@ -39,6 +41,12 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   # The hub (root package) and the bench (bench/, its own crate in the workspace).
   cargo build --release -p switchboard --bin switchboard -p switchboard-bench --bin switchboard-bench
 fi
+# Peer servers (fanout --peers): their npm packages, pinned by the lock file.
+for a in "${extra[@]}"; do
+  if [[ $a == --peers* ]] && [ ! -d bench/peers/node_modules ]; then
+    npm ci --prefix bench/peers --no-audit --no-fund
+  fi
+done
 hub_bin=${BENCH_HUB_BIN:-target/release/switchboard}
 bench_bin=target/release/switchboard-bench
 

@@ -73,6 +73,11 @@ enum Command {
     },
 }
 
+/// jemalloc rather than glibc malloc: thousands of idle sockets' small allocations cost ~1.1
+/// KiB less resident memory each (BENCHMARKS.md, round 2).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

@@ -182,26 +182,48 @@ pub struct FloorChild {
 }
 
 impl FloorChild {
+    /// The floor server: this binary's `floor-server` subcommand.
     pub fn spawn(threads: usize) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let mut child = Command::new(exe)
-            .args(["floor-server", "--floor-threads", &threads.to_string()])
+        let mut cmd = Command::new(exe);
+        cmd.args(["floor-server", "--floor-threads", &threads.to_string()]);
+        Self::start(cmd, "floor server")
+    }
+
+    /// A peer server (`node <dir>/peer.mjs <kind>`, bench/peers): it reads the same lines and
+    /// prints the same first line as the floor, so the same client and pacer drive it.
+    pub fn spawn_peer(dir: &std::path::Path, kind: &str) -> Result<Self, String> {
+        let script = dir.join("peer.mjs");
+        if !dir.join("node_modules").is_dir() {
+            return Err(format!(
+                "{}: no node_modules; run `npm ci --prefix {}` (scripts/bench.sh does)",
+                dir.display(),
+                dir.display()
+            ));
+        }
+        let mut cmd = Command::new("node");
+        cmd.arg(script).arg(kind);
+        Self::start(cmd, "peer server")
+    }
+
+    fn start(mut cmd: Command, what: &str) -> Result<Self, String> {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| format!("spawn floor server: {e}"))?;
-        let stdout = child.stdout.take().ok_or("floor stdout")?;
+            .map_err(|e| format!("spawn {what}: {e}"))?;
+        let stdout = child.stdout.take().ok_or(format!("{what} stdout"))?;
         let mut first = String::new();
         std::io::BufReader::new(stdout)
             .read_line(&mut first)
-            .map_err(|e| format!("floor stdout: {e}"))?;
+            .map_err(|e| format!("{what} stdout: {e}"))?;
         let addr = first
             .trim()
             .strip_prefix("listening ")
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| format!("floor server said {first:?}"))?;
-        let mut stdin = child.stdin.take().ok_or("floor stdin")?;
+            .ok_or_else(|| format!("{what} said {first:?}"))?;
+        let mut stdin = child.stdin.take().ok_or(format!("{what} stdin"))?;
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         std::thread::spawn(move || {
             for mut line in rx {

@@ -11,7 +11,8 @@
 //! - `scenarios.rs`: idle, fanout, dashboards, churn, floor.
 //! - `client.rs`: one simulated browser (connect, subscribe, receive and check events).
 //! - `publish.rs`: publishers (HTTP, Redis, floor) and the pacer of a phase.
-//! - `floor.rs`: the minimal fan-out server the hub is compared with (a child process).
+//! - `floor.rs`: the minimal fan-out server the hub is compared with, and the peer servers
+//!   (uWebSockets.js, Node `ws`: bench/peers), each a child process.
 //! - `stats.rs`, `procfs.rs`: lock-free counters and histograms; `/proc` readings.
 //! - `http.rs`: a minimal HTTP/1.1 client; `report.rs`: the report and its table.
 
@@ -94,6 +95,13 @@ pub struct Args {
     /// Skip the floor run before fanout.
     #[arg(long)]
     pub no_floor: bool,
+    /// Fanout: peer servers run after the floor at every fixed rate, same client and sizes
+    /// (comma list of `uws`, `ws`: uWebSockets.js and Node `ws`, bench/peers/peer.mjs).
+    #[arg(long, default_value = "")]
+    pub peers: String,
+    /// Where peer.mjs and its installed npm packages are.
+    #[arg(long, default_value = "bench/peers")]
+    pub peer_dir: PathBuf,
     /// Source addresses 127.0.0.1 ..= 127.0.0.N, used round-robin.
     #[arg(long, default_value_t = 32)]
     pub source_ips: u8,
@@ -152,7 +160,7 @@ pub struct Args {
     pub label: Option<String>,
 }
 
-/// The floor server child, if one is running, so the watchdog can stop it.
+/// The floor or peer server child, if one is running, so the watchdog can stop it.
 pub static FLOOR_PID: AtomicU32 = AtomicU32::new(0);
 
 fn loopback(host: &str) -> bool {

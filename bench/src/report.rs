@@ -118,6 +118,16 @@ pub struct Integrity {
     pub publish_errors: Vec<String>,
 }
 
+/// A peer server (uWebSockets.js, Node `ws`) at the hub's size and fixed rates, same client.
+#[derive(Debug, Default, Serialize)]
+pub struct PeerRun {
+    /// `uws` or `ws`.
+    pub label: String,
+    pub connect: ConnectResult,
+    pub rss: Rss,
+    pub phases: Vec<PhaseResult>,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub scenario: String,
@@ -134,6 +144,8 @@ pub struct Report {
     pub floor: Vec<PhaseResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floor_connect: Option<ConnectResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerRun>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect: Option<ConnectResult>,
     pub connections_held: i64,
@@ -271,6 +283,19 @@ fn connect_row(out: &mut String, title: &str, c: &ConnectResult) {
     }
 }
 
+fn rss_row(out: &mut String, title: &str, r: &Rss) {
+    let _ = writeln!(
+        out,
+        "{title:<26} fresh {} KiB/conn, after traffic {} KiB/conn (baseline {} MiB, fresh {} MiB, after {} MiB, after {:.0} s idle)",
+        opt(r.fresh_per_conn_kib, 2),
+        opt(r.after_traffic_per_conn_kib, 2),
+        opt(r.baseline_kib.map(|k| k as f64 / 1024.0), 1),
+        opt(r.fresh_kib.map(|k| k as f64 / 1024.0), 1),
+        opt(r.after_traffic_kib.map(|k| k as f64 / 1024.0), 1),
+        r.settle_s,
+    );
+}
+
 impl Report {
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -298,22 +323,27 @@ impl Report {
         if !self.floor.is_empty() {
             out.push('\n');
         }
+        for p in &self.peers {
+            connect_row(
+                &mut out,
+                &format!("peer {} connections", p.label),
+                &p.connect,
+            );
+            rss_row(&mut out, &format!("peer {} RSS", p.label), &p.rss);
+            phase_rows(
+                &mut out,
+                &format!("peer {} (same client):", p.label),
+                &p.phases,
+                self.machine.nproc,
+            );
+            out.push('\n');
+        }
         if let Some(c) = &self.connect {
             connect_row(&mut out, "connections", c);
             let _ = writeln!(out, "{:<26} {}", "connections held", self.connections_held);
         }
         if let Some(r) = &self.rss {
-            let _ = writeln!(
-                out,
-                "{:<26} fresh {} KiB/conn, after traffic {} KiB/conn (baseline {} MiB, fresh {} MiB, after {} MiB, after {:.0} s idle)",
-                "server RSS",
-                opt(r.fresh_per_conn_kib, 2),
-                opt(r.after_traffic_per_conn_kib, 2),
-                opt(r.baseline_kib.map(|k| k as f64 / 1024.0), 1),
-                opt(r.fresh_kib.map(|k| k as f64 / 1024.0), 1),
-                opt(r.after_traffic_kib.map(|k| k as f64 / 1024.0), 1),
-                r.settle_s,
-            );
+            rss_row(&mut out, "server RSS", r);
         }
         if let Some(i) = &self.idle {
             let _ = writeln!(

@@ -1,7 +1,7 @@
 //! The benchmark scenarios, each bounded in time and count: who logs in, which sockets
 //! subscribe to which topics, which phases publish at what rate, and when memory and CPU are
 //! read. Fanout runs the floor server first at the same size so the hub's CPU per delivery is
-//! reported against it.
+//! reported against it, then any peer servers (`--peers`) at the same size and fixed rates.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +18,9 @@ use crate::floor::FloorChild;
 use crate::http::HttpConn;
 use crate::procfs::{self, Sample, Window};
 use crate::publish::{self, Pacer, PhasePlan, PhaseResult, Publisher, Sink, TopicName};
-use crate::report::{ChurnResult, ConnectResult, IdleResult, Integrity, Machine, Report, Rss};
+use crate::report::{
+    ChurnResult, ConnectResult, IdleResult, Integrity, Machine, PeerRun, Report, Rss,
+};
 use crate::stats::{Histogram, Shared};
 use crate::{Args, PublishVia, Scenario, FLOOR_PID};
 
@@ -151,6 +153,7 @@ fn settings_of(args: &Args) -> BTreeMap<String, String> {
     put("duration_s", format!("{:?}", args.duration_s));
     put("threads", args.threads.to_string());
     put("floor_threads", args.floor_threads.to_string());
+    put("peers", args.peers.clone());
     put("source_ips", args.source_ips.to_string());
     put("per_user", args.per_user.to_string());
     put("connect_concurrency", args.connect_concurrency.to_string());
@@ -600,6 +603,13 @@ async fn traffic(
     Ok(())
 }
 
+/// What a run against a child server (the floor or a peer) measured.
+struct ChildRun {
+    phases: Vec<PhaseResult>,
+    connect: ConnectResult,
+    rss: Rss,
+}
+
 /// The minimal fan-out server at `c` sockets, one phase per rate.
 async fn floor_run(
     ctx: &Ctx<'_>,
@@ -608,22 +618,56 @@ async fn floor_run(
     duration: Duration,
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<PhaseResult>, ConnectResult), String> {
+    let floor = FloorChild::spawn(ctx.args.floor_threads)?;
+    let run = child_run(ctx, floor, "floor", c, rates, duration, None, warnings).await?;
+    Ok((run.phases, run.connect))
+}
+
+/// A peer server (bench/peers/peer.mjs `kind`) at `c` sockets, one phase per rate, with its
+/// RSS per socket read like the hub's: fresh, and after traffic and `settle`.
+async fn peer_run(
+    ctx: &Ctx<'_>,
+    kind: &str,
+    c: usize,
+    rates: &[f64],
+    duration: Duration,
+    warnings: &mut Vec<String>,
+) -> Result<PeerRun, String> {
+    let peer = FloorChild::spawn_peer(&ctx.args.peer_dir, kind)?;
+    let settle = Duration::from_secs_f64(ctx.args.settle_s.max(0.0));
+    let run = child_run(ctx, peer, kind, c, rates, duration, Some(settle), warnings).await?;
+    Ok(PeerRun {
+        label: kind.to_string(),
+        connect: run.connect,
+        rss: run.rss,
+        phases: run.phases,
+    })
+}
+
+/// Connect `c` sockets to a child server (floor or peer), publish one phase per rate through
+/// its stdin, check every delivery, stop it. With `settle`, its RSS is read before the
+/// sockets, 1 s after they are all open and after the phases plus `settle`.
+#[allow(clippy::too_many_arguments)]
+async fn child_run(
+    ctx: &Ctx<'_>,
+    child: FloorChild,
+    name: &str,
+    c: usize,
+    rates: &[f64],
+    duration: Duration,
+    settle: Option<Duration>,
+    warnings: &mut Vec<String>,
+) -> Result<ChildRun, String> {
     let args = ctx.args;
-    let floor = FloorChild::spawn(args.floor_threads)?;
-    FLOOR_PID.store(floor.pid(), Relaxed);
-    let pid = Some(floor.pid());
-    let layout = Layout::build(
-        c,
-        vec![topic("floor", "fan")],
-        |_| 0,
-        args.per_user,
-        "floor",
-    );
+    FLOOR_PID.store(child.pid(), Relaxed);
+    let pid = Some(child.pid());
+    let layout = Layout::build(c, vec![topic(name, "fan")], |_| 0, args.per_user, name);
     let shared = Arc::new(Shared::new(args.max_events as usize, 1));
+    let baseline = settle.and_then(|_| procfs::rss_kib(child.pid()));
     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
     let (handles, connect) = open(
         layout.specs(&[]),
-        ctx.target(floor.addr),
+        ctx.target(child.addr),
         shared.clone(),
         stop_rx,
         args.connect_concurrency,
@@ -631,10 +675,15 @@ async fn floor_run(
         args.threads,
     )
     .await;
+    let mut fresh = None;
+    if settle.is_some() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        fresh = procfs::rss_kib(child.pid());
+    }
     let topics = Arc::new(layout.topics);
     let publisher = Publisher::start(
         Sink::Floor {
-            lines: floor.lines.clone(),
+            lines: child.lines.clone(),
         },
         1,
         topics.clone(),
@@ -645,23 +694,40 @@ async fn floor_run(
     let rates: Vec<Option<f64>> = rates.iter().map(|r| Some(*r)).collect();
     let mut results = Vec::new();
     let mut drained = true;
-    for plan in plans(&rates, duration, args.window, "floor@") {
+    for plan in plans(&rates, duration, args.window, &format!("{name}@")) {
         let r = publish::run_phase(&plan, &mut pacer, &publisher, &shared, pid, args.threads).await;
         drained &= publish::drain(&publisher, &shared, DRAIN_LIMIT).await;
         results.push(finalize(r, &shared, plan.ph));
     }
+    let mut after = None;
+    if let Some(settle) = settle {
+        tokio::time::sleep(settle).await;
+        after = procfs::rss_kib(child.pid());
+    }
     let reports = close_all(&stop_tx, Stop::Abrupt, handles).await;
     let check = integrity(&shared, &reports, drained, &publisher);
     publisher.finish().await;
-    floor.stop();
+    child.stop();
     FLOOR_PID.store(0, Relaxed);
     if check.lost > 0 || check.duplicated > 0 || !drained {
         warnings.push(format!(
-            "floor run: lost {}, duplicated {}, drained {}",
+            "{name} run: lost {}, duplicated {}, drained {}",
             check.lost, check.duplicated, drained
         ));
     }
-    Ok((results, connect))
+    let rss = Rss {
+        baseline_kib: baseline,
+        fresh_kib: fresh,
+        after_traffic_kib: after,
+        fresh_per_conn_kib: per_conn(fresh, baseline, connect.connected),
+        after_traffic_per_conn_kib: per_conn(after, baseline, connect.connected),
+        settle_s: settle.map_or(0.0, |s| s.as_secs_f64()),
+    };
+    Ok(ChildRun {
+        phases: results,
+        connect,
+        rss,
+    })
 }
 
 async fn idle(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
@@ -724,6 +790,18 @@ async fn fanout(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
         report.floor_connect = Some(connect);
         // Let the floor's sockets finish closing before the hub is measured.
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    for kind in args
+        .peers
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    {
+        if !fixed.is_empty() {
+            let run = peer_run(ctx, kind, c, &fixed, d, &mut report.warnings).await?;
+            report.peers.push(run);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
     }
     let layout = Layout::build(c, vec![topic("b0", "fan")], |_| 0, args.per_user, "fan");
     traffic(

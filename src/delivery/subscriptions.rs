@@ -84,7 +84,14 @@ impl Subscriptions {
     fn insert(&mut self, channel: ChannelKey, subscription: Subscription) {
         match self.get_mut(&channel) {
             Some(existing) => *existing = subscription,
-            None => self.channels.push((channel, subscription)),
+            None => {
+                // Most sockets hold one subscription: room for exactly that, not the four
+                // slots (~300 bytes) a first push would reserve; later growth still doubles.
+                if self.channels.len() == self.channels.capacity() {
+                    self.channels.reserve_exact(self.channels.len().max(1));
+                }
+                self.channels.push((channel, subscription));
+            }
         }
     }
 

@@ -282,7 +282,10 @@ pub(crate) struct Bounds {
 
 /// Run the session's context `session` against the socket until the session ends (its
 /// stream finishes and everything it wrote is out), the peer goes away, or the socket stalls.
-pub(crate) async fn drive<S>(session: S, socket: Rc<Socket>, bounds: Bounds)
+/// Not an `async fn`: its future would keep room for `session` inline for the socket's whole
+/// life (the context is ~800 bytes) beside the boxed copy the writer polls; this one is just
+/// the writer.
+pub(crate) fn drive<S>(session: S, socket: Rc<Socket>, bounds: Bounds) -> impl Future<Output = ()>
 where
     S: Stream<Item = Result<Bytes, actix_web::Error>>,
 {
@@ -298,7 +301,6 @@ where
         max_backlog: bounds.max_backlog,
         overflowed: false,
     }
-    .await
 }
 
 struct Writer<S> {

@@ -8,6 +8,7 @@
 //! [`crate::delivery::fanout`]).
 
 use std::fmt::Display;
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,8 +38,15 @@ use crate::policy::rate::{FloodMeter, Refusal, TokenBucket};
 
 /// Run one admitted (or refused) socket to its end: the session actor in its
 /// `WebsocketContext`, fed from the raw connection and writing straight to it. `early` holds
-/// any bytes the client sent right behind its handshake.
-pub(crate) async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, early: Bytes) {
+/// any bytes the client sent right behind its handshake. Everything is built before the
+/// returned future (the socket's task) exists, so that task holds only the writer, not room
+/// for these arguments as well.
+pub(crate) fn run(
+    node: Arc<Node>,
+    admission: Admission,
+    io: TcpStream,
+    early: Bytes,
+) -> impl Future<Output = ()> {
     let limits = &node.settings.limits;
     let codec = actix_http::ws::Codec::new().max_size(limits.max_frame_bytes);
     let bounds = Bounds {
@@ -67,7 +75,7 @@ pub(crate) async fn run(node: Arc<Node>, admission: Admission, io: TcpStream, ea
         early: Some(early),
     };
     let context = WebsocketContext::with_codec(session, input, codec);
-    writer::drive(context, socket, bounds).await;
+    writer::drive(context, socket, bounds)
 }
 
 /// The client's bytes as the WebSocket context wants them. Reads go through a buffer on the
