@@ -5,6 +5,9 @@
 #   scripts/bench.sh <idle|fanout|dashboards|churn|floor> [--redis] [--perf] [bench flags...]
 #
 #   --redis   clustered hub: starts a throwaway redis-server on a free port first
+#   --redis-cluster[=N]  clustered hub on a throwaway Redis Cluster of N masters (default 3,
+#             no replicas) on free ports, slots split evenly, given by `redis.cluster_urls`;
+#             N=1 is one master holding all 16384 slots: the same cluster client, one shard
 #   --perf    profile the hub with `perf record -e cpu-clock` (flat: release builds keep no frame
 #             pointers; BENCH_PERF_CALLGRAPH=dwarf adds call stacks, large) for the whole run and
 #             save the top of `perf report` next to the JSON
@@ -21,21 +24,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { echo "usage: scripts/bench.sh <idle|fanout|dashboards|churn|floor> [--redis] [--perf] [bench flags...]" >&2; exit 2; }
+usage() { echo "usage: scripts/bench.sh <idle|fanout|dashboards|churn|floor> [--redis|--redis-cluster[=N]] [--perf] [bench flags...]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 scenario=$1; shift
 case $scenario in idle|fanout|dashboards|churn|floor) ;; *) usage ;; esac
 
-redis=0; perf=0; extra=()
+redis=0; perf=0; shards=0; extra=()
 while [ $# -gt 0 ]; do
   case $1 in
     --redis) redis=1 ;;
+    --redis-cluster) shards=3 ;;
+    --redis-cluster=*) shards=${1#--redis-cluster=}
+      [[ $shards =~ ^[1-9][0-9]*$ ]] || usage ;;
     --perf) perf=1 ;;
     *) extra+=("$1") ;;
   esac
   shift
 done
-mode=embedded; [ $redis = 1 ] && mode=redis
+[ $redis = 1 ] && [ "$shards" -gt 0 ] && usage
+mode=embedded; [ $redis = 1 ] && mode=redis; [ "$shards" -gt 0 ] && mode=cluster$shards
 
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
   # The hub (root package) and the bench (bench/, its own crate in the workspace).
@@ -54,7 +61,7 @@ bench_bin=target/release/switchboard-bench
 ulimit -n "$(ulimit -Hn)"
 
 run_dir=$(mktemp -d /tmp/sb-bench.XXXXXX)
-hub_pid=; redis_pid=; perf_pid=
+hub_pid=; redis_pid=; perf_pid=; cluster_pids=()
 cleanup() {
   set +e
   if [ -n "$perf_pid" ] && kill -0 "$perf_pid" 2>/dev/null; then
@@ -69,6 +76,9 @@ cleanup() {
   if [ -n "$redis_pid" ] && kill -0 "$redis_pid" 2>/dev/null; then
     kill -TERM "$redis_pid"; wait "$redis_pid" 2>/dev/null
   fi
+  for p in "${cluster_pids[@]}"; do
+    kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null
+  done
   rm -rf "$run_dir"
 }
 trap cleanup EXIT
@@ -105,6 +115,45 @@ if [ $redis = 1 ]; then
   [ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] || { echo "redis-server did not start" >&2; exit 1; }
   hub_env+=(SWITCHBOARD__REDIS__URL="redis://127.0.0.1:$rport")
   bench_args+=(--redis-url "redis://127.0.0.1:$rport" --redis-pid "$redis_pid")
+fi
+if [ "$shards" -gt 0 ]; then
+  # N cluster-enabled masters on free ports, slots split evenly with CLUSTER ADDSLOTSRANGE
+  # and joined with CLUSTER MEET (`redis-cli --cluster create` refuses fewer than 3 masters).
+  # No replicas: the bench measures the data path, and a replica only adds replication CPU.
+  command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
+  cports=(); seeds=()
+  for i in $(seq 0 $((shards - 1))); do
+    cp=$(free_port)
+    mkdir -p "$run_dir/node$i"
+    redis-server --port "$cp" --bind 127.0.0.1 --save '' --appendonly no --maxclients 1000 \
+      --cluster-enabled yes --cluster-node-timeout 2000 --dir "$run_dir/node$i" \
+      --logfile "$run_dir/node$i/redis.log" &
+    cluster_pids+=($!)
+    cports+=("$cp"); seeds+=("redis://127.0.0.1:$cp")
+  done
+  for cp in "${cports[@]}"; do
+    for _ in $(seq 1 50); do
+      [ "$(redis-cli -p "$cp" ping 2>/dev/null)" = PONG ] && break; sleep 0.1
+    done
+    [ "$(redis-cli -p "$cp" ping 2>/dev/null)" = PONG ] || { echo "redis-server did not start" >&2; exit 1; }
+  done
+  for i in "${!cports[@]}"; do
+    lo=$((16384 * i / shards)); hi=$((16384 * (i + 1) / shards - 1))
+    redis-cli -p "${cports[$i]}" cluster addslotsrange "$lo" "$hi" >/dev/null
+    redis-cli -p "${cports[$i]}" cluster set-config-epoch $((i + 1)) >/dev/null
+    [ "$i" -gt 0 ] && redis-cli -p "${cports[$i]}" cluster meet 127.0.0.1 "${cports[0]}" >/dev/null
+  done
+  for _ in $(seq 1 300); do
+    ok=1
+    for cp in "${cports[@]}"; do
+      redis-cli -p "$cp" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || ok=0
+      [ "$(redis-cli -p "$cp" cluster nodes 2>/dev/null | wc -l)" -eq "$shards" ] || ok=0
+    done
+    [ $ok = 1 ] && break; sleep 0.1
+  done
+  [ $ok = 1 ] || { echo "the Redis Cluster did not form" >&2; exit 1; }
+  hub_env+=(SWITCHBOARD__REDIS__CLUSTER_URLS="$(IFS=,; echo "${seeds[*]}")")
+  echo "Redis Cluster: $shards master(s) on ports ${cports[*]} (pids ${cluster_pids[*]})"
 fi
 
 env "${hub_env[@]}" "$hub_bin" serve >"$run_dir/hub.log" 2>&1 &
