@@ -2,10 +2,9 @@
 //! (behind the session middleware, whose store matches the node: the cookie itself when
 //! embedded, Redis when clustered) and hands WebSocket upgrades to the handshake with the raw
 //! connection, starts the node's background work (the call simulator, cap lease refresh,
-//! heap trimming, the re-check of logged-out sessions), and runs until the one drain sequence ([`shutdown`]) ends it.
+//! the re-check of logged-out sessions), and runs until the one drain sequence ([`shutdown`]) ends it.
 
 pub(crate) mod shutdown;
-mod trim;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -206,7 +205,6 @@ impl Bound {
             let registry = node.registry.clone();
             actix::spawn(refresh_leases(caps, move || registry.cap_slots()));
         }
-        actix::spawn(trim::trim_when_quiet(node.registry.clone()));
         actix::spawn(http::auth::recheck_sessions(node.clone()));
         let handle = self.server.handle();
         actix::spawn(async move {
