@@ -21,6 +21,7 @@ use crate::core::ids::TopicPattern;
 use crate::delivery::registry::Registry;
 use crate::policy::origin::OriginPolicy;
 use crate::policy::rate::{FailureThrottle, HandshakeLimiter};
+use crate::store::admission::RedisAdmission;
 use crate::store::caps::{ConnectionCaps, RedisCaps};
 use crate::store::redis::{CommandError, RedisCommands};
 use crate::store::revocations::Revocations;
@@ -51,6 +52,9 @@ pub(crate) struct Node {
     pub(crate) revocations: Revocations,
     /// Where the handshake reads login sessions.
     pub(crate) sessions: Sessions,
+    /// Clustered on one Redis: the WebSocket handshake's session read, revocation check and
+    /// cap slot in one round trip (a Redis Cluster takes them one by one).
+    pub(crate) one_trip_admission: Option<RedisAdmission>,
     /// Clustered only: orders to sockets held by other pods (logout, eviction).
     pub(crate) control: Option<ControlChannel>,
     /// Set by the shutdown sequence: readiness fails and new sockets are refused.
@@ -73,7 +77,9 @@ impl Node {
         let health = Arc::new(BrokerHealth::default());
         let broker_thread = Arbiter::new();
         let limits = &settings.limits;
-        let (broker, caps, revocations, sessions, control) = match settings.redis_target() {
+        let (broker, caps, revocations, sessions, one_trip_admission, control) = match settings
+            .redis_target()
+        {
             None => {
                 let history = settings.history_enabled().then(|| HistoryLimits {
                     max_len: settings.history.max_len,
@@ -92,6 +98,7 @@ impl Node {
                     ConnectionCaps::in_memory(limits.max_connections_per_user, limits.cap_policy),
                     Revocations::in_memory(),
                     Sessions::Cookie,
+                    None,
                     None,
                 )
             }
@@ -121,8 +128,14 @@ impl Node {
                         reconnect_spread_ms,
                     )
                 });
-                let caps =
-                    RedisCaps::new(commands.clone(), Duration::from_secs(limits.cap_lease_s));
+                let lease = Duration::from_secs(limits.cap_lease_s);
+                let caps = RedisCaps::new(commands.clone(), lease);
+                let one_trip_admission = RedisAdmission::new(
+                    commands.clone(),
+                    lease,
+                    limits.max_connections_per_user,
+                    limits.cap_policy,
+                );
                 (
                     BrokerHandle::clustered(
                         &addr,
@@ -133,6 +146,7 @@ impl Node {
                     ConnectionCaps::redis(limits.max_connections_per_user, limits.cap_policy, caps),
                     Revocations::Redis(commands.clone()),
                     Sessions::Redis(commands.clone()),
+                    one_trip_admission,
                     Some(ControlChannel::new(commands)),
                 )
             }
@@ -152,6 +166,7 @@ impl Node {
             caps,
             revocations,
             sessions,
+            one_trip_admission,
             control,
             draining: AtomicBool::new(false),
             settings,

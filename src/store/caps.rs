@@ -146,44 +146,71 @@ pub(crate) struct RedisCaps {
     acquire: Arc<Script>,
 }
 
-/// Members are `<created-ms, 15 digits>|<conn id>` so sorting them sorts by age. KEYS[2]
-/// remembers for a while whom the request evicted, so that the same request sent again (its
-/// answer lost with a dropped connection) gets the same answer, evictions included.
-const ACQUIRE_LUA: &str = r#"
-local now = tonumber(ARGV[1])
-local lease = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[5]) then
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
-  redis.call('PEXPIRE', KEYS[1], lease * 2)
+/// The cap decision as a Lua function `acquire(key, evicted_key, now, lease, limit, policy,
+/// slot)`, shared by [`ACQUIRE_LUA`] and the one-round-trip handshake of
+/// [`super::admission`]. Members of `key` are `<created-ms, 15 digits>|<conn id>` so sorting
+/// them sorts by age. `evicted_key` remembers for a while whom the request evicted, so that the
+/// same request sent again (its answer lost with a dropped connection) gets the same answer,
+/// evictions included. Answers `{1, evicted...}` when admitted, `{0}` when refused.
+macro_rules! acquire_lua_function {
+    () => {
+        r#"
+local function acquire(key, evicted_key, now, lease, limit, policy, slot)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZSCORE', key, slot) then
+    redis.call('ZADD', key, now + lease, slot)
+    redis.call('PEXPIRE', key, lease * 2)
+    local out = {1}
+    for _, conn in ipairs(redis.call('LRANGE', evicted_key, 0, -1)) do out[#out + 1] = conn end
+    return out
+  end
+  local held = redis.call('ZRANGE', key, 0, -1)
+  local evicted = {}
+  if #held >= limit then
+    if policy ~= 'evict_oldest' then
+      return {0}
+    end
+    table.sort(held)
+    local excess = #held - limit + 1
+    for i = 1, excess do
+      redis.call('ZREM', key, held[i])
+      evicted[#evicted + 1] = held[i]
+    end
+  end
+  redis.call('ZADD', key, now + lease, slot)
+  redis.call('PEXPIRE', key, lease * 2)
+  if #evicted > 0 then
+    redis.call('RPUSH', evicted_key, unpack(evicted))
+    redis.call('PEXPIRE', evicted_key, 60000)
+  end
   local out = {1}
-  for _, conn in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do out[#out + 1] = conn end
+  for i = 1, #evicted do out[#out + 1] = evicted[i] end
   return out
 end
-local held = redis.call('ZRANGE', KEYS[1], 0, -1)
-local evicted = {}
-if #held >= limit then
-  if ARGV[4] ~= 'evict_oldest' then
-    return {0}
-  end
-  table.sort(held)
-  local excess = #held - limit + 1
-  for i = 1, excess do
-    redis.call('ZREM', KEYS[1], held[i])
-    evicted[#evicted + 1] = held[i]
-  end
-end
-redis.call('ZADD', KEYS[1], now + lease, ARGV[5])
-redis.call('PEXPIRE', KEYS[1], lease * 2)
-if #evicted > 0 then
-  redis.call('RPUSH', KEYS[2], unpack(evicted))
-  redis.call('PEXPIRE', KEYS[2], 60000)
-end
-local out = {1}
-for i = 1, #evicted do out[#out + 1] = evicted[i] end
-return out
-"#;
+"#
+    };
+}
+pub(crate) use acquire_lua_function;
+
+/// KEYS: the user's slots, the request's eviction record; ARGV: now (ms), lease (ms), limit,
+/// policy, slot.
+const ACQUIRE_LUA: &str = concat!(
+    acquire_lua_function!(),
+    "return acquire(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5])\n"
+);
+
+/// The outcome the Lua `acquire` function answered (`{1, evicted...}` or `{0}`).
+pub(crate) fn read_acquire_answer(answer: &[RedisValue], limit: u32) -> CapOutcome {
+    if !matches!(answer.first(), Some(RedisValue::Int(1))) {
+        return CapOutcome::Refused { limit };
+    }
+    let evicted = answer
+        .iter()
+        .skip(1)
+        .filter_map(|v| redis::from_redis_value::<String>(v).ok())
+        .collect();
+    CapOutcome::Admitted { evicted }
+}
 
 impl RedisCaps {
     pub(crate) fn new(commands: RedisCommands, lease: Duration) -> Self {
@@ -236,7 +263,7 @@ impl RedisCaps {
             CapPolicy::EvictOldest => "evict_oldest",
         };
         let key = self.key(user_key);
-        let evicted_key = format!("{key}:evicted:{slot}");
+        let evicted_key = Self::evicted_key(&key, slot);
         let now = unix_ms();
         let answer: Vec<RedisValue> = self
             .commands
@@ -253,16 +280,13 @@ impl RedisCaps {
             })
             .await
             .map_err(CapsUnavailable)?;
-        let admitted = matches!(answer.first(), Some(RedisValue::Int(1)));
-        if !admitted {
-            return Ok(CapOutcome::Refused { limit });
-        }
-        let evicted = answer
-            .iter()
-            .skip(1)
-            .filter_map(|v| redis::from_redis_value::<String>(v).ok())
-            .collect();
-        Ok(CapOutcome::Admitted { evicted })
+        Ok(read_acquire_answer(&answer, limit))
+    }
+
+    /// The eviction record of `slot`'s request in the user's slots `key` (see
+    /// [`acquire_lua_function`]).
+    fn evicted_key(key: &str, slot: &str) -> String {
+        format!("{key}:evicted:{slot}")
     }
 
     pub(crate) async fn release(&self, user_key: &str, slot: &str) {

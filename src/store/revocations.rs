@@ -16,7 +16,7 @@ use redis::AsyncCommands;
 use super::redis::{timed, CommandError, RedisCommands};
 use crate::core::ids::now_s;
 
-fn revoked_key(sid: &str) -> String {
+pub(crate) fn revoked_key(sid: &str) -> String {
     format!("sb:revoked:{sid}")
 }
 

@@ -22,17 +22,15 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
 use super::attach::{Admission, Admitted};
-use super::identity::{identify_state, load_session};
+use super::identity::{websocket_claim, Claim, ClaimedSlot};
 use super::websocket;
-use crate::core::close::{AuthFailure, Close};
-use crate::core::identity::Identity;
+use crate::core::close::Close;
 use crate::core::ids::ConnId;
 use crate::core::metrics::metrics;
 use crate::node::Node;
 use crate::policy::client_ip::{client_ip, join_forwarded_for};
 use crate::policy::origin::{Day, Decision};
 use crate::store::caps::{slot_conn, slot_token, CapOutcome};
-use crate::store::sessions::SessionReadError;
 
 /// An answer given over HTTP instead of a WebSocket close.
 #[derive(Debug)]
@@ -109,21 +107,8 @@ pub(crate) async fn upgrade(
         .headers()
         .get_all(header::COOKIE)
         .map(HeaderValue::as_bytes);
-    let identity = async {
-        match load_session(&node, cookies).await {
-            Ok(Some(state)) => identify_state(&node, &state)
-                .await
-                .map_err(Close::Unauthenticated),
-            // Our cookie, but its session is gone from the store: it ran out.
-            Ok(None) => Err(Close::Unauthenticated(AuthFailure::Expired)),
-            Err(SessionReadError::NoCookie) => Err(Close::Unauthenticated(AuthFailure::NoCookie)),
-            Err(e) => {
-                log::warn!("websocket refused: {e}");
-                Err(Close::Restarting)
-            }
-        }
-    };
-    let admission = admit(&node, req.head().headers(), identity, false).await;
+    let claim = websocket_claim(&node, cookies);
+    let admission = admit(&node, req.head().headers(), claim, false).await;
     if let Admission::Refused(close) = &admission {
         metrics().reject(close.rejection_label());
         if node.settings.handshake.reject_before_upgrade {
@@ -256,7 +241,7 @@ pub(crate) fn over_handshake_budget(
 pub(crate) async fn admit(
     node: &Node,
     headers: &HeaderMap,
-    identity: impl Future<Output = Result<Identity, Close>>,
+    claim: impl Future<Output = Result<Claim, Close>>,
     same_origin_ok: bool,
 ) -> Admission {
     let origin = headers
@@ -295,8 +280,8 @@ pub(crate) async fn admit(
         }
     }
 
-    let identity = match identity.await {
-        Ok(identity) => identity,
+    let Claim { identity, slot } = match claim.await {
+        Ok(claim) => claim,
         Err(close) => {
             log::warn!(
                 "websocket refused: {} (origin {})",
@@ -307,19 +292,36 @@ pub(crate) async fn admit(
         }
     };
 
+    let user_key = identity.user_key();
     if node.draining.load(Ordering::Acquire) {
         log::warn!(
             "websocket refused for user {} (origin {}): draining",
             identity.user,
             origin.as_deref().unwrap_or("<missing>")
         );
+        // Began draining while the store took a slot with the session check: give it back.
+        // Slots it evicted for this one come back with their pods' next lease refresh.
+        if let Some(ClaimedSlot {
+            slot,
+            outcome: CapOutcome::Admitted { .. },
+            ..
+        }) = slot
+        {
+            node.caps.release(&user_key, &slot).await;
+        }
         return Admission::Refused(Close::Restarting);
     }
 
-    let conn = ConnId::next();
-    let user_key = identity.user_key();
-    let slot = slot_token(&conn.to_string());
-    match node.caps.acquire(&user_key, &slot).await {
+    let (conn, slot, outcome) = match slot {
+        Some(claimed) => (claimed.conn, claimed.slot, Ok(claimed.outcome)),
+        None => {
+            let conn = ConnId::next();
+            let slot = slot_token(&conn.to_string());
+            let outcome = node.caps.acquire(&user_key, &slot).await;
+            (conn, slot, outcome)
+        }
+    };
+    match outcome {
         Ok(CapOutcome::Admitted { evicted }) => {
             for old in evicted {
                 let old = slot_conn(&old);

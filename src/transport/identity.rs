@@ -3,6 +3,8 @@
 //! handshake runs before the session middleware and reads the cookie itself, exactly as the
 //! middleware would; SSE and logout go through the middleware's [`Session`].
 
+use std::sync::atomic::Ordering;
+
 use actix_session::storage::SessionKey;
 use actix_session::Session;
 use actix_web::cookie::{Cookie, CookieJar, Key};
@@ -10,24 +12,129 @@ use actix_web::HttpRequest;
 
 use crate::core::close::{AuthFailure, Close};
 use crate::core::identity::Identity;
-use crate::core::ids::{now_s, OrgId, UserId};
+use crate::core::ids::{now_s, ConnId, OrgId, UserId};
 use crate::node::Node;
+use crate::store::admission::{AdmitAnswer, RedisAdmission};
+use crate::store::caps::{slot_token, CapOutcome};
 use crate::store::sessions::{
     SessionReadError, SessionState, KEY_BOOT, KEY_EXP, KEY_LOGGED_OUT, KEY_ORG, KEY_SID, KEY_USER,
 };
 
-/// Load the session named by the `Cookie` headers, exactly as the session middleware would:
-/// the cookie is decrypted with `auth.cookie_key`, and its content is the session key that the
-/// store resolves. A cookie that fails decryption, or names nothing, is an empty state; a
-/// cookie of ours whose session the store no longer holds is `None` (it expired).
-pub(crate) async fn load_session(
+/// Who a connection belongs to, and its cap slot when the session check took it too.
+pub(crate) struct Claim {
+    pub(crate) identity: Identity,
+    /// Set when the store checked the session and took the cap slot in one round trip.
+    pub(crate) slot: Option<ClaimedSlot>,
+}
+
+/// A cap slot taken with the session check, for the connection id it was taken for.
+pub(crate) struct ClaimedSlot {
+    pub(crate) conn: ConnId,
+    pub(crate) slot: String,
+    pub(crate) outcome: CapOutcome,
+}
+
+/// The WebSocket handshake's session check: the session named by the `Cookie` headers, read
+/// exactly as the session middleware would (the cookie is decrypted with `auth.cookie_key`;
+/// its content is the session key the store resolves), then checked. Clustered on one
+/// Redis, the store also takes the user's cap slot in the same round trip, unless the node is
+/// draining (then no slot may be taken: [`admit`](super::handshake::admit) refuses).
+pub(crate) async fn websocket_claim(
     node: &Node,
     cookie_headers: impl Iterator<Item = &[u8]>,
-) -> Result<Option<SessionState>, SessionReadError> {
+) -> Result<Claim, Close> {
     let name = node.settings.auth.cookie_name.as_str();
-    match session_key(cookie_headers, name, &node.cookie_key)? {
-        Some(key) => node.sessions.load(&key).await,
-        None => Ok(Some(SessionState::new())),
+    let key = match session_key(cookie_headers, name, &node.cookie_key) {
+        Ok(Some(key)) => key,
+        // Not ours (tampered, or sealed with another key): an empty state, as the middleware
+        // would see it.
+        Ok(None) => return claim_state(node, &SessionState::new()).await,
+        Err(SessionReadError::NoCookie) => {
+            return Err(Close::Unauthenticated(AuthFailure::NoCookie))
+        }
+        Err(e) => return Err(store_unavailable(&e)),
+    };
+    if let Some(one_trip) = &node.one_trip_admission {
+        if !node.draining.load(Ordering::Acquire) {
+            return claim_in_one_trip(one_trip, &key).await;
+        }
+    }
+    match node.sessions.load(&key).await {
+        Ok(Some(state)) => claim_state(node, &state).await,
+        // Our cookie, but its session is gone from the store: it ran out.
+        Ok(None) => Err(Close::Unauthenticated(AuthFailure::Expired)),
+        Err(e) => Err(store_unavailable(&e)),
+    }
+}
+
+fn store_unavailable(e: &dyn std::fmt::Display) -> Close {
+    log::warn!("websocket refused: {e}");
+    Close::Restarting
+}
+
+async fn claim_state(node: &Node, state: &SessionState) -> Result<Claim, Close> {
+    let identity = identify_state(node, state)
+        .await
+        .map_err(Close::Unauthenticated)?;
+    Ok(Claim {
+        identity,
+        slot: None,
+    })
+}
+
+/// The session check and the cap slot in one script; what it admits is still read by
+/// [`read_identity`], like every other session, and its slot given back if that disagrees.
+async fn claim_in_one_trip(one_trip: &RedisAdmission, key: &SessionKey) -> Result<Claim, Close> {
+    let conn = ConnId::next();
+    let slot = slot_token(&conn.to_string());
+    let answer = match one_trip.admit(key.as_ref(), &slot).await {
+        Ok(answer) => answer,
+        Err(e) => return Err(store_unavailable(&e)),
+    };
+    let now = now_s();
+    match answer {
+        AdmitAnswer::NoSession => Err(Close::Unauthenticated(AuthFailure::Expired)),
+        AdmitAnswer::Revoked(_) => Err(Close::Unauthenticated(AuthFailure::LoggedOut)),
+        AdmitAnswer::Unusable(state) => Err(Close::Unauthenticated(
+            read_identity(&state, now)
+                .err()
+                .unwrap_or(AuthFailure::Expired),
+        )),
+        AdmitAnswer::Checked {
+            state,
+            cap_key,
+            outcome,
+        } => {
+            let taken = matches!(outcome, CapOutcome::Admitted { .. });
+            let identity = match read_identity(&state, now) {
+                Ok(identity) => identity,
+                Err(failure) => {
+                    if taken {
+                        one_trip.release(&cap_key, &slot).await;
+                    }
+                    return Err(Close::Unauthenticated(failure));
+                }
+            };
+            if cap_key != one_trip.cap_key(&identity.user_key()) {
+                // The script named the user otherwise than the hub does: count the socket
+                // where every other path counts it.
+                if taken {
+                    one_trip.release(&cap_key, &slot).await;
+                }
+                return Ok(Claim {
+                    identity,
+                    slot: None,
+                });
+            }
+            Ok(Claim {
+                identity,
+                slot: Some(ClaimedSlot {
+                    conn,
+                    slot,
+                    outcome,
+                }),
+            })
+        }
     }
 }
 
@@ -141,10 +248,14 @@ pub(crate) async fn request_identity(
     node: &Node,
     req: &HttpRequest,
     session: &Session,
-) -> Result<Identity, Close> {
-    identify(node, req, session)
+) -> Result<Claim, Close> {
+    let identity = identify(node, req, session)
         .await
-        .map_err(Close::Unauthenticated)
+        .map_err(Close::Unauthenticated)?;
+    Ok(Claim {
+        identity,
+        slot: None,
+    })
 }
 
 #[cfg(test)]
