@@ -146,6 +146,14 @@ impl Socket {
         })
     }
 
+    /// Queue `bytes` ahead of anything the session writes: the handshake's 101 response,
+    /// which then goes out with the session's first frame in one write.
+    pub(crate) fn lead_with(&self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.out.borrow_mut().push_session(bytes);
+        }
+    }
+
     /// What the session and its writer share (subscriptions, closing).
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared

@@ -119,22 +119,34 @@ pub(crate) async fn upgrade(
     // The request and its headers are done with; they must not live as long as the socket.
     drop(accept);
     drop(req);
-    if send(&mut framed, switching, None).await.is_err() {
-        // The client left during its own handshake: give back the slot it was granted.
+    // The 101 is encoded but not written here: it goes out with the session's first frame
+    // (its welcome, or its close) in one write, one wake-up of the client fewer. A client that
+    // left meanwhile is found by that write, and the session gives back its cap slot.
+    if Pin::new(&mut framed)
+        .write(h1::Message::Item((switching, BodySize::None)))
+        .is_err()
+    {
         if let Admission::Admitted(Admitted { identity, slot, .. }) = admission {
             node.caps.release(&identity.user_key(), &slot).await;
         }
         return Ok(());
     }
-    // Keep only the connection and whatever the client sent behind its handshake; the HTTP
-    // codec's buffers (8 KiB each) are freed here rather than living as long as the socket.
-    let FramedParts { io, read_buf, .. } = framed.into_parts();
+    // Keep only the connection, the encoded 101 and whatever the client sent behind its
+    // handshake; the HTTP codec's buffers (8 KiB each) are freed here rather than living as
+    // long as the socket.
+    let FramedParts {
+        io,
+        read_buf,
+        write_buf,
+        ..
+    } = framed.into_parts();
     let early = Bytes::copy_from_slice(&read_buf);
-    drop(read_buf);
+    let switching = Bytes::copy_from_slice(&write_buf);
+    drop((read_buf, write_buf));
     // The session gets a task of its own: this future lives inside the HTTP dispatcher's
     // task, which is sized for a whole actix-web request and would otherwise be held (a few
     // KiB) for as long as the socket is open.
-    actix::spawn(websocket::run(node, admission, io, early));
+    actix::spawn(websocket::run(node, admission, io, switching, early));
     Ok(())
 }
 

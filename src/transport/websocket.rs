@@ -37,14 +37,16 @@ use crate::node::Node;
 use crate::policy::rate::{FloodMeter, Refusal, TokenBucket};
 
 /// Run one admitted (or refused) socket to its end: the session actor in its
-/// `WebsocketContext`, fed from the raw connection and writing straight to it. `early` holds
-/// any bytes the client sent right behind its handshake. Everything is built before the
+/// `WebsocketContext`, fed from the raw connection and writing straight to it. `switching` is
+/// the handshake's encoded 101 response, written ahead of the session's first frames; `early`
+/// holds any bytes the client sent right behind its handshake. Everything is built before the
 /// returned future (the socket's task) exists, so that task holds only the writer, not room
 /// for these arguments as well.
 pub(crate) fn run(
     node: Arc<Node>,
     admission: Admission,
     io: TcpStream,
+    switching: Bytes,
     early: Bytes,
 ) -> impl Future<Output = ()> {
     let limits = &node.settings.limits;
@@ -64,6 +66,7 @@ pub(crate) fn run(
     let _ = io.set_nodelay(true);
     let (read, write) = io.into_split();
     let socket = Socket::new(write, Shared::default());
+    socket.lead_with(switching);
     let session = WsSession {
         node,
         admission: Some(admission),
