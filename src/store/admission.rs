@@ -237,15 +237,6 @@ mod tests {
         (redis, admission)
     }
 
-    fn slots_of(redis: &TestRedis, user_key: &str) -> Vec<String> {
-        redis::cmd("ZRANGE")
-            .arg(KeyScheme::Plain.caps(user_key))
-            .arg(0)
-            .arg(-1)
-            .query(&mut redis.conn())
-            .expect("ZRANGE caps")
-    }
-
     fn checked(answer: AdmitAnswer) -> (SessionState, String, CapOutcome) {
         match answer {
             AdmitAnswer::Checked {
@@ -272,10 +263,10 @@ mod tests {
                 evicted: Vec::new()
             }
         );
-        assert_eq!(slots_of(&redis, "acme/alice ü"), ["1|a"]);
+        assert_eq!(redis.cap_slots("acme/alice ü"), ["1|a"]);
         // Sent again (an answer lost), the slot counts once.
         checked(admission.admit("k1", "1|a").await.expect("again"));
-        assert_eq!(slots_of(&redis, "acme/alice ü"), ["1|a"]);
+        assert_eq!(redis.cap_slots("acme/alice ü"), ["1|a"]);
     }
 
     /// At the limit, reject_new refuses and evict_oldest names the oldest slot.
@@ -286,7 +277,7 @@ mod tests {
         checked(admission.admit("k1", "1|a").await.expect("first"));
         let (_, _, outcome) = checked(admission.admit("k1", "2|b").await.expect("second"));
         assert_eq!(outcome, CapOutcome::Refused { limit: 1 });
-        assert_eq!(slots_of(&redis, "acme/bob"), ["1|a"]);
+        assert_eq!(redis.cap_slots("acme/bob"), ["1|a"]);
 
         let evicting = RedisAdmission::new(
             admission.commands.clone(),
@@ -302,7 +293,7 @@ mod tests {
                 evicted: vec!["1|a".to_string()]
             }
         );
-        assert_eq!(slots_of(&redis, "acme/bob"), ["2|b"]);
+        assert_eq!(redis.cap_slots("acme/bob"), ["2|b"]);
     }
 
     /// Sessions that must not get a socket take no slot: missing, logged out, expired, revoked,
@@ -352,6 +343,6 @@ mod tests {
             admission.admit("junk", "1|a").await.expect("ok"),
             AdmitAnswer::Unusable(SessionState::new())
         );
-        assert!(slots_of(&redis, "acme/carol").is_empty());
+        assert!(redis.cap_slots("acme/carol").is_empty());
     }
 }

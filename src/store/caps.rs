@@ -403,16 +403,6 @@ mod tests {
         (redis, RedisCaps::new(commands, Duration::from_secs(30)))
     }
 
-    /// The slots Redis holds for `user_key`, oldest first.
-    fn slots_of(redis: &TestRedis, user_key: &str) -> Vec<String> {
-        redis::cmd("ZRANGE")
-            .arg(KeyScheme::Plain.caps(user_key))
-            .arg(0)
-            .arg(-1)
-            .query(&mut redis.conn())
-            .expect("ZRANGE caps")
-    }
-
     fn admitted(evicted: &[&str]) -> CapOutcome {
         CapOutcome::Admitted {
             evicted: evicted.iter().map(|s| s.to_string()).collect(),
@@ -431,10 +421,10 @@ mod tests {
             ask("3|c").await.expect("third"),
             CapOutcome::Refused { limit: 2 }
         );
-        assert_eq!(slots_of(&redis, "42/u"), ["1|a", "2|b"]);
+        assert_eq!(redis.cap_slots("42/u"), ["1|a", "2|b"]);
         caps.release("42/u", "1|a").await;
         assert_eq!(ask("3|c").await.expect("after a release"), admitted(&[]));
-        assert_eq!(slots_of(&redis, "42/u"), ["2|b", "3|c"]);
+        assert_eq!(redis.cap_slots("42/u"), ["2|b", "3|c"]);
     }
 
     /// Under evict_oldest the oldest slot by age (not by arrival) is named and removed.
@@ -450,7 +440,7 @@ mod tests {
             admitted(&["000000000000001|a"])
         );
         assert_eq!(
-            slots_of(&redis, "42/u"),
+            redis.cap_slots("42/u"),
             ["000000000000002|b", "000000000000003|c"]
         );
     }
@@ -504,7 +494,7 @@ mod tests {
                 .expect("acquire"),
             admitted(&[])
         );
-        assert_eq!(slots_of(&redis, "42/u"), ["2|new"]);
+        assert_eq!(redis.cap_slots("42/u"), ["2|new"]);
     }
 
     /// Redis lost the slots (restarted empty): a lease refresh puts them back, so the cap

@@ -75,6 +75,16 @@ impl TestRedis {
             .unwrap_or_else(|e| panic!("connect to the test redis on {}: {e}", self.port))
     }
 
+    /// The cap slots this Redis holds for `user_key` (`org/user`), oldest first.
+    pub(crate) fn cap_slots(&self, user_key: &str) -> Vec<String> {
+        redis::cmd("ZRANGE")
+            .arg(super::redis::KeyScheme::Plain.caps(user_key))
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.conn())
+            .expect("ZRANGE caps")
+    }
+
     fn answers_ping(&self) -> bool {
         let Ok(client) = redis::Client::open(self.url()) else {
             return false;
