@@ -158,6 +158,10 @@ pub struct Args {
     /// A label stored in the report (e.g. embedded, redis).
     #[arg(long)]
     pub label: Option<String>,
+    /// Idle: suffix of the topic and user names, so several bench processes against pods of
+    /// one cluster keep apart (a publish reaches every pod; the caps count per user).
+    #[arg(long)]
+    pub tag: Option<String>,
 }
 
 /// The floor or peer server child, if one is running, so the watchdog can stop it.

@@ -164,6 +164,7 @@ fn settings_of(args: &Args) -> BTreeMap<String, String> {
     put("topics", args.topics.to_string());
     put("orgs", args.orgs.to_string());
     put("origin", args.origin.clone());
+    put("tag", args.tag.clone().unwrap_or_default());
     s
 }
 
@@ -730,10 +731,20 @@ async fn child_run(
     })
 }
 
+/// The idle topic and user tag: `idle`, or `idle-<tag>` for one of several bench processes
+/// against one cluster (each must see only its own events and its own users).
+fn idle_names(tag: Option<&str>) -> (String, String) {
+    match tag.filter(|t| !t.is_empty()) {
+        Some(t) => (format!("idle-{t}"), format!("idle-{t}")),
+        None => ("idle".into(), "idle".into()),
+    }
+}
+
 async fn idle(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
     let args = ctx.args;
     let c = conns(args, 15_000);
-    let layout = Layout::build(c, vec![topic("b0", "idle")], |_| 0, args.per_user, "idle");
+    let (name, user_tag) = idle_names(args.tag.as_deref());
+    let layout = Layout::build(c, vec![topic("b0", &name)], |_| 0, args.per_user, &user_tag);
     let rate = args.rate.unwrap_or(10.0);
     let burst = PhasePlan {
         ph: 0,
@@ -1046,4 +1057,24 @@ async fn churn(ctx: &Ctx<'_>, report: &mut Report) -> Result<(), String> {
     report.connections_held = shared.live.load(Relaxed);
     report.hub_metrics = hub_metrics(ctx.server).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tagged idle runs get their own topic and users; untagged ones keep the old names.
+    #[test]
+    fn idle_names_keep_tagged_runs_apart() {
+        assert_eq!(idle_names(None), ("idle".into(), "idle".into()));
+        assert_eq!(idle_names(Some("")), ("idle".into(), "idle".into()));
+        let (t1, u1) = idle_names(Some("c1"));
+        let (t2, u2) = idle_names(Some("c2"));
+        assert_eq!(t1, "idle-c1");
+        assert_ne!(t1, t2);
+        assert_ne!(u1, u2);
+        let a = Layout::build(8, vec![topic("b0", &t1)], |_| 0, 4, &u1);
+        let b = Layout::build(8, vec![topic("b0", &t2)], |_| 0, 4, &u2);
+        assert!(a.users.iter().all(|u| !b.users.contains(u)));
+    }
 }
