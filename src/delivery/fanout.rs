@@ -38,7 +38,7 @@ use crate::core::ids::{ChannelKey, ConnId};
 use crate::core::metrics::metrics;
 use crate::delivery::outbox::Pushed;
 use crate::delivery::registry::{Control, SessionLink};
-use crate::delivery::writer::{Offer, Socket};
+use crate::delivery::writer::{Offer, Socket, WorkerEvent};
 
 /// Events taken from the worker's queue per pass at most: a burst is written with one write
 /// per socket per pass (up to this many frames in it).
@@ -296,6 +296,8 @@ impl WorkerFanout {
             };
             let binary = matches!(event.payload, Payload::Binary(_));
             let waited = now.duration_since(event.received_at).as_secs_f64();
+            // This worker's sockets share one handle on the event (see `Socket::offer`).
+            let local = WorkerEvent::new(event);
             for subscriber in subscribers.iter() {
                 if subscriber.cut || (binary && !subscriber.binary) {
                     continue;
@@ -309,7 +311,7 @@ impl WorkerFanout {
                     through_outbox(&subscriber.link, event);
                     continue;
                 };
-                match socket.offer(event) {
+                match socket.offer(&local) {
                     Offer::Taken { first } => {
                         if first {
                             flush.push(socket.clone());

@@ -134,20 +134,26 @@ impl Subscriptions {
     /// A live event from the outbox: `Some` to send it now; `None` when it is not wanted
     /// (unsubscribed, held for a replay, or already sent by one).
     pub(crate) fn admit_live(&mut self, event: Arc<Event>) -> Option<Arc<Event>> {
+        self.admits_live(&event).then_some(event)
+    }
+
+    /// [`Self::admit_live`] without taking the event: true to send it now. The fan-out asks
+    /// this for every socket, and a clone of the event's `Arc` per socket would make both
+    /// worker threads write its shared count; only an event held for a replay is cloned.
+    pub(crate) fn admits_live(&mut self, event: &Arc<Event>) -> bool {
         let max_held = self.max_held;
-        let sub = self.get_mut(&event.channel)?;
+        let Some(sub) = self.get_mut(&event.channel) else {
+            return false;
+        };
         if let Some(held) = sub.held.as_mut() {
-            held.push_back(event);
+            held.push_back(event.clone());
             if max_held.is_some_and(|max| held.len() > max) {
                 held.pop_front();
                 sub.dropped = true;
             }
-            return None;
+            return false;
         }
-        if sub.sent_through.is_some_and(|last| event.id <= last) {
-            return None;
-        }
-        Some(event)
+        sub.sent_through.is_none_or(|last| event.id > last)
     }
 
     /// History for `channel` arrived (empty: none was asked for): the events to send, in

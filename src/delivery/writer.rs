@@ -62,6 +62,15 @@ const MAX_IOV: usize = 64;
 const IDLE_QUEUE: usize = 4;
 /// Turns of the loop per poll before yielding to other sockets of this worker.
 const MAX_TURNS: usize = 16;
+/// Several waiting frames of up to this many bytes in all are copied into one buffer and
+/// go out in one `send()`: a fan-out pass that brings a socket a few events would otherwise
+/// pay writev's iovec import for every socket, which costs more than copying them.
+const FLAT_MAX: usize = 16 << 10;
+
+thread_local! {
+    /// This thread's buffer for [`FLAT_MAX`] writes (sockets never leave their thread).
+    static FLAT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Wakes the writer's task and remembers that the session's context asked for it, so turns
 /// woken only by events do not poll the actor at all.
@@ -87,6 +96,19 @@ enum Frame {
     Session(Bytes),
     /// A live event's shared, pre-encoded frame.
     Event(Arc<Event>),
+    /// The same, from the fan-out.
+    Local(Rc<WorkerEvent>),
+}
+
+/// A worker's handle on a live event, one for all its sockets in a fan-out pass: counted
+/// without atomics, where a clone of the event's `Arc` per socket would have both worker
+/// threads write its shared count at once.
+pub(crate) struct WorkerEvent(Arc<Event>);
+
+impl WorkerEvent {
+    pub(crate) fn new(event: &Arc<Event>) -> Rc<Self> {
+        Rc::new(Self(event.clone()))
+    }
 }
 
 impl Frame {
@@ -94,6 +116,7 @@ impl Frame {
         match self {
             Self::Session(bytes) => bytes,
             Self::Event(event) => &event.ws_frame,
+            Self::Local(event) => &event.0.ws_frame,
         }
     }
 }
@@ -166,7 +189,8 @@ impl Socket {
     /// Take a live event for writing at the end of the fan-out's pass, if nothing must go
     /// before it: no frame pending, no event in the outbox, and the session not asking to run
     /// (it may be about to answer something the client sent first).
-    pub(crate) fn offer(&self, event: &Arc<Event>) -> Offer {
+    /// `event` is this worker's handle on the event, one for all its sockets.
+    pub(crate) fn offer(&self, event: &Rc<WorkerEvent>) -> Offer {
         let Ok(mut out) = self.out.try_borrow_mut() else {
             return Offer::Busy;
         };
@@ -186,14 +210,12 @@ impl Socket {
         if !out.offered && shared.link.as_ref().is_some_and(|l| !l.outbox.is_empty()) {
             return Offer::Busy;
         }
-        match shared.subscriptions.admit_live(event.clone()) {
-            None => Offer::Declined,
-            Some(event) => {
-                out.pending.push_back(Frame::Event(event));
-                let first = !std::mem::replace(&mut out.offered, true);
-                Offer::Taken { first }
-            }
+        if !shared.subscriptions.admits_live(&event.0) {
+            return Offer::Declined;
         }
+        out.pending.push_back(Frame::Local(event.clone()));
+        let first = !std::mem::replace(&mut out.offered, true);
+        Offer::Taken { first }
     }
 
     /// Write what the fan-out appended. What the socket does not take now is left to the
@@ -241,11 +263,15 @@ impl Outgoing {
                 count += 1;
             }
             // One frame (the usual case at low rates) goes through plain send(): cheaper in
-            // the kernel than writev's iovec import and file-position locking.
+            // the kernel than writev's iovec import and file-position locking; so do a few
+            // small ones, copied into one buffer.
+            let slices = &slices[..count];
             let written = if count == 1 {
                 stream.try_write(&slices[0])
+            } else if let Some(flat) = flatten(slices) {
+                FLAT.with_borrow(|buffer| stream.try_write(&buffer[..flat]))
             } else {
-                stream.try_write_vectored(&slices[..count])
+                stream.try_write_vectored(slices)
             };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -276,6 +302,22 @@ impl Outgoing {
             self.pending.shrink_to(IDLE_QUEUE);
         }
     }
+}
+
+/// Copy `slices` into this thread's [`FLAT`] buffer if they total at most [`FLAT_MAX`]
+/// bytes; answers how many bytes it holds then.
+fn flatten(slices: &[IoSlice<'_>]) -> Option<usize> {
+    let total: usize = slices.iter().map(|slice| slice.len()).sum();
+    if total > FLAT_MAX {
+        return None;
+    }
+    FLAT.with_borrow_mut(|buffer| {
+        buffer.clear();
+        for slice in slices {
+            buffer.extend_from_slice(slice);
+        }
+    });
+    Some(total)
 }
 
 /// How long and how much a socket may hold its writer up.
@@ -557,6 +599,18 @@ mod tests {
     use tokio::sync::mpsc::UnboundedSender;
     use tokio::task::{spawn_local, JoinHandle};
 
+    /// Small frames are copied into one buffer in order; too many bytes are left to writev.
+    #[test]
+    fn flatten_copies_small_frames_in_order() {
+        let (a, b) = (vec![1u8; 3], vec![2u8; 5]);
+        let slices = [IoSlice::new(&a), IoSlice::new(&b)];
+        assert_eq!(flatten(&slices), Some(8));
+        FLAT.with_borrow(|buffer| assert_eq!(&buffer[..], &[1, 1, 1, 2, 2, 2, 2, 2]));
+        let big = vec![3u8; FLAT_MAX];
+        assert_eq!(flatten(&[IoSlice::new(&big), IoSlice::new(&a)]), None);
+        assert_eq!(flatten(&[IoSlice::new(&big)]), Some(FLAT_MAX));
+    }
+
     /// A stall timeout no test that is not about stalls reaches.
     const NEVER: Duration = Duration::from_secs(3600);
     /// The stall timeout of the tests about stalls (on tokio's paused clock).
@@ -601,8 +655,14 @@ mod tests {
         let (_session, _writer) = welcomed(&socket, &mut peer).await;
 
         let (a, b) = (event(&calls, 1, None), event(&calls, 2, None));
-        assert!(matches!(socket.offer(&a), Offer::Taken { first: true }));
-        assert!(matches!(socket.offer(&b), Offer::Taken { first: false }));
+        assert!(matches!(
+            socket.offer(&WorkerEvent::new(&a)),
+            Offer::Taken { first: true }
+        ));
+        assert!(matches!(
+            socket.offer(&WorkerEvent::new(&b)),
+            Offer::Taken { first: false }
+        ));
         assert!(peer.nothing_arrived(), "written before the pass ended");
         socket.flush_offered();
         peer.expect(&frames(&[&a, &b])).await;
@@ -619,9 +679,12 @@ mod tests {
 
         let a = event(&calls, 1, None);
         session.send(Bytes::from_static(b"reply")).unwrap();
-        assert!(matches!(socket.offer(&a), Offer::Busy));
+        assert!(matches!(socket.offer(&WorkerEvent::new(&a)), Offer::Busy));
         peer.expect(b"reply").await;
-        assert!(matches!(socket.offer(&a), Offer::Taken { first: true }));
+        assert!(matches!(
+            socket.offer(&WorkerEvent::new(&a)),
+            Offer::Taken { first: true }
+        ));
         socket.flush_offered();
         peer.expect(&a.ws_frame).await;
     }
@@ -642,12 +705,15 @@ mod tests {
 
         let (a, b) = (event(&calls, 1, None), event(&calls, 2, None));
         link.outbox.push(&a);
-        assert!(matches!(socket.offer(&b), Offer::Busy));
+        assert!(matches!(socket.offer(&WorkerEvent::new(&b)), Offer::Busy));
         link.outbox.push(&b);
         link.wake();
         peer.expect(&frames(&[&a, &b])).await;
         let c = event(&calls, 3, None);
-        assert!(matches!(socket.offer(&c), Offer::Taken { first: true }));
+        assert!(matches!(
+            socket.offer(&WorkerEvent::new(&c)),
+            Offer::Taken { first: true }
+        ));
     }
 
     /// While the socket is blocked (the client reads slowly), events are busy; once the client
@@ -665,9 +731,12 @@ mod tests {
         peer.expect(&big[..1]).await;
 
         let a = event(&calls, 1, None);
-        assert!(matches!(socket.offer(&a), Offer::Busy));
+        assert!(matches!(socket.offer(&WorkerEvent::new(&a)), Offer::Busy));
         peer.expect(&big[1..]).await;
-        assert!(matches!(socket.offer(&a), Offer::Taken { first: true }));
+        assert!(matches!(
+            socket.offer(&WorkerEvent::new(&a)),
+            Offer::Taken { first: true }
+        ));
         socket.flush_offered();
         peer.expect(&a.ws_frame).await;
     }
@@ -681,7 +750,7 @@ mod tests {
         let (_session, _writer) = welcomed(&socket, &mut peer).await;
 
         assert!(matches!(
-            socket.offer(&event(&queues, 1, None)),
+            socket.offer(&WorkerEvent::new(&event(&queues, 1, None))),
             Offer::Declined
         ));
         socket
@@ -690,7 +759,7 @@ mod tests {
             .subscriptions
             .insert_replaying(calls.clone());
         assert!(matches!(
-            socket.offer(&event(&calls, 2, None)),
+            socket.offer(&WorkerEvent::new(&event(&calls, 2, None))),
             Offer::Declined
         ));
         {
@@ -699,7 +768,7 @@ mod tests {
             shared.closing = true;
         }
         assert!(matches!(
-            socket.offer(&event(&calls, 3, None)),
+            socket.offer(&WorkerEvent::new(&event(&calls, 3, None))),
             Offer::Declined
         ));
         assert!(peer.nothing_arrived());
