@@ -542,9 +542,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             // A Ping costs its answer like any message: it counts against the budget.
             Ok(ws::Message::Ping(payload)) => {
                 if self.within_budget(ctx, false) {
-                    let mut frame = BytesMut::with_capacity(payload.len() + 2);
-                    Parser::write_message(&mut frame, &payload[..], OpCode::Pong, true, false);
-                    self.socket.session_frame(frame.freeze());
+                    ctx.pong(&payload);
                 }
             }
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
