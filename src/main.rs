@@ -79,6 +79,16 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read before `main` (the C string `malloc_conf` under the crate's
+/// `_rjem_` prefix). Pages freed are handed back to the OS ~0.3 s later by jemalloc's
+/// background thread, not after its default 10 s and only when some thread next allocates:
+/// a connection ramp frees the HTTP phase's buffers (~14 KiB per handshake in flight, far
+/// more of them at once when each waits on Redis) and an idle hub would otherwise keep those
+/// pages resident, ~1 KiB per clustered socket (BENCHMARKS.md, idle memory, round 3).
+/// `muzzy_decay_ms:0`: purged pages leave RSS at once rather than on memory pressure.
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:300,muzzy_decay_ms:0\0"[0];
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

@@ -1,8 +1,9 @@
 //! One WebSocket connection's output, after the upgrade: the [`Socket`] (write half and the
 //! frames not yet written) and the writer task that drives the session actor's context.
 //! Three sources feed the socket, always in order: what the session wrote (welcome, replies,
-//! replays, pings, the close frame), the live events waiting in the session's [`Outbox`], and
-//! live events the worker's fan-out ([`crate::delivery::fanout`]) writes itself. Events skip the actor:
+//! replays, the close frame; and the worker's heartbeat pings), the live events waiting in the
+//! session's [`Outbox`], and live events the worker's fan-out ([`crate::delivery::fanout`])
+//! writes itself. Events skip the actor:
 //! each is already a complete WebSocket frame, shared by every socket that receives it. While
 //! a socket is idle (nothing pending, nothing from its session waiting) the fan-out appends
 //! the event and writes it in the same pass over the topic's sockets, so a delivery costs no
@@ -129,6 +130,8 @@ pub(crate) struct Socket {
     wake: Arc<ContextWake>,
     /// False once the writer has ended: nothing more is written here.
     open: Cell<bool>,
+    /// When the client was last heard from (any frame, pongs included), for the heartbeat.
+    heard: Cell<Instant>,
 }
 
 /// Frames not yet written, oldest first.
@@ -166,6 +169,7 @@ impl Socket {
                 task: AtomicWaker::new(),
             }),
             open: Cell::new(true),
+            heard: Cell::new(Instant::now()),
         })
     }
 
@@ -174,6 +178,63 @@ impl Socket {
     pub(crate) fn lead_with(&self, bytes: Bytes) {
         if !bytes.is_empty() {
             self.out.borrow_mut().push_session(bytes);
+        }
+    }
+
+    /// The client sent something: it is alive.
+    pub(crate) fn heard(&self) {
+        self.heard.set(Instant::now());
+    }
+
+    /// When the client was last heard from.
+    pub(crate) fn last_heard(&self) -> Instant {
+        self.heard.get()
+    }
+
+    /// Queue a complete frame the session wrote (a reply, a replayed event), after whatever
+    /// it wrote before. The session runs only inside its writer's poll, which writes what is
+    /// pending once the session has run: no wake-up is needed. Frames written this way
+    /// instead of through the context leave the context's message queue empty, so an idle
+    /// socket keeps no capacity there.
+    pub(crate) fn session_frame(&self, frame: Bytes) {
+        self.out.borrow_mut().push_session(frame);
+    }
+
+    /// The heartbeat's protocol Ping (empty payload), from outside the writer's task. Written
+    /// at once when nothing is ahead of it, without queueing (an idle socket keeps no queue
+    /// for it); otherwise queued behind what is pending and the writer woken. False when the
+    /// socket is closing or closed: nothing may follow a close frame.
+    pub(crate) fn ping(&self) -> bool {
+        const PING: &[u8] = &[0x89, 0x00];
+        if !self.open.get() || self.shared.borrow().closing {
+            return false;
+        }
+        let mut out = self.out.borrow_mut();
+        let mut written = 0;
+        if out.pending.is_empty() && !out.offered {
+            match self.stream().try_write(PING) {
+                Ok(n) => written = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The writer sees the error on its next write and ends.
+                Err(_) => return true,
+            }
+            out.written += written as u64;
+        }
+        if written < PING.len() {
+            out.push_session(Bytes::from_static(&PING[written..]));
+            self.wake.task.wake();
+        }
+        true
+    }
+
+    /// Give back the frame queue's capacity when nothing is pending: the heartbeat calls this
+    /// once an interval, so a socket idle that long holds no queue, while a burst allocates
+    /// at most once per interval rather than once per event.
+    pub(crate) fn release_idle(&self) {
+        if let Ok(mut out) = self.out.try_borrow_mut() {
+            if out.pending.is_empty() && !out.offered {
+                out.pending = VecDeque::new();
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 //! [`Attachment`] is dropped (every channel left, unregistered, the cap slot given back). The transports
 //! only frame what this decides.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -53,12 +53,19 @@ pub(crate) struct Attachment {
     link: Arc<SessionLink>,
     /// The subscriptions, shared with the socket's writer (WebSocket).
     shared: Shared,
+    /// Made at the first `since`: most connections never resume, and a budget made later
+    /// starts as full as one made at attach would have refilled to by then.
+    replays: OnceCell<Rc<Replays>>,
+}
+
+/// A connection's replay state, in one allocation.
+struct Replays {
     /// What `since` replays may still cost this connection.
-    replays: Rc<RefCell<ReplayBudget>>,
+    budget: RefCell<ReplayBudget>,
     /// One replay of this connection reads history at a time, each within what the ones
     /// before it left of the budget: many topics resumed at once (SSE with
     /// `Last-Event-ID: 0`) read no more than one full replay.
-    replay_turn: Rc<tokio::sync::Semaphore>,
+    turn: tokio::sync::Semaphore,
 }
 
 /// What a held subscription waits for: Redis to confirm the channel (`None`), or the history
@@ -131,19 +138,26 @@ impl Attachment {
             identity.exp,
         );
         metrics().connections.inc();
-        let replays = Rc::new(RefCell::new(ReplayBudget::new(
-            node.settings.history.replay_max_bytes,
-            Instant::now(),
-        )));
         Self {
             node,
             identity,
             slot,
             link,
             shared,
-            replays,
-            replay_turn: Rc::new(tokio::sync::Semaphore::new(1)),
+            replays: OnceCell::new(),
         }
+    }
+
+    fn replays(&self) -> &Rc<Replays> {
+        self.replays.get_or_init(|| {
+            Rc::new(Replays {
+                budget: RefCell::new(ReplayBudget::new(
+                    self.node.settings.history.replay_max_bytes,
+                    Instant::now(),
+                )),
+                turn: tokio::sync::Semaphore::new(1),
+            })
+        })
     }
 
     pub(crate) fn identity(&self) -> &Identity {
@@ -187,7 +201,13 @@ impl Attachment {
         binary: bool,
         socket: Option<Rc<Socket>>,
     ) -> Subscribed {
-        if since.is_some() && !self.replays.borrow_mut().admit(&channel, Instant::now()) {
+        if since.is_some()
+            && !self
+                .replays()
+                .budget
+                .borrow_mut()
+                .admit(&channel, Instant::now())
+        {
             return Subscribed::ReplayTooSoon;
         }
         if since.is_none() && self.node.broker.is_live(&channel) {
@@ -253,8 +273,7 @@ impl Attachment {
         room: impl Fn() -> usize + 'static,
     ) -> impl Future<Output = Replay> + 'static {
         let broker = self.node.broker.clone();
-        let budget = self.replays.clone();
-        let turn = self.replay_turn.clone();
+        let replays = self.replays().clone();
         let shared = self.shared.clone();
         async move {
             // Wait for the channel to be live before taking a turn, so replays waiting on an
@@ -264,12 +283,13 @@ impl Attachment {
                 return Replay::default();
             }
             // Never closed, so the permit always comes.
-            let _turn = turn.acquire().await;
-            let max_bytes = budget.borrow_mut().available(Instant::now());
+            let _turn = replays.turn.acquire().await;
+            let max_bytes = replays.budget.borrow_mut().available(Instant::now());
             let mut replay = broker.replay_since(channel.clone(), since, max_bytes).await;
             let held = shared.borrow().subscriptions.held_len(&channel);
             let room = room().saturating_sub(held);
-            if !budget
+            if !replays
+                .budget
                 .borrow_mut()
                 .take(&mut replay.events, room, Instant::now())
             {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::error::PayloadError;
-use actix_http::ws::Item;
+use actix_http::ws::{Item, OpCode, Parser};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
@@ -26,10 +26,11 @@ use tokio::net::TcpStream;
 use super::attach::{Admission, Admitted, Attachment, Held, Subscribed};
 use crate::broker::Replay;
 use crate::core::close::Close;
-use crate::core::event::{Event, EventSender, Payload, PublishBody, PublishRequest};
+use crate::core::event::{EventSender, PublishBody, PublishRequest};
 use crate::core::ids::{ChannelKey, EventId, Topic};
 use crate::core::metrics::metrics;
 use crate::core::wire::{validate_event_name, ClientMessage, ErrorCode, ServerMessage};
+use crate::delivery::heartbeat::{self, Beat};
 use crate::delivery::registry::Control;
 use crate::delivery::replay::REPLAY_REPEAT;
 use crate::delivery::writer::{self, Bounds, Shared, Socket};
@@ -126,7 +127,8 @@ struct Live {
     conn_text: String,
     /// Where binary frames from the client go, set by `stream`.
     stream_to: Option<Topic>,
-    last_heard: Instant,
+    /// This socket's place under its worker's heartbeat (pings, and the close when silent).
+    _heartbeat: Beat,
     text_budget: TokenBucket,
     binary_budget: TokenBucket,
     /// Messages refused for the rate limit lately; past the burst the socket is closed.
@@ -168,15 +170,21 @@ impl WsSession {
             None,
             ctx.address().recipient(),
         );
-        ctx.text(attachment.welcome());
+        send_text(&self.socket, attachment.welcome());
         let now = Instant::now();
         let limits = &self.node.settings.limits;
+        let heartbeat = &self.node.settings.heartbeat;
+        let beat = heartbeat::enlist(
+            &self.socket,
+            Duration::from_millis(heartbeat.interval_ms),
+            Duration::from_millis(heartbeat.timeout_ms),
+        );
         let conn_text = attachment.conn().to_string();
         self.live = Some(Live {
             attachment,
             conn_text,
             stream_to: None,
-            last_heard: now,
+            _heartbeat: beat,
             text_budget: TokenBucket::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
             // Audio arrives as many small frames (50/s for 20 ms packets): a larger budget.
             binary_budget: TokenBucket::new(
@@ -186,30 +194,6 @@ impl WsSession {
             ),
             refusals: FloodMeter::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
             fragments: None,
-        });
-        self.heartbeat(ctx);
-    }
-
-    /// Ping every interval; close a socket that has been silent past the timeout.
-    fn heartbeat(&self, ctx: &mut WebsocketContext<Self>) {
-        let interval = Duration::from_millis(self.node.settings.heartbeat.interval_ms);
-        let timeout = Duration::from_millis(self.node.settings.heartbeat.timeout_ms);
-        ctx.run_interval(interval, move |this, ctx| {
-            let Some(live) = this.live.as_mut() else {
-                return;
-            };
-            if live.last_heard.elapsed() > timeout {
-                metrics().heartbeat_timeouts.inc();
-                log::info!(
-                    "closing silent socket {} of user {}: nothing heard for {:?}",
-                    live.conn_text,
-                    live.attachment.identity().user,
-                    live.last_heard.elapsed()
-                );
-                this.close(ctx, &Close::HeartbeatTimeout);
-            } else {
-                ctx.ping(b"");
-            }
         });
     }
 
@@ -225,9 +209,9 @@ impl WsSession {
         ctx.stop();
     }
 
-    fn reply_error(ctx: &mut WebsocketContext<Self>, code: ErrorCode, message: impl Display) {
+    fn reply_error(socket: &Socket, code: ErrorCode, message: impl Display) {
         let message = &message.to_string();
-        ctx.text(ServerMessage::Error { code, message }.encode());
+        send_text(socket, ServerMessage::Error { code, message }.encode());
     }
 
     /// Spend one message of the client's budget; false when it must be refused.
@@ -247,7 +231,7 @@ impl WsSession {
         }
         match live.refusals.refused(now) {
             Refusal::First => Self::reply_error(
-                ctx,
+                &self.socket,
                 ErrorCode::RateLimited,
                 "too many messages: slow down (further messages are dropped until you do)",
             ),
@@ -270,16 +254,16 @@ impl WsSession {
         }
         let message = match ClientMessage::decode(text) {
             Ok(m) => m,
-            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, why),
+            Err(why) => return Self::reply_error(&self.socket, ErrorCode::BadRequest, why),
         };
         match message {
-            ClientMessage::Ping => ctx.text(ServerMessage::Pong.encode()),
+            ClientMessage::Ping => send_text(&self.socket, ServerMessage::Pong.encode()),
             ClientMessage::Subscribe {
                 topic,
                 since,
                 binary,
             } => self.subscribe(&topic, since.as_deref(), binary, ctx),
-            ClientMessage::Unsubscribe { topic } => self.unsubscribe(&topic, ctx),
+            ClientMessage::Unsubscribe { topic } => self.unsubscribe(&topic),
             ClientMessage::Publish { topic, data, event } => {
                 self.client_publish(&topic, data, event, ctx)
             }
@@ -289,7 +273,7 @@ impl WsSession {
                         live.stream_to = Some(topic);
                     }
                 }
-                Err((code, why)) => Self::reply_error(ctx, code, why),
+                Err((code, why)) => Self::reply_error(&self.socket, code, why),
             },
         }
     }
@@ -307,14 +291,14 @@ impl WsSession {
         };
         let topic = match Topic::parse(topic) {
             Ok(t) => t,
-            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, why),
+            Err(why) => return Self::reply_error(&self.socket, ErrorCode::BadRequest, why),
         };
         let since = match since.map(|s| EventId::parse(s).ok_or(s)) {
             None => None,
             Some(Ok(id)) => Some(id),
             Some(Err(raw)) => {
                 return Self::reply_error(
-                    ctx,
+                    &self.socket,
                     ErrorCode::BadRequest,
                     format!("since {raw:?} is not an event id (<ms>-<seq>)"),
                 )
@@ -327,14 +311,14 @@ impl WsSession {
         };
         if full {
             return Self::reply_error(
-                ctx,
+                &self.socket,
                 ErrorCode::TooManySubscriptions,
                 format!("at most {max} subscriptions per connection"),
             );
         }
         let socket = Some(self.socket.clone());
         match live.attachment.subscribe(channel, since, binary, socket) {
-            Subscribed::Live => ctx.text(
+            Subscribed::Live => send_text(&self.socket,
                 ServerMessage::Subscribed {
                     topic: topic.as_str(),
                     recovered: None,
@@ -342,7 +326,7 @@ impl WsSession {
                 .encode(),
             ),
             Subscribed::ReplayTooSoon => Self::reply_error(
-                ctx,
+                &self.socket,
                 ErrorCode::RateLimited,
                 format!(
                     "{topic} was replayed less than {}s ago on this connection: subscribe without since, or later",
@@ -350,8 +334,8 @@ impl WsSession {
                 ),
             ),
             Subscribed::Held(held, ready) => {
-                ctx.spawn(ready.into_actor(self).map(move |replay, this, ctx| {
-                    this.acknowledge(&topic, &held, replay, ctx);
+                ctx.spawn(ready.into_actor(self).map(move |replay, this, _| {
+                    this.acknowledge(&topic, &held, replay);
                 }));
             }
         }
@@ -359,13 +343,7 @@ impl WsSession {
 
     /// Acknowledge a subscription that held its live events back: `subscribed` (with
     /// `recovered` when it resumed), the replayed events, then the held ones.
-    fn acknowledge(
-        &mut self,
-        topic: &Topic,
-        held: &Held,
-        replay: Option<Replay>,
-        ctx: &mut WebsocketContext<Self>,
-    ) {
+    fn acknowledge(&mut self, topic: &Topic, held: &Held, replay: Option<Replay>) {
         let Some(live) = self.live.as_ref() else {
             return;
         };
@@ -373,7 +351,8 @@ impl WsSession {
         let Some(released) = live.attachment.release(held, replay) else {
             return;
         };
-        ctx.text(
+        send_text(
+            &self.socket,
             ServerMessage::Subscribed {
                 topic: topic.as_str(),
                 recovered: released.recovered,
@@ -381,24 +360,25 @@ impl WsSession {
             .encode(),
         );
         for event in &released.events {
-            write_event(ctx, event);
+            self.socket.session_frame(event.ws_frame.clone());
         }
         metrics()
             .messages_delivered
             .inc_by(released.events.len() as u64);
     }
 
-    fn unsubscribe(&mut self, topic: &str, ctx: &mut WebsocketContext<Self>) {
+    fn unsubscribe(&mut self, topic: &str) {
         let Some(live) = self.live.as_mut() else {
             return;
         };
         let topic = match Topic::parse(topic) {
             Ok(t) => t,
-            Err(why) => return Self::reply_error(ctx, ErrorCode::BadRequest, why),
+            Err(why) => return Self::reply_error(&self.socket, ErrorCode::BadRequest, why),
         };
         let channel = ChannelKey::new(&live.attachment.identity().org, &topic);
         live.attachment.unsubscribe(&channel);
-        ctx.text(
+        send_text(
+            &self.socket,
             ServerMessage::Unsubscribed {
                 topic: topic.as_str(),
             }
@@ -428,18 +408,18 @@ impl WsSession {
     ) {
         let topic = match self.publishable(topic) {
             Ok(t) => t,
-            Err((code, why)) => return Self::reply_error(ctx, code, why),
+            Err((code, why)) => return Self::reply_error(&self.socket, code, why),
         };
         let event = event.unwrap_or_else(|| "message".into());
         if let Err(why) = validate_event_name(&event) {
-            return Self::reply_error(ctx, ErrorCode::BadRequest, why);
+            return Self::reply_error(&self.socket, ErrorCode::BadRequest, why);
         }
         let limit = self.node.settings.limits.client_event_bytes;
         // A JSON value always serialises; were it not to, it would count as too large.
         let size = serde_json::to_vec(&data).map_or(usize::MAX, |d| d.len());
         if size > limit {
             return Self::reply_error(
-                ctx,
+                &self.socket,
                 ErrorCode::BadRequest,
                 format!("data is {size} bytes of JSON; client events may hold at most {limit}"),
             );
@@ -451,9 +431,9 @@ impl WsSession {
         ctx.spawn(
             async move { broker.publish(request).await }
                 .into_actor(self)
-                .map(|result, _, ctx| {
+                .map(|result, this: &mut Self, _| {
                     if let Err(e) = result {
-                        Self::reply_error(ctx, ErrorCode::Unavailable, e);
+                        Self::reply_error(&this.socket, ErrorCode::Unavailable, e);
                     }
                 }),
         );
@@ -487,7 +467,7 @@ impl WsSession {
         let limit = self.node.settings.limits.client_event_bytes;
         if bytes.len() > limit {
             return Self::reply_error(
-                ctx,
+                &self.socket,
                 ErrorCode::BadRequest,
                 format!(
                     "binary frame of {} bytes; client events may hold at most {limit}",
@@ -545,20 +525,20 @@ impl WsSession {
     }
 }
 
-fn write_event(ctx: &mut WebsocketContext<WsSession>, event: &Event) {
-    match &event.payload {
-        Payload::Text(frame) => ctx.text(frame.clone()),
-        Payload::Binary(bytes) => ctx.binary(bytes.clone()),
-    }
+/// Encode a text frame and queue it on the socket, after what the session wrote before.
+fn send_text(socket: &Socket, text: impl AsRef<[u8]>) {
+    let text = text.as_ref();
+    let mut frame = BytesMut::with_capacity(text.len() + 10);
+    Parser::write_message(&mut frame, text, OpCode::Text, true, false);
+    socket.session_frame(frame.freeze());
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        if let Some(live) = self.live.as_mut() {
-            live.last_heard = Instant::now();
-        } else {
+        if self.live.is_none() {
             return;
         }
+        self.socket.heard();
         match item {
             Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Binary(bytes)) => self.on_binary(bytes, ctx),
@@ -594,7 +574,7 @@ impl Handler<Control> for WsSession {
         match msg {
             Control::Close(close) => self.close(ctx, &close),
             Control::Drain { after_ms } => {
-                ctx.text(ServerMessage::Reconnect { after_ms }.encode());
+                send_text(&self.socket, ServerMessage::Reconnect { after_ms }.encode());
                 self.close(ctx, &Close::Restarting);
             }
         }
