@@ -106,36 +106,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  local p
-  for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 12000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  echo "no free port found" >&2; exit 1
-}
+. "$(dirname "${BASH_SOURCE[0]}")/bench-common.sh"
 rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 meminfo_kib() { awk -v k="$1:" '$1==k{print $2}' /proc/meminfo; }
 # TCP sockets in use and their buffer memory (pages) from /proc/net/sockstat.
 sockstat() { awk '$1=="TCP:"{for(i=2;i<NF;i+=2) printf "%s=%s ", $i, $(i+1)}' /proc/net/sockstat; }
 
 rport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
-  --logfile "$run_dir/redis.log" &
-redis_pid=$!
-for _ in $(seq 1 50); do
-  [ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] && break; sleep 0.1
-done
-[ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] || { echo "redis-server did not start" >&2; exit 1; }
+start_redis "$rport" "$run_dir/redis.log"
 
 pod_ports=()
 for i in $(seq 1 "$pods"); do
-  env SWITCHBOARD__SERVER__BIND=127.0.0.1 SWITCHBOARD__SERVER__PORT=0 \
-    SWITCHBOARD__DEMO__SIMULATE_CALLS=false \
-    SWITCHBOARD__LIMITS__HANDSHAKES_PER_IP_PER_S=1000000 \
-    SWITCHBOARD__LIMITS__HANDSHAKE_BURST=1000000 \
-    SWITCHBOARD__REDIS__URL="redis://127.0.0.1:$rport" \
-    RUST_LOG="${RUST_LOG:-warn,switchboard::server=info}" \
+  env "${bench_hub_env[@]}" SWITCHBOARD__REDIS__URL="redis://127.0.0.1:$rport" \
     "$hub_bin" serve >"$run_dir/pod$i.log" 2>&1 &
   pod_pids+=($!)
 done
@@ -156,19 +138,7 @@ for i in $(seq 1 "$pods"); do
 done
 echo "redis pid $redis_pid port $rport; pods: pids ${pod_pids[*]} ports ${pod_ports[*]}"
 
-busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
-wait_quiet=${BENCH_WAIT_QUIET:-300}
-if [ "$wait_quiet" -gt 0 ]; then
-  waited=0
-  while :; do
-    a=$(busy_ticks); sleep 2; b=$(busy_ticks); waited=$((waited + 2))
-    if [ $((b - a)) -lt 30 ] && ! pgrep -x 'cargo|rustc' >/dev/null; then break; fi
-    if [ $waited -ge "$wait_quiet" ]; then
-      echo "WARNING: machine still busy after ${waited}s; measuring anyway" >&2; break
-    fi
-    [ $((waited % 30)) -eq 0 ] && echo "waiting for a quiet machine (${waited}s)..." >&2
-  done
-fi
+wait_for_quiet "${BENCH_WAIT_QUIET:-300}"
 
 out="bench-results/100k-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out"

@@ -84,35 +84,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  local p
-  for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 20000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  echo "no free port found" >&2; exit 1
-}
+. "$(dirname "${BASH_SOURCE[0]}")/bench-common.sh"
 
-hub_env=(
-  SWITCHBOARD__SERVER__BIND=127.0.0.1
-  SWITCHBOARD__SERVER__PORT=0
-  SWITCHBOARD__DEMO__SIMULATE_CALLS=false
-  # One machine plays thousands of browsers from a few addresses: lift the per-IP limit.
-  SWITCHBOARD__LIMITS__HANDSHAKES_PER_IP_PER_S=1000000
-  SWITCHBOARD__LIMITS__HANDSHAKE_BURST=1000000
-  RUST_LOG="${RUST_LOG:-warn,switchboard::server=info}"
-)
+hub_env=("${bench_hub_env[@]}")
 bench_args=()
 if [ $redis = 1 ]; then
-  command -v redis-server >/dev/null || { echo "redis-server is not installed" >&2; exit 1; }
   rport=$(free_port)
-  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
-    --maxclients 1000 --logfile "$run_dir/redis.log" &
-  redis_pid=$!
-  for _ in $(seq 1 50); do
-    [ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] && break; sleep 0.1
-  done
-  [ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] || { echo "redis-server did not start" >&2; exit 1; }
+  start_redis "$rport" "$run_dir/redis.log" --maxclients 1000
   hub_env+=(SWITCHBOARD__REDIS__URL="redis://127.0.0.1:$rport")
   bench_args+=(--redis-url "redis://127.0.0.1:$rport" --redis-pid "$redis_pid")
 fi
@@ -173,20 +151,7 @@ for _ in $(seq 1 100); do
   curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1
 done
 
-# Wait for a quiet machine: no compiler running, under 15% of a core busy over 2 s.
-busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
-wait_quiet=${BENCH_WAIT_QUIET:-600}
-if [ "$wait_quiet" -gt 0 ]; then
-  waited=0
-  while :; do
-    a=$(busy_ticks); sleep 2; b=$(busy_ticks); waited=$((waited + 2))
-    if [ $((b - a)) -lt 30 ] && ! pgrep -x 'cargo|rustc' >/dev/null; then break; fi
-    if [ $waited -ge "$wait_quiet" ]; then
-      echo "WARNING: machine still busy after ${waited}s; measuring anyway" >&2; break
-    fi
-    [ $((waited % 30)) -eq 0 ] && echo "waiting for a quiet machine (${waited}s)..." >&2
-  done
-fi
+wait_for_quiet "${BENCH_WAIT_QUIET:-600}"
 
 mkdir -p bench-results
 stamp=$(date +%Y%m%d-%H%M%S)
