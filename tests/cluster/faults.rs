@@ -174,7 +174,11 @@ fn check_delivery(logs: &[FollowLog], publisher: &Publisher, published: &[String
             .filter(|id| accepted.contains(id.as_str()))
             .cloned()
             .collect();
-        tally.unaccepted += log.ids.len() - got.len() - repeated.len();
+        tally.unaccepted += log
+            .ids
+            .iter()
+            .filter(|id| !accepted.contains(id.as_str()))
+            .count();
         tally.delivered += seen
             .iter()
             .filter(|id| accepted.contains(id.as_str()))
