@@ -193,6 +193,31 @@ async fn protocol_ping_flood_closes_1008() {
 /// not only at the write-stall timeout (`heartbeat.timeout_ms`, 30 s).
 #[actix_web::test]
 async fn answers_piling_up_for_a_client_that_does_not_read_close_it_1013() {
+    let ping = client_frame(0x9, true, &[7u8; 125]);
+    unread_answers_close_1013(&ping, 100_000, |opcode, _| opcode == 0xA).await;
+}
+
+/// The same for the protocol's own `ping` message: its `pong` answers take a shorter way to
+/// the socket than the session's other replies, and are bounded all the same.
+#[actix_web::test]
+async fn app_pings_piling_up_for_a_client_that_does_not_read_close_it_1013() {
+    let ping = client_frame(0x1, true, br#"{"type":"ping"}"#);
+    // Each answer is 17 bytes: it takes many more of them to fill the kernel's buffers.
+    unread_answers_close_1013(&ping, 600_000, |opcode, payload| {
+        opcode == 0x1 && payload == br#"{"type":"pong"}"#
+    })
+    .await;
+}
+
+/// Send `ask` (a frame the hub answers) `times` times without reading, then read: the hub
+/// must have closed the socket 1013 before answering every one, and counted it. `times`
+/// answers must be far more than the kernel buffers hold (on loopback the hub's send buffer
+/// grows to 4 MiB), so that the hub's own bound is what is tested.
+async fn unread_answers_close_1013(
+    ask: &[u8],
+    times: usize,
+    is_answer: impl Fn(u8, &[u8]) -> bool,
+) {
     // Bound: client_msgs_burst x max_frame_bytes = 25,600 bytes; a rate no flood reaches.
     let hub = Hub::start(&[
         ("SWITCHBOARD__LIMITS__MAX_FRAME_BYTES", "256"),
@@ -201,37 +226,35 @@ async fn answers_piling_up_for_a_client_that_does_not_read_close_it_1013() {
     ]);
     let cookie = dev_login(&hub, "u1", "42").await;
     let mut raw = RawWs::connect_with_recv_buffer(&hub, ORIGIN, &cookie, 4096).await;
-    // 12.7 MB of answers, far more than the kernel buffers hold (on loopback a send buffer
-    // starts at megabytes), with the bound on top.
-    let pings: Vec<u8> = (0..1000)
-        .flat_map(|_| client_frame(0x9, true, &[7u8; 125]))
-        .collect();
-    for _ in 0..100 {
+    let asks = ask.repeat(1000);
+    for _ in 0..times / 1000 {
         // Once closed, the hub no longer reads: a write may fail or stall, and that is fine.
-        match tokio::time::timeout(T, raw.send_raw(&pings)).await {
+        match tokio::time::timeout(T, raw.send_raw(&asks)).await {
             Ok(Ok(())) => {}
             _ => break,
         }
     }
-    let mut pongs = 0;
+    let mut answers = 0;
     let ended = loop {
         match raw.next_frame(T).await {
-            None => panic!("still open {T:?} after its last frame ({pongs} pongs read)"),
+            None => panic!("still open {T:?} after its last frame ({answers} answers read)"),
             Some(RawFrame::Eof) => break None,
-            Some(RawFrame::Frame { opcode: 0xA, .. }) => pongs += 1,
             Some(RawFrame::Frame {
                 opcode: 0x8,
                 payload,
             }) => break Some(payload),
+            Some(RawFrame::Frame { opcode, payload }) if is_answer(opcode, &payload) => {
+                answers += 1
+            }
             Some(RawFrame::Frame { .. }) => {} // welcome, the hub's own pings
         }
     };
-    eprintln!("{pongs} pongs, then {ended:?}");
+    eprintln!("{answers} answers, then {ended:?}");
     assert!(
-        pongs < 100_000,
-        "every Ping was answered: nothing was bounded"
+        answers < times,
+        "every ask was answered: nothing was bounded"
     );
-    // The close frame arrives unless the hub's close met Pings it had not read (the kernel
+    // The close frame arrives unless the hub's close met asks it had not read (the kernel
     // then resets the connection, and what was still on its way is lost).
     if let Some(payload) = ended {
         let code = u16::from_be_bytes([payload[0], payload[1]]);
