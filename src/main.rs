@@ -76,6 +76,9 @@ enum Command {
 /// jemalloc rather than glibc malloc: thousands of idle sockets' small allocations cost ~1.1
 /// KiB less resident memory each (BENCHMARKS.md, round 2), and its own decay hands freed pages
 /// back to the OS, so a node's RSS falls after a reconnect storm without a trimming task.
+/// The `system-allocator` feature leaves glibc's in place, for heap profilers that watch
+/// `malloc` (heaptrack: BENCHMARKS.md's accounting of an idle socket's bytes).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -86,6 +89,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// more of them at once when each waits on Redis) and an idle hub would otherwise keep those
 /// pages resident, ~1 KiB per clustered socket (BENCHMARKS.md, idle memory, round 3).
 /// `muzzy_decay_ms:0`: purged pages leave RSS at once rather than on memory pressure.
+#[cfg(not(feature = "system-allocator"))]
 #[export_name = "_rjem_malloc_conf"]
 static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:300,muzzy_decay_ms:0\0"[0];
 
