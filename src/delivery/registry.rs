@@ -14,6 +14,7 @@ use super::outbox::Outbox;
 use super::writer::Socket;
 use crate::core::close::{AuthFailure, Close};
 use crate::core::event::Event;
+use crate::core::identity::Identity;
 use crate::core::ids::{ChannelKey, ConnId};
 use actix::prelude::*;
 use parking_lot::{Mutex, RwLock};
@@ -38,6 +39,10 @@ pub(crate) enum Control {
 /// session's control mailbox.
 pub(crate) struct SessionLink {
     pub(crate) conn: ConnId,
+    /// Who the session is; logout and expiry find its sockets by its `sid` and `exp`.
+    pub(crate) identity: Identity,
+    /// The connection-cap slot this session holds, refreshed with its lease.
+    pub(crate) slot: String,
     pub(crate) outbox: Outbox,
     /// `Some`: a `Flush` message wakes the drainer (an actor). `None`: the drainer polls the
     /// outbox itself and registered its task with [`Outbox::register`] (the WebSocket writer),
@@ -56,18 +61,6 @@ impl SessionLink {
     }
 }
 
-struct SessionEntry {
-    link: Arc<SessionLink>,
-    /// `org/user`, for caps and logs.
-    user_key: String,
-    /// The connection-cap slot this socket holds.
-    slot: String,
-    /// The login session this socket belongs to (for logout).
-    sid: String,
-    /// When that session expires, Unix seconds.
-    exp: u64,
-}
-
 /// This node's sessions, by connection, and which workers have subscribers of each channel.
 pub(crate) struct Registry {
     /// Tells this registry's worker fan-outs from another registry's (tests build several).
@@ -77,10 +70,13 @@ pub(crate) struct Registry {
     /// Each worker's event queue, in the order the workers enlisted.
     workers: RwLock<Vec<Arc<WorkerQueue>>>,
     bounds: WorkerBounds,
-    sessions: Mutex<HashMap<ConnId, SessionEntry>>,
-    /// Per channel, the control mailbox of each local subscriber: the sockets to tell when
-    /// this node missed events of the channel ([`Self::resync_channel`]).
-    members: Mutex<HashMap<ChannelKey, HashMap<ConnId, Recipient<Control>>>>,
+    /// Each session's link, which also says who it is: one shared allocation per session,
+    /// not copies of its identity here.
+    sessions: Mutex<HashMap<ConnId, Arc<SessionLink>>>,
+    /// Per channel, the link of each local subscriber: the sockets to tell when this node
+    /// missed events of the channel ([`Self::resync_channel`]). The shared link, not a clone
+    /// of its control mailbox, which would cost an allocation per subscription.
+    members: Mutex<HashMap<ChannelKey, HashMap<ConnId, Arc<SessionLink>>>>,
 }
 
 impl Default for Registry {
@@ -111,24 +107,8 @@ impl Registry {
         }
     }
 
-    pub(crate) fn register(
-        &self,
-        link: Arc<SessionLink>,
-        user_key: String,
-        slot: String,
-        sid: String,
-        exp: u64,
-    ) {
-        self.sessions.lock().insert(
-            link.conn,
-            SessionEntry {
-                link,
-                user_key,
-                slot,
-                sid,
-                exp,
-            },
-        );
+    pub(crate) fn register(&self, link: Arc<SessionLink>) {
+        self.sessions.lock().insert(link.conn, link);
     }
 
     /// Forget a session and its subscriptions; returns the channels nobody here wants any more.
@@ -172,7 +152,7 @@ impl Registry {
             .lock()
             .entry(channel.clone())
             .or_default()
-            .insert(link.conn, link.control.clone());
+            .insert(link.conn, link.clone());
         let mut map = self.channels.write();
         let counts = map.entry(channel.clone()).or_default();
         let first = counts.iter().all(|&n| n == 0);
@@ -233,8 +213,8 @@ impl Registry {
     pub(crate) fn close_session(&self, sid: &str, close: Close) -> usize {
         let sessions = self.sessions.lock();
         let mut n = 0;
-        for entry in sessions.values().filter(|e| e.sid == sid) {
-            entry.link.control.do_send(Control::Close(close.clone()));
+        for link in sessions.values().filter(|l| l.identity.sid == sid) {
+            link.control.do_send(Control::Close(close.clone()));
             n += 1;
         }
         n
@@ -245,9 +225,9 @@ impl Registry {
     pub(crate) fn close_expired(&self, now_s: u64) -> usize {
         let sessions = self.sessions.lock();
         let mut n = 0;
-        for entry in sessions.values().filter(|e| e.exp <= now_s) {
+        for link in sessions.values().filter(|l| l.identity.exp <= now_s) {
             let expired = Close::Unauthenticated(AuthFailure::Expired);
-            entry.link.control.do_send(Control::Close(expired));
+            link.control.do_send(Control::Close(expired));
             n += 1;
         }
         n
@@ -259,8 +239,8 @@ impl Registry {
             return false;
         };
         match self.sessions.lock().get(&conn) {
-            Some(entry) => {
-                entry.link.control.do_send(Control::Close(close));
+            Some(link) => {
+                link.control.do_send(Control::Close(close));
                 true
             }
             None => false,
@@ -277,8 +257,8 @@ impl Registry {
             return 0;
         };
         let mut rng = rand::rng();
-        for control in conns.values() {
-            control.do_send(Control::Drain {
+        for link in conns.values() {
+            link.control.do_send(Control::Drain {
                 after_ms: rng.random_range(0..=spread_ms),
             });
         }
@@ -290,7 +270,7 @@ impl Registry {
         self.sessions
             .lock()
             .values()
-            .map(|e| e.link.control.clone())
+            .map(|l| l.control.clone())
             .collect()
     }
 
@@ -311,7 +291,8 @@ impl Registry {
     /// The login sessions of local sockets, each once (the periodic revocation re-check).
     pub(crate) fn session_ids(&self) -> Vec<String> {
         let sessions = self.sessions.lock();
-        let ids: std::collections::HashSet<&String> = sessions.values().map(|e| &e.sid).collect();
+        let ids: std::collections::HashSet<&String> =
+            sessions.values().map(|l| &l.identity.sid).collect();
         ids.into_iter().cloned().collect()
     }
 
@@ -320,7 +301,7 @@ impl Registry {
         self.sessions
             .lock()
             .values()
-            .map(|e| (e.user_key.clone(), e.slot.clone()))
+            .map(|l| (l.identity.user_key(), l.slot.clone()))
             .collect()
     }
 }

@@ -16,7 +16,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::config::SlowConsumerPolicy;
 use crate::core::event::{build_event, Event, PublishBody};
-use crate::core::ids::{ChannelKey, ConnId, EventId, OrgId, Topic};
+use crate::core::identity::Identity;
+use crate::core::ids::{ChannelKey, ConnId, EventId, OrgId, Topic, UserId};
 use crate::delivery::outbox::Outbox;
 use crate::delivery::registry::{Control, Flush, SessionLink};
 use crate::delivery::writer::{Shared, Socket};
@@ -212,6 +213,13 @@ pub(crate) fn link(
     let mailbox = Mailbox(tx).start();
     let link = SessionLink {
         conn: ConnId::next(),
+        identity: Identity {
+            user: UserId::parse("u1").expect("a valid user id"),
+            org: OrgId::parse("1").expect("a valid org id"),
+            sid: "test-login".to_owned(),
+            exp: u64::MAX,
+        },
+        slot: String::new(),
         outbox: Outbox::new(capacity, policy),
         flush: flush.then(|| mailbox.clone().recipient()),
         control: mailbox.recipient(),

@@ -47,9 +47,7 @@ pub(crate) struct Admitted {
 /// An admitted connection's place in this node. Dropping it detaches the connection.
 pub(crate) struct Attachment {
     node: Arc<Node>,
-    identity: Identity,
-    /// The connection-cap slot this connection holds.
-    slot: String,
+    /// Also who the connection is, and the cap slot it holds.
     link: Arc<SessionLink>,
     /// The subscriptions, shared with the socket's writer (WebSocket).
     shared: Shared,
@@ -121,6 +119,8 @@ impl Attachment {
         let limits = &node.settings.limits;
         let link = Arc::new(SessionLink {
             conn,
+            identity,
+            slot,
             outbox: Outbox::new(limits.outbound_queue, limits.slow_consumer),
             flush,
             control,
@@ -130,18 +130,10 @@ impl Attachment {
             shared.link = Some(link.clone());
             shared.subscriptions.limit_held(limits.outbound_queue);
         }
-        node.registry.register(
-            link.clone(),
-            identity.user_key(),
-            slot.clone(),
-            identity.sid.clone(),
-            identity.exp,
-        );
+        node.registry.register(link.clone());
         metrics().connections.inc();
         Self {
             node,
-            identity,
-            slot,
             link,
             shared,
             replays: OnceCell::new(),
@@ -161,7 +153,7 @@ impl Attachment {
     }
 
     pub(crate) fn identity(&self) -> &Identity {
-        &self.identity
+        &self.link.identity
     }
 
     pub(crate) fn conn(&self) -> ConnId {
@@ -180,8 +172,8 @@ impl Attachment {
     pub(crate) fn welcome(&self) -> String {
         ServerMessage::Welcome {
             conn_id: self.link.conn.to_string(),
-            user: self.identity.user.as_str(),
-            org: self.identity.org.as_str(),
+            user: self.identity().user.as_str(),
+            org: self.identity().org.as_str(),
             heartbeat_ms: self.node.settings.heartbeat.interval_ms,
         }
         .encode()
@@ -355,8 +347,8 @@ impl Drop for Attachment {
             self.node.broker.interest.do_send(Interest::Closed(channel));
         }
         let caps = self.node.caps.clone();
-        let user_key = self.identity.user_key();
-        let slot = std::mem::take(&mut self.slot);
+        let user_key = self.identity().user_key();
+        let slot = self.link.slot.clone();
         actix::spawn(async move { caps.release(&user_key, &slot).await });
     }
 }
