@@ -177,7 +177,11 @@ impl Socket {
     /// which then goes out with the session's first frame in one write.
     pub(crate) fn lead_with(&self, bytes: Bytes) {
         if !bytes.is_empty() {
-            self.out.borrow_mut().push_session(bytes);
+            let out = &mut *self.out.borrow_mut();
+            // Room for this and that first frame only: a first push would reserve four slots,
+            // kept by every idle socket until the next heartbeat sweep releases them.
+            out.pending.reserve_exact(2);
+            out.push_session(bytes);
         }
     }
 

@@ -70,8 +70,7 @@ pub(crate) fn run(
     socket.lead_with(switching);
     let session = WsSession {
         node,
-        admission: Some(admission),
-        live: None,
+        stage: Stage::Starting(admission),
         socket: socket.clone(),
     };
     let input = SocketInput {
@@ -114,17 +113,26 @@ impl Stream for SocketInput {
 
 pub(crate) struct WsSession {
     node: Arc<Node>,
-    admission: Option<Admission>,
-    live: Option<Live>,
+    stage: Stage,
     /// The socket's output, which the worker's fan-out writes live events to; it holds the
     /// subscriptions and the closing flag this session shares with the socket's writer.
     socket: Rc<Socket>,
 }
 
+/// Where a session is in its life. One field, not an `Option` of each: the handshake's
+/// verdict and the live state are never needed at once, and this struct sits in every
+/// socket's context for as long as the socket is open.
+enum Stage {
+    /// Not started yet: the handshake's verdict, acted on when the actor starts.
+    Starting(Admission),
+    Live(Live),
+    /// Refused, or stopped.
+    Over,
+}
+
 /// State of an admitted session.
 struct Live {
     attachment: Attachment,
-    conn_text: String,
     /// Where binary frames from the client go, set by `stream`.
     stream_to: Option<Topic>,
     /// This socket's place under its worker's heartbeat (pings, and the close when silent).
@@ -133,8 +141,9 @@ struct Live {
     binary_budget: TokenBucket,
     /// Messages refused for the rate limit lately; past the burst the socket is closed.
     refusals: FloodMeter,
-    /// A fragmented message being assembled (RFC 6455 section 5.4).
-    fragments: Option<Fragments>,
+    /// A fragmented message being assembled (RFC 6455 section 5.4). Boxed: rare, and this
+    /// struct is in every socket's context for as long as the socket is open.
+    fragments: Option<Box<Fragments>>,
 }
 
 /// The fragments of one message received so far.
@@ -147,20 +156,27 @@ impl Actor for WsSession {
     type Context = WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        match self.admission.take() {
-            Some(Admission::Admitted(admitted)) => self.begin(admitted, ctx),
-            Some(Admission::Refused(close)) => self.close(ctx, &close),
-            None => ctx.stop(),
+        match std::mem::replace(&mut self.stage, Stage::Over) {
+            Stage::Starting(Admission::Admitted(admitted)) => self.begin(admitted, ctx),
+            Stage::Starting(Admission::Refused(close)) => self.close(ctx, &close),
+            Stage::Live(_) | Stage::Over => ctx.stop(),
         }
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         // Dropping the attachment detaches the socket from the node.
-        self.live = None;
+        self.stage = Stage::Over;
     }
 }
 
 impl WsSession {
+    fn live(&self) -> Option<&Live> {
+        match &self.stage {
+            Stage::Live(live) => Some(live),
+            Stage::Starting(_) | Stage::Over => None,
+        }
+    }
+
     fn begin(&mut self, admitted: Admitted, ctx: &mut WebsocketContext<Self>) {
         // The writer drains the outbox itself: no mailbox message per delivery.
         let attachment = Attachment::attach(
@@ -179,10 +195,8 @@ impl WsSession {
             Duration::from_millis(heartbeat.interval_ms),
             Duration::from_millis(heartbeat.timeout_ms),
         );
-        let conn_text = attachment.conn().to_string();
-        self.live = Some(Live {
+        self.stage = Stage::Live(Live {
             attachment,
-            conn_text,
             stream_to: None,
             _heartbeat: beat,
             text_budget: TokenBucket::new(limits.client_msgs_per_s, limits.client_msgs_burst, now),
@@ -216,7 +230,7 @@ impl WsSession {
 
     /// Spend one message of the client's budget; false when it must be refused.
     fn within_budget(&mut self, ctx: &mut WebsocketContext<Self>, binary: bool) -> bool {
-        let Some(live) = self.live.as_mut() else {
+        let Stage::Live(live) = &mut self.stage else {
             return false;
         };
         let now = Instant::now();
@@ -239,7 +253,7 @@ impl WsSession {
             Refusal::Flooding => {
                 log::warn!(
                     "closing socket {} of user {}: kept flooding after rate_limited",
-                    live.conn_text,
+                    live.attachment.conn(),
                     live.attachment.identity().user
                 );
                 self.close(ctx, &Close::MessageFlood);
@@ -269,7 +283,7 @@ impl WsSession {
             }
             ClientMessage::Stream { topic } => match self.publishable(&topic) {
                 Ok(topic) => {
-                    if let Some(live) = self.live.as_mut() {
+                    if let Stage::Live(live) = &mut self.stage {
                         live.stream_to = Some(topic);
                     }
                 }
@@ -286,7 +300,7 @@ impl WsSession {
         ctx: &mut WebsocketContext<Self>,
     ) {
         let max = self.node.settings.limits.max_subscriptions;
-        let Some(live) = self.live.as_mut() else {
+        let Stage::Live(live) = &mut self.stage else {
             return;
         };
         let topic = match Topic::parse(topic) {
@@ -344,7 +358,7 @@ impl WsSession {
     /// Acknowledge a subscription that held its live events back: `subscribed` (with
     /// `recovered` when it resumed), the replayed events, then the held ones.
     fn acknowledge(&mut self, topic: &Topic, held: &Held, replay: Option<Replay>) {
-        let Some(live) = self.live.as_ref() else {
+        let Some(live) = self.live() else {
             return;
         };
         // None: unsubscribed (or resubscribed) while it waited.
@@ -368,7 +382,7 @@ impl WsSession {
     }
 
     fn unsubscribe(&mut self, topic: &str) {
-        let Some(live) = self.live.as_mut() else {
+        let Stage::Live(live) = &mut self.stage else {
             return;
         };
         let topic = match Topic::parse(topic) {
@@ -440,20 +454,20 @@ impl WsSession {
     }
 
     fn request(&self, topic: Topic, body: PublishBody) -> Option<PublishRequest> {
-        let live = self.live.as_ref()?;
+        let live = self.live()?;
         Some(PublishRequest {
             org: live.attachment.identity().org.clone(),
             topic,
             body,
             sender: Some(EventSender {
                 user: live.attachment.identity().user.to_string(),
-                conn_id: live.conn_text.clone(),
+                conn_id: live.attachment.conn().to_string(),
             }),
         })
     }
 
     fn on_binary(&mut self, bytes: Bytes, ctx: &mut WebsocketContext<Self>) {
-        let Some(topic) = self.live.as_ref().and_then(|l| l.stream_to.clone()) else {
+        let Some(topic) = self.live().and_then(|l| l.stream_to.clone()) else {
             return self.close(
                 ctx,
                 &Close::UnsupportedData("binary frame without a stream"),
@@ -485,7 +499,7 @@ impl WsSession {
     /// the codec has already refused a fragment out of sequence.
     fn on_fragment(&mut self, item: Item, ctx: &mut WebsocketContext<Self>) {
         let limit = self.node.settings.limits.max_frame_bytes;
-        let Some(live) = self.live.as_mut() else {
+        let Stage::Live(live) = &mut self.stage else {
             return;
         };
         let (first, data, last) = match item {
@@ -495,10 +509,10 @@ impl WsSession {
             Item::Last(data) => (None, data, true),
         };
         if let Some(binary) = first {
-            live.fragments = Some(Fragments {
+            live.fragments = Some(Box::new(Fragments {
                 binary,
                 bytes: BytesMut::new(),
-            });
+            }));
         }
         let Some(fragments) = live.fragments.as_mut() else {
             return self.close(ctx, &Close::ProtocolError);
@@ -511,9 +525,10 @@ impl WsSession {
         if !last {
             return;
         }
-        let Some(Fragments { binary, bytes }) = live.fragments.take() else {
+        let Some(fragments) = live.fragments.take() else {
             return;
         };
+        let Fragments { binary, bytes } = *fragments;
         if binary {
             self.on_binary(bytes.freeze(), ctx);
         } else {
@@ -535,7 +550,7 @@ fn send_text(socket: &Socket, text: impl AsRef<[u8]>) {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        if self.live.is_none() {
+        if self.live().is_none() {
             return;
         }
         self.socket.heard();
