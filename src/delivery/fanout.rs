@@ -270,13 +270,18 @@ impl WorkerFanout {
         told
     }
 
-    /// Deliver a pass of events to this worker's subscribers, in order per socket, then write
-    /// every socket that took some (once each). Yields every [`SLICE`] offers or writes.
+    /// Deliver a pass of events to this worker's subscribers, in order per socket: the only
+    /// event of a pass is written to each socket as it is offered; several are appended, and
+    /// each socket that took some is written once at the end. Yields every [`SLICE`] offers
+    /// or writes.
     async fn fan_out(&self, pass: &[Work], flush: &mut Vec<Rc<Socket>>) {
         let latency = metrics().delivery_seconds.local();
         let mut written = 0u64;
         let mut since_yield = 0;
         let now = Instant::now();
+        // One event (the usual pass below thousands of events a second) is written to each
+        // socket as it is offered; several are gathered per socket and written at the end.
+        let alone = pass.iter().filter(|w| matches!(w, Work::Event(_))).count() == 1;
         for work in pass {
             let event = match work {
                 Work::Event(event) => event,
@@ -311,11 +316,20 @@ impl WorkerFanout {
                     through_outbox(&subscriber.link, event);
                     continue;
                 };
-                match socket.offer(&local) {
+                let offer = if alone {
+                    socket.offer_alone(&local)
+                } else {
+                    socket.offer(&local)
+                };
+                match offer {
                     Offer::Taken { first } => {
                         if first {
                             flush.push(socket.clone());
                         }
+                        written += 1;
+                        latency.observe(waited);
+                    }
+                    Offer::Sent => {
                         written += 1;
                         latency.observe(waited);
                     }

@@ -152,6 +152,8 @@ struct Outgoing {
 pub(crate) enum Offer {
     /// Appended; `first` when it is the first this pass, so the socket must be flushed.
     Taken { first: bool },
+    /// Written at once (what the socket did not take is left to its writer).
+    Sent,
     /// Not for this socket now (held for a replay, already replayed, unsubscribed, closing).
     Declined,
     /// Something is ahead of it: the event must go through the outbox.
@@ -256,6 +258,17 @@ impl Socket {
     /// (it may be about to answer something the client sent first).
     /// `event` is this worker's handle on the event, one for all its sockets.
     pub(crate) fn offer(&self, event: &Rc<WorkerEvent>) -> Offer {
+        self.take(event, false)
+    }
+
+    /// The same for the only event of a pass: with nothing ahead of it, it is written at
+    /// once. Appending it and writing it at the end of the pass would only cost a second walk
+    /// over the pass's sockets, which at thousands of sockets misses the cache for each.
+    pub(crate) fn offer_alone(&self, event: &Rc<WorkerEvent>) -> Offer {
+        self.take(event, true)
+    }
+
+    fn take(&self, event: &Rc<WorkerEvent>, write_now: bool) -> Offer {
         let Ok(mut out) = self.out.try_borrow_mut() else {
             return Offer::Busy;
         };
@@ -277,6 +290,26 @@ impl Socket {
         }
         if !shared.subscriptions.admits_live(&event.0) {
             return Offer::Declined;
+        }
+        if write_now && !out.offered {
+            // Nothing is pending (checked above), so this frame goes first.
+            let frame = &event.0.ws_frame;
+            let written = match self.stream().try_write(frame) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                // The peer is gone: the writer meets the error on its next write and ends.
+                Err(_) => {
+                    self.wake.task.wake();
+                    return Offer::Sent;
+                }
+            };
+            out.written += written as u64;
+            if written < frame.len() {
+                out.pending.push_back(Frame::Local(event.clone()));
+                out.written_of_first = written;
+                self.wake.task.wake();
+            }
+            return Offer::Sent;
         }
         out.pending.push_back(Frame::Local(event.clone()));
         let first = !std::mem::replace(&mut out.offered, true);
@@ -657,7 +690,8 @@ where
 mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
-    use crate::core::ids::ChannelKey;
+    use crate::core::event::{build_event, PublishBody};
+    use crate::core::ids::{ChannelKey, EventId};
     use crate::delivery::test_support::{
         channel, event, frames, link, session, socket_pair, Buffers, Got, Peer, FILL,
     };
@@ -731,6 +765,64 @@ mod tests {
         assert!(peer.nothing_arrived(), "written before the pass ended");
         socket.flush_offered();
         peer.expect(&frames(&[&a, &b])).await;
+    }
+
+    /// The only event of a pass goes out as it is offered, with no flush at the pass's end.
+    #[actix_web::test]
+    async fn an_event_offered_alone_goes_out_at_once() {
+        let (socket, mut peer) = socket_pair(Buffers::Default).await;
+        let calls = channel("calls");
+        subscribe_live(&socket, &calls);
+        let (_session, _writer) = welcomed(&socket, &mut peer).await;
+
+        let a = event(&calls, 1, None);
+        assert!(matches!(
+            socket.offer_alone(&WorkerEvent::new(&a)),
+            Offer::Sent
+        ));
+        peer.expect(&a.ws_frame).await;
+        // And the socket is free for the next pass.
+        let b = event(&calls, 2, None);
+        assert!(matches!(
+            socket.offer_alone(&WorkerEvent::new(&b)),
+            Offer::Sent
+        ));
+        peer.expect(&b.ws_frame).await;
+    }
+
+    /// An event offered alone that the socket takes only in part is finished by the writer,
+    /// and what follows waits for it: the peer gets both whole and in order.
+    #[actix_web::test]
+    async fn an_event_offered_alone_to_a_full_socket_is_finished_by_the_writer() {
+        let (socket, mut peer) = socket_pair(Buffers::Small).await;
+        let (big_channel, calls) = (channel("big"), channel("calls"));
+        subscribe_live(&socket, &big_channel);
+        subscribe_live(&socket, &calls);
+        let (_session, _writer) = welcomed(&socket, &mut peer).await;
+
+        let body = PublishBody::Binary(Bytes::from(vec![7u8; FILL]));
+        let big = build_event(
+            big_channel.clone(),
+            EventId { ms: 1, seq: 0 },
+            &body,
+            None,
+            Instant::now(),
+        );
+        assert!(matches!(
+            socket.offer_alone(&WorkerEvent::new(&big)),
+            Offer::Sent
+        ));
+        let after = event(&calls, 2, None);
+        assert!(
+            matches!(socket.offer_alone(&WorkerEvent::new(&after)), Offer::Busy),
+            "an event overtook the rest of one the socket had not taken"
+        );
+        peer.expect(&big.ws_frame).await;
+        assert!(matches!(
+            socket.offer_alone(&WorkerEvent::new(&after)),
+            Offer::Sent
+        ));
+        peer.expect(&after.ws_frame).await;
     }
 
     /// While the session has something to write (a reply to the client), an event must wait
