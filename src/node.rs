@@ -131,8 +131,7 @@ impl Node {
                 let lease = Duration::from_secs(limits.cap_lease_s);
                 let caps = RedisCaps::new(commands.clone(), lease);
                 let one_trip_admission = RedisAdmission::new(
-                    commands.clone(),
-                    lease,
+                    caps.clone(),
                     limits.max_connections_per_user,
                     limits.cap_policy,
                 );

@@ -12,12 +12,11 @@
 //! disagrees (it cannot for a state this hub wrote).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use redis::{Script, Value as RedisValue};
 
-use super::caps::{acquire_lua_function, read_acquire_answer, CapOutcome};
-use super::redis::{CommandError, KeyScheme, RedisCommands};
+use super::caps::{acquire_lua_function, policy_arg, read_acquire_answer, CapOutcome, RedisCaps};
+use super::redis::{CommandError, KeyScheme};
 use super::revocations::revoked_key;
 use super::sessions::{
     session_cache_key, SessionState, KEY_EXP, KEY_LOGGED_OUT, KEY_ORG, KEY_SID, KEY_USER,
@@ -87,11 +86,11 @@ pub(crate) enum AdmitError {
     Answer(&'static str),
 }
 
-/// The one-trip handshake on one Redis (not on a Redis Cluster).
+/// The one-trip handshake on one Redis (not on a Redis Cluster), over the caps' own
+/// connection, lease, key names and release.
 #[derive(Clone)]
 pub(crate) struct RedisAdmission {
-    commands: RedisCommands,
-    lease: Duration,
+    caps: RedisCaps,
     limit: u32,
     policy: CapPolicy,
     script: Arc<Script>,
@@ -99,15 +98,10 @@ pub(crate) struct RedisAdmission {
 
 impl RedisAdmission {
     /// `None` on a Redis Cluster, where one script cannot reach the three keys.
-    pub(crate) fn new(
-        commands: RedisCommands,
-        lease: Duration,
-        limit: u32,
-        policy: CapPolicy,
-    ) -> Option<Self> {
+    pub(crate) fn new(caps: RedisCaps, limit: u32, policy: CapPolicy) -> Option<Self> {
+        let commands = &caps.commands;
         (commands.keys() == KeyScheme::Plain && !commands.is_cluster()).then(|| Self {
-            commands,
-            lease,
+            caps,
             limit,
             policy,
             script: Arc::new(Script::new(ADMIT_LUA)),
@@ -122,21 +116,19 @@ impl RedisAdmission {
         session_key: &str,
         slot: &str,
     ) -> Result<AdmitAnswer, AdmitError> {
-        let policy = match self.policy {
-            CapPolicy::RejectNew => "reject_new",
-            CapPolicy::EvictOldest => "evict_oldest",
-        };
+        let policy = policy_arg(self.policy);
         let key = session_cache_key(session_key);
         let (now_ms, now_s) = (unix_ms(), now_s());
         let revoked_prefix = revoked_key("");
         let caps_prefix = KeyScheme::Plain.caps("");
         let answer: Vec<RedisValue> = self
+            .caps
             .commands
             .run_idempotent(|mut conn| {
                 let mut invocation = self.script.key(&key);
                 invocation
                     .arg(now_ms)
-                    .arg(self.lease.as_millis() as u64)
+                    .arg(self.caps.lease.as_millis() as u64)
                     .arg(self.limit)
                     .arg(policy)
                     .arg(slot)
@@ -156,23 +148,13 @@ impl RedisAdmission {
 
     /// The key of `user_key`'s cap slots, as every other cap path names it.
     pub(crate) fn cap_key(&self, user_key: &str) -> String {
-        self.commands.keys().caps(user_key)
+        self.caps.key(user_key)
     }
 
     /// Give back a slot the script took under `cap_key` (the transport refused the socket
     /// after all).
     pub(crate) async fn release(&self, cap_key: &str, slot: &str) {
-        let released = self
-            .commands
-            .run_idempotent(|mut conn| {
-                let mut zrem = redis::cmd("ZREM");
-                zrem.arg(cap_key).arg(slot);
-                async move { zrem.query_async::<()>(&mut conn).await }
-            })
-            .await;
-        if let Err(e) = released {
-            log::warn!("cannot release cap slot in {cap_key} (its lease will expire): {e}");
-        }
+        self.caps.release_in(cap_key, slot).await;
     }
 }
 
@@ -202,7 +184,10 @@ fn read_answer(answer: &[RedisValue], limit: u32) -> Result<AdmitAnswer, AdmitEr
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::store::redis::RedisCommands;
     use crate::store::test_redis::TestRedis;
 
     /// A login session as actix-session's Redis store writes it: JSON texts by field.
@@ -232,8 +217,8 @@ mod tests {
         let commands = RedisCommands::connect(&redis.url())
             .await
             .expect("connect to the test redis-server");
-        let admission = RedisAdmission::new(commands, Duration::from_secs(30), limit, policy)
-            .expect("one Redis");
+        let caps = RedisCaps::new(commands, Duration::from_secs(30));
+        let admission = RedisAdmission::new(caps, limit, policy).expect("one Redis");
         (redis, admission)
     }
 
@@ -279,13 +264,8 @@ mod tests {
         assert_eq!(outcome, CapOutcome::Refused { limit: 1 });
         assert_eq!(redis.cap_slots("acme/bob"), ["1|a"]);
 
-        let evicting = RedisAdmission::new(
-            admission.commands.clone(),
-            Duration::from_secs(30),
-            1,
-            CapPolicy::EvictOldest,
-        )
-        .expect("one Redis");
+        let evicting = RedisAdmission::new(admission.caps.clone(), 1, CapPolicy::EvictOldest)
+            .expect("one Redis");
         let (_, _, outcome) = checked(evicting.admit("k1", "2|b").await.expect("evicting"));
         assert_eq!(
             outcome,

@@ -141,8 +141,8 @@ fn admit(held: &mut VecDeque<String>, conn: &str, limit: u32, policy: CapPolicy)
 /// changed only by Lua scripts so two pods can never both take the last slot.
 #[derive(Clone)]
 pub(crate) struct RedisCaps {
-    commands: RedisCommands,
-    lease: Duration,
+    pub(super) commands: RedisCommands,
+    pub(super) lease: Duration,
     acquire: Arc<Script>,
 }
 
@@ -199,6 +199,14 @@ const ACQUIRE_LUA: &str = concat!(
     "return acquire(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5])\n"
 );
 
+/// How the Lua `acquire` function names `policy`.
+pub(crate) fn policy_arg(policy: CapPolicy) -> &'static str {
+    match policy {
+        CapPolicy::RejectNew => "reject_new",
+        CapPolicy::EvictOldest => "evict_oldest",
+    }
+}
+
 /// The outcome the Lua `acquire` function answered (`{1, evicted...}` or `{0}`).
 pub(crate) fn read_acquire_answer(answer: &[RedisValue], limit: u32) -> CapOutcome {
     if !matches!(answer.first(), Some(RedisValue::Int(1))) {
@@ -221,7 +229,8 @@ impl RedisCaps {
         }
     }
 
-    fn key(&self, user_key: &str) -> String {
+    /// The key of `user_key`'s slots.
+    pub(crate) fn key(&self, user_key: &str) -> String {
         self.commands.keys().caps(user_key)
     }
 
@@ -258,10 +267,7 @@ impl RedisCaps {
         limit: u32,
         policy: CapPolicy,
     ) -> Result<CapOutcome, CapsUnavailable> {
-        let policy = match policy {
-            CapPolicy::RejectNew => "reject_new",
-            CapPolicy::EvictOldest => "evict_oldest",
-        };
+        let policy = policy_arg(policy);
         let key = self.key(user_key);
         let evicted_key = Self::evicted_key(&key, slot);
         let now = unix_ms();
@@ -290,16 +296,17 @@ impl RedisCaps {
     }
 
     pub(crate) async fn release(&self, user_key: &str, slot: &str) {
-        let key = self.key(user_key);
+        self.release_in(&self.key(user_key), slot).await;
+    }
+
+    /// Give back `slot` from the slots under `key`.
+    pub(crate) async fn release_in(&self, key: &str, slot: &str) {
         let released = self
             .commands
-            .run_idempotent(|mut conn| {
-                let key = key.clone();
-                async move { conn.zrem::<_, _, ()>(key, slot).await }
-            })
+            .run_idempotent(|mut conn| async move { conn.zrem::<_, _, ()>(key, slot).await })
             .await;
         if let Err(e) = released {
-            log::warn!("cannot release cap slot of {user_key} (its lease will expire): {e}");
+            log::warn!("cannot release cap slot in {key} (its lease will expire): {e}");
         }
     }
 
