@@ -214,14 +214,18 @@ fn call_id_in(data: &RawValue) -> Option<Box<str>> {
     serde_json::from_str::<CallId>(data.get()).ok()?.0
 }
 
-/// The complete server-to-client WebSocket frame of a payload (servers never mask).
+/// The complete server-to-client WebSocket frame of a payload.
 fn ws_frame(payload: &Payload) -> Bytes {
-    let (bytes, op) = match payload {
-        Payload::Text(text) => (text.as_bytes(), OpCode::Text),
-        Payload::Binary(bytes) => (bytes, OpCode::Binary),
-    };
+    match payload {
+        Payload::Text(text) => server_frame(text.as_bytes(), OpCode::Text),
+        Payload::Binary(bytes) => server_frame(bytes, OpCode::Binary),
+    }
+}
+
+/// One complete, unfragmented server-to-client WebSocket frame (servers never mask).
+pub(crate) fn server_frame(bytes: &[u8], op: OpCode) -> Bytes {
     let mut frame = BytesMut::with_capacity(bytes.len() + 10);
-    Parser::write_message(&mut frame, &bytes[..], op, true, false);
+    Parser::write_message(&mut frame, bytes, op, true, false);
     frame.freeze()
 }
 

@@ -322,20 +322,16 @@ impl WorkerFanout {
                     socket.offer(&local)
                 };
                 match offer {
-                    Offer::Taken { first } => {
-                        if first {
-                            flush.push(socket.clone());
-                        }
-                        written += 1;
-                        latency.observe(waited);
+                    Offer::Taken { first: true } => flush.push(socket.clone()),
+                    Offer::Taken { first: false } | Offer::Sent => {}
+                    Offer::Declined => continue,
+                    Offer::Busy => {
+                        through_outbox(&subscriber.link, event);
+                        continue;
                     }
-                    Offer::Sent => {
-                        written += 1;
-                        latency.observe(waited);
-                    }
-                    Offer::Declined => {}
-                    Offer::Busy => through_outbox(&subscriber.link, event),
                 }
+                written += 1;
+                latency.observe(waited);
             }
         }
         metrics().messages_delivered.inc_by(written);

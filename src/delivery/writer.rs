@@ -215,22 +215,35 @@ impl Socket {
         if !self.open.get() || self.shared.borrow().closing {
             return false;
         }
+        let ping = Bytes::from_static(PING);
         let mut out = self.out.borrow_mut();
-        let mut written = 0;
         if out.pending.is_empty() && !out.offered {
-            match self.stream().try_write(PING) {
-                Ok(n) => written = n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // The writer sees the error on its next write and ends.
-                Err(_) => return true,
-            }
-            out.written += written as u64;
-        }
-        if written < PING.len() {
-            out.push_session(Bytes::from_static(&PING[written..]));
+            self.send_first(&mut out, Frame::Session(ping));
+        } else {
+            out.push_session(ping);
             self.wake.task.wake();
         }
         true
+    }
+
+    /// Write `frame` at once; nothing may be pending ahead of it. What the socket does not
+    /// take is queued, and the writer woken to finish it.
+    fn send_first(&self, out: &mut Outgoing, frame: Frame) {
+        let written = match self.stream().try_write(frame.bytes()) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            // The peer is gone: the writer meets the error on its next write and ends.
+            Err(_) => {
+                self.wake.task.wake();
+                return;
+            }
+        };
+        out.written += written as u64;
+        if written < frame.bytes().len() {
+            out.push(frame);
+            out.written_of_first = written;
+            self.wake.task.wake();
+        }
     }
 
     /// Give back the frame queue's capacity when nothing is pending: the heartbeat calls this
@@ -293,25 +306,10 @@ impl Socket {
         }
         if write_now && !out.offered {
             // Nothing is pending (checked above), so this frame goes first.
-            let frame = &event.0.ws_frame;
-            let written = match self.stream().try_write(frame) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                // The peer is gone: the writer meets the error on its next write and ends.
-                Err(_) => {
-                    self.wake.task.wake();
-                    return Offer::Sent;
-                }
-            };
-            out.written += written as u64;
-            if written < frame.len() {
-                out.pending.push_back(Frame::Local(event.clone()));
-                out.written_of_first = written;
-                self.wake.task.wake();
-            }
+            self.send_first(&mut out, Frame::Local(event.clone()));
             return Offer::Sent;
         }
-        out.pending.push_back(Frame::Local(event.clone()));
+        out.push(Frame::Local(event.clone()));
         let first = !std::mem::replace(&mut out.offered, true);
         Offer::Taken { first }
     }
@@ -329,8 +327,14 @@ impl Socket {
 
 impl Outgoing {
     fn push_session(&mut self, bytes: Bytes) {
-        self.session_bytes += bytes.len();
-        self.pending.push_back(Frame::Session(bytes));
+        self.push(Frame::Session(bytes));
+    }
+
+    fn push(&mut self, frame: Frame) {
+        if let Frame::Session(bytes) = &frame {
+            self.session_bytes += bytes.len();
+        }
+        self.pending.push_back(frame);
     }
 
     /// Forget every frame not yet begun (a frame half written must be finished, or the
@@ -544,7 +548,7 @@ where
                 metrics()
                     .delivery_seconds
                     .observe(now.duration_since(event.received_at).as_secs_f64());
-                out.pending.push_back(Frame::Event(event));
+                out.push(Frame::Event(event));
                 sent += 1;
             }
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::error::PayloadError;
-use actix_http::ws::{Item, OpCode, Parser};
+use actix_http::ws::{Item, OpCode};
 use actix_web_actors::ws::{self, CloseCode, CloseReason, WebsocketContext};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use super::attach::{Admission, Admitted, Attachment, Held, Subscribed};
 use crate::broker::Replay;
 use crate::core::close::Close;
-use crate::core::event::{EventSender, PublishBody, PublishRequest};
+use crate::core::event::{server_frame, EventSender, PublishBody, PublishRequest};
 use crate::core::ids::{ChannelKey, EventId, Topic};
 use crate::core::metrics::metrics;
 use crate::core::wire::{validate_event_name, ClientMessage, ErrorCode, ServerMessage};
@@ -540,12 +540,9 @@ impl WsSession {
     }
 }
 
-/// Encode a text frame and queue it on the socket, after what the session wrote before.
+/// Queue a text frame on the socket, after what the session wrote before.
 fn send_text(socket: &Socket, text: impl AsRef<[u8]>) {
-    let text = text.as_ref();
-    let mut frame = BytesMut::with_capacity(text.len() + 10);
-    Parser::write_message(&mut frame, text, OpCode::Text, true, false);
-    socket.session_frame(frame.freeze());
+    socket.session_frame(server_frame(text.as_ref(), OpCode::Text));
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
