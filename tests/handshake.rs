@@ -444,8 +444,8 @@ async fn origin_refusal_log_names_nearest_entry() {
 }
 
 /// A WebSocket upgrade aimed anywhere but /ws gets a JSON 404, and a broken handshake (here an
-/// old Sec-WebSocket-Version, and `raw_http`'s own `Connection: close`) a JSON 400 that says
-/// what is wrong with it; the hub keeps serving sockets.
+/// old Sec-WebSocket-Version or no Sec-WebSocket-Key, and `raw_http`'s own `Connection: close`)
+/// a JSON 400 that says what is wrong with it; the hub keeps serving sockets.
 #[actix_web::test]
 async fn malformed_upgrades_get_http_answers() {
     let hub = Hub::start(&[]);
@@ -485,6 +485,17 @@ async fn malformed_upgrades_get_http_answers() {
             .starts_with("bad handshake: "),
         "the answer should say what is wrong with the handshake: {old_version}"
     );
+
+    let keyless = raw_http(
+        &hub,
+        &format!(
+            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}"
+        ),
+    )
+    .await;
+    assert_eq!(keyless.status, 400, "{keyless}");
+    assert_eq!(keyless.json()["error"], "bad_request", "{keyless}");
 
     let (mut ws, _, _) = connect_user(&hub, "u1", "42").await;
     ws.assert_alive().await;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use actix_codec::{Framed, FramedParts};
 use actix_http::body::BodySize;
-use actix_http::{h1, ws, Request, Response};
+use actix_http::{h1, ws, Request, RequestHead, Response};
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
 use super::attach::{Admission, Admitted};
-use super::identity::{websocket_claim, Claim, ClaimedSlot};
+use super::identity::{websocket_claim, websocket_session_key, Claim, ClaimedSlot};
 use super::websocket;
 use crate::core::close::Close;
 use crate::core::ids::ConnId;
@@ -92,33 +92,40 @@ pub(crate) async fn upgrade(
         let refusal = HttpRefusal::new(404, "not_found", "WebSocket upgrades go to /ws");
         return respond(&mut framed, refusal).await;
     }
-    let mut accept = match ws::handshake(req.head()) {
-        Ok(accept) => accept,
-        Err(e) => {
-            let refusal = HttpRefusal::new(400, "bad_request", format!("bad handshake: {e}"));
+    let accept = match ws::verify_handshake(req.head()).map(|()| accept_value(req.head())) {
+        Ok(Some(accept)) => accept,
+        failed => {
+            let why = failed.err().map_or("no key".to_string(), |e| e.to_string());
+            let refusal = HttpRefusal::new(400, "bad_request", format!("bad handshake: {why}"));
             return respond(&mut framed, refusal).await;
         }
     };
     if let Some(refusal) = over_handshake_budget(&node, req.peer_addr(), req.head().headers()) {
         return respond(&mut framed, refusal).await;
     }
-    let cookies = req
-        .head()
-        .headers()
-        .get_all(header::COOKIE)
-        .map(HeaderValue::as_bytes);
-    let claim = websocket_claim(&node, cookies);
-    let admission = admit(&node, req.head().headers(), claim, false).await;
+    let headers = req.head().headers();
+    let session_key = websocket_session_key(
+        &node,
+        headers.get_all(header::COOKIE).map(HeaderValue::as_bytes),
+    );
+    let admitting = admit(&node, headers, websocket_claim(&node, session_key), false);
+    // Everything the checks need is read: the request goes back to actix-http's per-thread
+    // pool now, not when the store answers. Held across that wait, every handshake in flight
+    // would keep a request head (a header map of several KiB) that the pool then keeps for
+    // good (BENCHMARKS.md, issue 15 round 5).
+    drop(req);
+    let admission = admitting.await;
     if let Admission::Refused(close) = &admission {
         metrics().reject(close.rejection_label());
         if node.settings.handshake.reject_before_upgrade {
             return respond(&mut framed, HttpRefusal::of_close(close)).await;
         }
     }
-    let switching = accept.finish().drop_body();
-    // The request and its headers are done with; they must not live as long as the socket.
-    drop(accept);
-    drop(req);
+    let switching = Response::build(StatusCode::SWITCHING_PROTOCOLS)
+        .upgrade("websocket")
+        .insert_header((header::SEC_WEBSOCKET_ACCEPT, accept))
+        .finish()
+        .drop_body();
     // The 101 is encoded but not written here: it goes out with the session's first frame
     // (its welcome, or its close) in one write, one wake-up of the client fewer. A client that
     // left meanwhile is found by that write, and the session gives back its cap slot.
@@ -148,6 +155,12 @@ pub(crate) async fn upgrade(
     // KiB) for as long as the socket is open.
     actix::spawn(websocket::run(node, admission, io, switching, early));
     Ok(())
+}
+
+/// The `Sec-WebSocket-Accept` answer to the request's key.
+fn accept_value(head: &RequestHead) -> Option<HeaderValue> {
+    let key = head.headers().get(header::SEC_WEBSOCKET_KEY)?;
+    HeaderValue::from_bytes(&ws::hash_key(key.as_bytes())).ok()
 }
 
 /// Answer an upgrade request over HTTP and end the connection.
@@ -249,13 +262,17 @@ pub(crate) fn over_handshake_budget(
 /// Run the checks; the first failure decides the close. `same_origin_ok`: a request with no
 /// Origin header that the browser marked `Sec-Fetch-Site: same-origin` counts as admitted
 /// (browsers omit Origin on same-origin GETs such as EventSource; they always send it for
-/// WebSockets, so the WebSocket path passes false).
-pub(crate) async fn admit(
-    node: &Node,
+/// WebSockets, so the WebSocket path passes false). The headers are read before the returned
+/// future first waits, and it does not hold them: a caller may drop the request meanwhile.
+pub(crate) fn admit<'n, C>(
+    node: &'n Node,
     headers: &HeaderMap,
-    claim: impl Future<Output = Result<Claim, Close>>,
+    claim: C,
     same_origin_ok: bool,
-) -> Admission {
+) -> impl Future<Output = Admission> + 'n
+where
+    C: Future<Output = Result<Claim, Close>> + 'n,
+{
     let origin = headers
         .get(header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -264,6 +281,15 @@ pub(crate) async fn admit(
         && headers
             .get("sec-fetch-site")
             .is_some_and(|v| v.as_bytes() == b"same-origin");
+    admit_checked(node, origin, same_origin, claim)
+}
+
+async fn admit_checked(
+    node: &Node,
+    origin: Option<String>,
+    same_origin: bool,
+    claim: impl Future<Output = Result<Claim, Close>>,
+) -> Admission {
     let decision = if same_origin {
         Decision::Allowed {
             rule: "same-origin request".into(),

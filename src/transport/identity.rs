@@ -34,17 +34,28 @@ pub(crate) struct ClaimedSlot {
     pub(crate) outcome: CapOutcome,
 }
 
-/// The WebSocket handshake's session check: the session named by the `Cookie` headers, read
-/// exactly as the session middleware would (the cookie is decrypted with `auth.cookie_key`;
-/// its content is the session key the store resolves), then checked. Clustered on one
-/// Redis, the store also takes the user's cap slot in the same round trip, unless the node is
-/// draining (then no slot may be taken: [`admit`](super::handshake::admit) refuses).
+/// The session key the WebSocket handshake's `Cookie` headers carry, read exactly as the
+/// session middleware would (the cookie is decrypted with `auth.cookie_key`). Read before
+/// anything waits, so the request can be let go of while the store answers.
+pub(crate) fn websocket_session_key<'h>(
+    node: &Node,
+    cookie_headers: impl Iterator<Item = &'h [u8]>,
+) -> Result<Option<SessionKey>, SessionReadError> {
+    session_key(
+        cookie_headers,
+        node.settings.auth.cookie_name.as_str(),
+        &node.cookie_key,
+    )
+}
+
+/// The WebSocket handshake's session check of the key [`websocket_session_key`] read. Clustered
+/// on one Redis, the store also takes the user's cap slot in the same round trip, unless the
+/// node is draining (then no slot may be taken: [`admit`](super::handshake::admit) refuses).
 pub(crate) async fn websocket_claim(
     node: &Node,
-    cookie_headers: impl Iterator<Item = &[u8]>,
+    session_key: Result<Option<SessionKey>, SessionReadError>,
 ) -> Result<Claim, Close> {
-    let name = node.settings.auth.cookie_name.as_str();
-    let key = match session_key(cookie_headers, name, &node.cookie_key) {
+    let key = match session_key {
         Ok(Some(key)) => key,
         // Not ours (tampered, or sealed with another key): an empty state, as the middleware
         // would see it.
