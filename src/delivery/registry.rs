@@ -145,14 +145,20 @@ impl Registry {
             socket,
             cut: false,
         };
-        if !worker.add(channel, subscriber) {
-            return false;
-        }
-        self.members
+        let known = self
+            .members
             .lock()
             .entry(channel.clone())
             .or_default()
-            .insert(link.conn, link.clone());
+            .insert(link.conn, link.clone())
+            .is_some();
+        if known {
+            // Subscribed already: only what it asked for (binary, socket) changes.
+            let replaced = worker.replace(channel, subscriber);
+            debug_assert!(replaced, "the member map and the worker's list disagree");
+            return false;
+        }
+        worker.add_new(channel, subscriber);
         let mut map = self.channels.write();
         let counts = map.entry(channel.clone()).or_default();
         let first = counts.iter().all(|&n| n == 0);
