@@ -108,7 +108,15 @@ pub(crate) async fn upgrade(
         &node,
         headers.get_all(header::COOKIE).map(HeaderValue::as_bytes),
     );
-    let admitting = admit(&node, headers, websocket_claim(&node, session_key), false);
+    // Boxed: the checks' future (the Redis calls' state) is some 5 KiB, and unboxed it sizes
+    // every HTTP connection's task, which is moved whole when it is spawned, when the
+    // dispatcher enters its upgrade state and when it ends.
+    let admitting = Box::pin(admit(
+        &node,
+        headers,
+        websocket_claim(&node, session_key),
+        false,
+    ));
     // Everything the checks need is read: the request goes back to actix-http's per-thread
     // pool now, not when the store answers. Held across that wait, every handshake in flight
     // would keep a request head (a header map of several KiB) that the pool then keeps for
@@ -134,7 +142,8 @@ pub(crate) async fn upgrade(
         .is_err()
     {
         if let Admission::Admitted(Admitted { identity, slot, .. }) = admission {
-            node.caps.release(&identity.user_key(), &slot).await;
+            // Boxed for the reason the checks are.
+            Box::pin(node.caps.release(&identity.user_key(), &slot)).await;
         }
         return Ok(());
     }
