@@ -411,11 +411,10 @@ mod tests {
             shared.subscriptions.insert_live(channel.clone());
         }
         registry.subscribe(channel, &link, binary, Some(socket.clone()));
-        let socket_of_client = socket.clone();
         let (session, frames_of_session) = session();
         spawn_local(drive(
             frames_of_session,
-            socket,
+            socket.clone(),
             Bounds {
                 stall_after: Duration::from_secs(3600),
                 max_backlog: usize::MAX,
@@ -425,7 +424,7 @@ mod tests {
         peer.expect(b"welcome").await;
         Client {
             link,
-            socket: socket_of_client,
+            socket,
             peer,
             mailbox,
             session,

@@ -92,11 +92,10 @@ pub(crate) async fn upgrade(
         let refusal = HttpRefusal::new(404, "not_found", "WebSocket upgrades go to /ws");
         return respond(&mut framed, refusal).await;
     }
-    let accept = match ws::verify_handshake(req.head()).map(|()| accept_value(req.head())) {
-        Ok(Some(accept)) => accept,
-        failed => {
-            let why = failed.err().map_or("no key".to_string(), |e| e.to_string());
-            let refusal = HttpRefusal::new(400, "bad_request", format!("bad handshake: {why}"));
+    let accept = match accept_value(req.head()) {
+        Ok(accept) => accept,
+        Err(e) => {
+            let refusal = HttpRefusal::new(400, "bad_request", format!("bad handshake: {e}"));
             return respond(&mut framed, refusal).await;
         }
     };
@@ -166,10 +165,14 @@ pub(crate) async fn upgrade(
     Ok(())
 }
 
-/// The `Sec-WebSocket-Accept` answer to the request's key.
-fn accept_value(head: &RequestHead) -> Option<HeaderValue> {
-    let key = head.headers().get(header::SEC_WEBSOCKET_KEY)?;
-    HeaderValue::from_bytes(&ws::hash_key(key.as_bytes())).ok()
+/// The `Sec-WebSocket-Accept` answer to a valid upgrade request, computed now so that the
+/// 101 can be built after the request is gone.
+fn accept_value(head: &RequestHead) -> Result<HeaderValue, ws::HandshakeError> {
+    ws::verify_handshake(head)?;
+    head.headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|key| HeaderValue::from_bytes(&ws::hash_key(key.as_bytes())).ok())
+        .ok_or(ws::HandshakeError::BadWebsocketKey)
 }
 
 /// Answer an upgrade request over HTTP and end the connection.
